@@ -1,0 +1,166 @@
+"""Learned loss networks ℓ_φ and their portable artifacts.
+
+The learned loss of ML³ and AdaLFL is applied output-wise:
+
+    L_φ(y, ŷ) = mean over samples b and outputs c of ℓ_φ(y_bc, ŷ_bc [, extra_b])
+
+where ℓ_φ is a small MLP (default 2×40) and `extra` are optional per-sample inputs
+available at meta-train time (e.g. x). Applied output-wise the network is invariant to
+the number of outputs; with `output_wise=False` it sees the whole vectors at once.
+
+A trained loss is saved as a directory (`loss_net.json` + orbax parameters) and
+`load_learned_loss(path)` returns a pure `loss(y, y_hat, extra=None) -> scalar` that any
+JAX training loop can differentiate.
+"""
+
+import functools
+import json
+import os
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import orbax.checkpoint as ocp
+
+from metalearn.models.mlp import MLP
+from metalearn.types import Array, MetaParams, PRNGKey
+
+LOSS_NET_FILE = "loss_net.json"
+PARAMS_DIR = "params"
+
+
+def default_loss_net_config() -> ml_collections.ConfigDict:
+    """The loss-network config group with its defaults (ML³: ReLU + Softplus, 2×40)."""
+    return ml_collections.ConfigDict(
+        {
+            "hidden": (40, 40),
+            "activation": "relu",  # or "smooth_leaky_relu" (AdaLFL), "elu", "tanh"
+            "output_activation": "softplus",  # or "smooth_leaky_relu", "identity"
+            "use_bias": True,
+            "init": "xavier_uniform",
+            "bias_init": 0.0,
+            "beta": 10.0,  # smooth leaky ReLU smoothness
+            "gamma": 0.01,  # smooth leaky ReLU leak
+            "output_wise": True,
+        }
+    )
+
+
+def make_loss_network(config: ml_collections.ConfigDict) -> MLP:
+    """The MLP ℓ_φ described by a `loss_net` config group (scalar output)."""
+    return MLP(
+        features=(*config.hidden, 1),
+        activation=config.activation,
+        output_activation=config.output_activation,
+        use_bias=config.use_bias,
+        initializer=config.init,
+        bias_init=config.bias_init,
+        beta=config.beta,
+        gamma=config.gamma,
+    )
+
+
+def loss_features(y: Array, y_hat: Array, extra: Array | None, output_wise: bool) -> Array:
+    """Stacks the inputs of ℓ_φ.
+
+    Args:
+      y: targets [B, C] (one-hot or real-valued).
+      y_hat: predictions [B, C].
+      extra: optional per-sample inputs [B, E].
+      output_wise: one feature row per (sample, output) pair, else one per sample.
+
+    Returns:
+      [B, C, 2 + E] if output-wise, else [B, 2C + E].
+    """
+    if y.shape != y_hat.shape or y.ndim != 2:
+        raise ValueError(
+            f"A learned loss takes y and y_hat of equal shape [batch, outputs]; got "
+            f"{y.shape} and {y_hat.shape}. Reshape regression targets to [B, 1]."
+        )
+    if extra is not None and (extra.ndim != 2 or extra.shape[0] != y.shape[0]):
+        raise ValueError(
+            f"extra must be [batch, features] with batch {y.shape[0]}; got {extra.shape}."
+        )
+    if output_wise:
+        feats = jnp.stack([y, y_hat], axis=-1)
+        if extra is not None:
+            extra_bc = jnp.broadcast_to(extra[:, None, :], (*y.shape, extra.shape[-1]))
+            feats = jnp.concatenate([feats, extra_bc], axis=-1)
+        return feats
+    parts = [y, y_hat] + ([] if extra is None else [extra])
+    return jnp.concatenate(parts, axis=-1)
+
+
+def apply_learned_loss(
+    network: MLP,
+    output_wise: bool,
+    params: MetaParams,
+    y: Array,
+    y_hat: Array,
+    extra: Array | None = None,
+) -> Array:
+    """L_φ(y, ŷ[, extra]): the mean of ℓ_φ over samples (and outputs). Returns a scalar."""
+    return jnp.mean(network.apply(params, loss_features(y, y_hat, extra, output_wise)))
+
+
+def init_learned_loss(
+    config: ml_collections.ConfigDict, key: PRNGKey, num_outputs: int = 1, num_extra: int = 0
+) -> MetaParams:
+    """Initial φ for a `loss_net` config, for `num_outputs` outputs and `num_extra` extras."""
+    y = jnp.zeros((1, num_outputs))
+    extra = jnp.zeros((1, num_extra)) if num_extra else None
+    feats = loss_features(y, y, extra, config.output_wise)
+    return make_loss_network(config).init(key, feats)
+
+
+def learned_loss_fn(
+    config: ml_collections.ConfigDict,
+) -> Callable[..., Array]:
+    """`loss(params, y, y_hat, extra=None) -> scalar` for a `loss_net` config."""
+    return functools.partial(apply_learned_loss, make_loss_network(config), config.output_wise)
+
+
+def save_learned_loss(path: str, config: ml_collections.ConfigDict, params: MetaParams) -> None:
+    """Writes a learned-loss artifact: `loss_net.json` and orbax parameters under `path`.
+
+    The parameters are written by orbax (atomically: a temporary directory renamed into
+    place); the json is written to a temporary file and renamed.
+    """
+    path = os.path.abspath(path)
+    os.makedirs(path, exist_ok=True)
+    params_dir = os.path.join(path, PARAMS_DIR)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(params_dir, jax.device_get(params), force=True)
+    tmp = os.path.join(path, LOSS_NET_FILE + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(config.to_dict(), f, indent=2)
+    os.replace(tmp, os.path.join(path, LOSS_NET_FILE))
+
+
+def load_learned_loss(path: str) -> Callable[..., Array]:
+    """Loads an artifact written by `save_learned_loss`.
+
+    Args:
+      path: the artifact directory (e.g. `<workdir>/learned_loss` or one seed's subfolder).
+
+    Returns:
+      A pure `loss(y, y_hat, extra=None) -> scalar` with φ bound; `loss.params` holds φ and
+      `loss.config` the loss-network config.
+    """
+    path = os.path.abspath(path)
+    cfg_file = os.path.join(path, LOSS_NET_FILE)
+    if not os.path.exists(cfg_file):
+        raise FileNotFoundError(
+            f"No learned-loss artifact at {path}: {LOSS_NET_FILE} is missing. Pass the folder "
+            "written by an ML³ run (its workdir holds learned_loss/seed_<i>/)."
+        )
+    with open(cfg_file) as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    config.hidden = tuple(config.hidden)
+    with ocp.StandardCheckpointer() as ckptr:
+        params = ckptr.restore(os.path.join(path, PARAMS_DIR))
+    params = jax.tree.map(jnp.asarray, params)
+    fn = functools.partial(learned_loss_fn(config), params)
+    fn.params, fn.config = params, config  # type: ignore[attr-defined]
+    return fn

@@ -1,0 +1,53 @@
+"""Optimizers from config: a thin, validated layer over optax.
+
+Differentiating through Adam's update needs `eps_root > 0` (the square root of a zero
+second moment has an infinite derivative), so `make_optimizer(..., differentiated=True)`
+refuses Adam without it instead of letting the meta-gradient turn into NaN.
+"""
+
+import ml_collections
+import optax
+
+OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam")
+
+
+def make_optimizer(
+    config: ml_collections.ConfigDict, *, differentiated: bool = False
+) -> optax.GradientTransformation:
+    """Builds an optax optimizer from a config group.
+
+    Args:
+      config: fields `name` (one of `OPTIMIZERS`), `lr`, and as needed `momentum`
+        (default 0.9), `b1`, `b2`, `eps`, `eps_root`, `weight_decay`.
+      differentiated: whether meta-gradients flow through this optimizer's updates.
+
+    Returns:
+      An `optax.GradientTransformation`.
+    """
+    name, lr = config.name, config.lr
+    momentum = config.get("momentum", 0.9)
+    if name == "sgd":
+        opt = optax.sgd(lr)
+    elif name in ("momentum", "nesterov"):
+        opt = optax.sgd(lr, momentum=momentum, nesterov=name == "nesterov")
+    elif name == "adam":
+        eps_root = config.get("eps_root", 0.0)
+        if differentiated and eps_root <= 0.0:
+            raise ValueError(
+                "Meta-gradients through Adam need eps_root > 0 (d/dv sqrt(v) is infinite at "
+                "v = 0 and turns the meta-gradient into NaN); set e.g. "
+                "--config.inner.optimizer.eps_root=1e-8."
+            )
+        opt = optax.adam(
+            lr,
+            b1=config.get("b1", 0.9),
+            b2=config.get("b2", 0.999),
+            eps=config.get("eps", 1e-8),
+            eps_root=eps_root,
+        )
+    else:
+        raise ValueError(f"Unknown optimizer {name!r}; choose one of {OPTIMIZERS}.")
+    weight_decay = config.get("weight_decay", 0.0)
+    if weight_decay:
+        opt = optax.chain(optax.add_decayed_weights(weight_decay), opt)
+    return opt

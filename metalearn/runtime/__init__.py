@@ -1,0 +1,1 @@
+"""The impure edge: the run loop, logging, checkpoints and progress."""

@@ -1,0 +1,36 @@
+"""Checkpoints through orbax: atomic, step-numbered, restored into the same structure.
+
+Orbax writes each checkpoint to a temporary directory and renames it into place when
+complete, so an interrupted save never leaves a checkpoint that restores half-written.
+"""
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+    """Saves and restores an experiment state pytree under `<workdir>/checkpoints`."""
+
+    def __init__(self, workdir: str, max_to_keep: int = 2):
+        self._manager = ocp.CheckpointManager(
+            os.path.join(os.path.abspath(workdir), "checkpoints"),
+            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+        )
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def save(self, step: int, state: Any) -> None:
+        self._manager.save(step, args=ocp.args.StandardSave(state))
+        self._manager.wait_until_finished()
+
+    def restore(self, step: int, like: Any) -> Any:
+        """Restores step `step` into the structure, shapes and dtypes of `like`."""
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+        return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+
+    def close(self) -> None:
+        self._manager.close()

@@ -1,0 +1,192 @@
+"""The impure edge: drive an experiment's pure steps, log, checkpoint, resume.
+
+An experiment (see `Experiment`) supplies pure, jitted functions; this loop calls them
+in chunks of `eval_every` steps, so that chunk boundaries — and hence every random
+number, evaluation and checkpoint — are the same whether or not a run was interrupted.
+Re-running on the same workdir restores the last checkpoint, drops metrics logged after
+it, and continues to a bit-identical result.
+"""
+
+import json
+import os
+from typing import Any, Protocol
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from metalearn.runtime.checkpoint import Checkpointer
+from metalearn.runtime.metrics import MetricWriter, read_metrics, truncate_metrics
+from metalearn.runtime.progress import Progress
+
+SUMMARY_FILE = "summary.json"
+CONFIG_FILE = "config.json"
+
+
+class NonFiniteError(FloatingPointError):
+    """A loss or state became NaN or infinite; nothing after the last finite step is saved."""
+
+
+class Experiment(Protocol):
+    """What `train_and_evaluate` drives. All functions but `finalize` are pure."""
+
+    num_steps: int
+    eval_every: int
+    checkpoint_every: int
+
+    def init(self) -> Any: ...
+
+    def train_chunk(self, state: Any, start: int, num: int) -> tuple[Any, dict[str, Any]]:
+        """Steps start … start+num−1; metrics stacked with a leading axis of length num."""
+
+    def evaluate(self, state: Any, step: int) -> dict[str, Any]: ...
+
+    def finalize(self, state: Any, history: list[dict], workdir: str) -> dict[str, Any]:
+        """Final evaluation, figures and artifacts; returns the summary."""
+
+
+def first_non_finite(metrics: dict[str, Any]) -> tuple[int, str] | None:
+    """(index along the leading axis, name) of the first non-finite metric, or None."""
+    worst = None
+    for name, value in metrics.items():
+        arr = np.asarray(value, dtype=np.float64)
+        bad = ~np.isfinite(arr.reshape(arr.shape[0], -1) if arr.ndim else arr.reshape(1, 1))
+        rows = np.flatnonzero(bad.any(axis=1))
+        if rows.size and (worst is None or rows[0] < worst[0]):
+            worst = (int(rows[0]), name)
+    return worst
+
+
+def _state_is_finite(state: Any) -> bool:
+    leaves = [x for x in jax.tree.leaves(state) if np.issubdtype(np.asarray(x).dtype, np.floating)]
+    return all(bool(np.isfinite(np.asarray(x)).all()) for x in leaves)
+
+
+def _check_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+    """Writes config.json, or checks that a resumed workdir was made by the same config."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    current = json.loads(config.to_json_best_effort())
+    if os.path.exists(path):
+        with open(path) as f:
+            saved = json.load(f)
+        if saved != current:
+            diff = sorted(
+                k
+                for k in set(_flatten(saved)) | set(_flatten(current))
+                if _flatten(saved).get(k) != _flatten(current).get(k)
+            )
+            raise ValueError(
+                f"{workdir} holds a run with a different config (differs in: {', '.join(diff)}). "
+                "Resuming it would mix two experiments: pass a new --workdir, or delete the "
+                "old one."
+            )
+        return
+    with open(path + ".tmp", "w") as f:
+        json.dump(current, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def train_and_evaluate(
+    experiment: Experiment,
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    stop_at: int | None = None,
+) -> dict[str, Any] | None:
+    """Runs (or resumes) an experiment in `workdir` to the end.
+
+    Args:
+      experiment: the experiment to drive.
+      config: its config, written to `config.json`.
+      workdir: the run directory.
+      stop_at: stop after this step as if preempted (for tests of resumption).
+
+    Returns:
+      The summary (also written to `summary.json`), or None when stopped early.
+    """
+    if experiment.checkpoint_every % experiment.eval_every:
+        raise ValueError(
+            f"checkpoint_every ({experiment.checkpoint_every}) must be a multiple of "
+            f"eval_every ({experiment.eval_every}): steps run in chunks between evaluations."
+        )
+    os.makedirs(workdir, exist_ok=True)
+    _check_config(workdir, config)
+    ckpt = Checkpointer(workdir)
+    state = experiment.init()
+    start = ckpt.latest_step()
+    if start is None:
+        start = 0
+        truncate_metrics(workdir, -1)
+    else:
+        logging.info("Resuming from the checkpoint at step %d in %s", start, workdir)
+        state = ckpt.restore(start, state)
+        truncate_metrics(workdir, start)
+    writer = MetricWriter(workdir)
+    log_every = config.get("log_every", 1)
+    try:
+        if start == 0:
+            _write_checked(writer, 0, experiment.evaluate(state, 0), "evaluation")
+        progress = Progress(experiment.num_steps, initial=start)
+        step = start
+        while step < experiment.num_steps and (stop_at is None or step < stop_at):
+            num = min(
+                experiment.eval_every - step % experiment.eval_every, experiment.num_steps - step
+            )
+            state, metrics = experiment.train_chunk(state, step, num)
+            metrics = jax.device_get(metrics)
+            bad = first_non_finite(metrics)
+            if bad is not None:
+                raise NonFiniteError(
+                    f"Non-finite {bad[1]} at step {step + bad[0] + 1} (in meta-training). "
+                    f"Nothing after step "
+                    f"{ckpt.latest_step() or 0} was checkpointed. Usual causes: a learning rate "
+                    "too high for the inner or meta optimizer, or Adam differentiated without "
+                    "eps_root; lower it and re-run on a fresh --workdir."
+                )
+            for i in range(num):
+                if (step + i + 1) % log_every == 0:
+                    writer.write(step + i + 1, {k: v[i] for k, v in metrics.items()})
+            step += num
+            progress.update(num)
+            if step % experiment.eval_every == 0 or step == experiment.num_steps:
+                _write_checked(writer, step, experiment.evaluate(state, step), "evaluation")
+            if step % experiment.checkpoint_every == 0 or step == experiment.num_steps:
+                if not _state_is_finite(state):
+                    raise NonFiniteError(f"The state became non-finite by step {step}; not saved.")
+                writer.flush()
+                ckpt.save(step, state)
+        progress.close()
+        if step < experiment.num_steps:
+            return None
+        writer.flush()
+        summary = experiment.finalize(state, read_metrics(workdir), workdir)
+    finally:
+        writer.close()
+        ckpt.close()
+    path = os.path.join(workdir, SUMMARY_FILE)
+    with open(path + ".tmp", "w") as f:
+        json.dump(summary, f, indent=2)
+    os.replace(path + ".tmp", path)
+    return summary
+
+
+def _write_checked(writer: MetricWriter, step: int, metrics: dict[str, Any], what: str) -> None:
+    metrics = jax.device_get(metrics)
+    bad = first_non_finite({k: np.asarray(v)[None] for k, v in metrics.items()})
+    if bad is not None:
+        raise NonFiniteError(
+            f"Non-finite {bad[1]} at step {step} (in the {what}); nothing after step {step} "
+            "was checkpointed. Lower the learning rates and re-run on a fresh --workdir."
+        )
+    writer.write(step, metrics)

@@ -1,0 +1,77 @@
+"""Metric logging: `metrics.jsonl` (one object per logged step) and TensorBoard events.
+
+Values may be scalars or small per-seed vectors. JSONL keeps them as numbers or lists;
+TensorBoard gets the scalar, or for a vector its mean under the plain name and each
+entry under `<name>/seed_<i>`. Only process 0 writes.
+"""
+
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+from tensorboardX import SummaryWriter
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def to_python(value: Any) -> Any:
+    """Numbers and nested lists from arrays, for JSON."""
+    arr = np.asarray(value)
+    return arr.item() if arr.ndim == 0 else arr.tolist()
+
+
+def read_metrics(workdir: str) -> list[dict[str, Any]]:
+    """All rows of `<workdir>/metrics.jsonl` (empty if there is none)."""
+    path = os.path.join(workdir, METRICS_FILE)
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def truncate_metrics(workdir: str, last_step: int) -> None:
+    """Drops rows logged after `last_step`: a resumed run recomputes them."""
+    rows = [r for r in read_metrics(workdir) if r["step"] <= last_step]
+    path = os.path.join(workdir, METRICS_FILE)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    os.replace(tmp, path)
+
+
+class MetricWriter:
+    """Appends metrics to `metrics.jsonl` and to TensorBoard event files."""
+
+    def __init__(self, workdir: str):
+        self._active = jax.process_index() == 0
+        if not self._active:
+            return
+        self._jsonl = open(os.path.join(workdir, METRICS_FILE), "a")  # noqa: SIM115
+        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+        if not self._active or not metrics:
+            return
+        row = {"step": int(step), **{k: to_python(v) for k, v in metrics.items()}}
+        self._jsonl.write(json.dumps(row) + "\n")
+        for name, value in metrics.items():
+            arr = np.asarray(value, dtype=np.float64)
+            self._tb.add_scalar(name, float(arr.mean()), step)
+            if arr.ndim == 1 and arr.size > 1:
+                for i, v in enumerate(arr):
+                    self._tb.add_scalar(f"{name}/seed_{i}", float(v), step)
+
+    def flush(self) -> None:
+        if self._active:
+            self._jsonl.flush()
+            os.fsync(self._jsonl.fileno())
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._active:
+            self.flush()
+            self._jsonl.close()
+            self._tb.close()
