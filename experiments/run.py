@@ -42,6 +42,9 @@ def main(argv: list[str]) -> None:
     # Imported here so that --help and flag errors do not pay for importing JAX.
     from metalearn import algorithms
     from metalearn.runtime.loop import train_and_evaluate
+    from metalearn.runtime.sharding import initialize_distributed
+
+    initialize_distributed()  # on a multi-host launch; a no-op on one machine
 
     config = _CONFIG.value
     workdir = _WORKDIR.value or default_workdir(flags.FLAGS["config"].serialize().split("=", 1)[1])

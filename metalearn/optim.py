@@ -9,6 +9,32 @@ import ml_collections
 import optax
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam")
+SCHEDULES = ("constant", "step", "cosine")
+
+
+def make_schedule(config: ml_collections.ConfigDict | None, lr: float) -> optax.Schedule | float:
+    """A learning-rate schedule over the optimizer's own step count.
+
+    Args:
+      config: None or fields `name` (one of `SCHEDULES`), `steps` (the run's length in
+        optimizer steps), for "step" `boundaries` (fractions of `steps`) and `factor`
+        (multiplier at each boundary), for "cosine" optional `warmup` (steps).
+      lr: the peak learning rate.
+
+    Returns:
+      An optax schedule, or `lr` itself for a constant rate.
+    """
+    if config is None or config.name == "constant":
+        return lr
+    if config.name == "step":
+        boundaries = {int(round(b * config.steps)): config.factor for b in config.boundaries}
+        return optax.piecewise_constant_schedule(lr, boundaries)
+    if config.name == "cosine":
+        warmup = config.get("warmup", 0)
+        if warmup:
+            return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, config.steps)
+        return optax.cosine_decay_schedule(lr, config.steps)
+    raise ValueError(f"Unknown schedule {config.name!r}; choose one of {SCHEDULES}.")
 
 
 def make_optimizer(
@@ -18,13 +44,15 @@ def make_optimizer(
 
     Args:
       config: fields `name` (one of `OPTIMIZERS`), `lr`, and as needed `momentum`
-        (default 0.9), `b1`, `b2`, `eps`, `eps_root`, `weight_decay`.
+        (default 0.9), `b1`, `b2`, `eps`, `eps_root`, `weight_decay` (L2, added to the
+        gradient before momentum as in PyTorch's SGD) and `schedule` (see `make_schedule`).
       differentiated: whether meta-gradients flow through this optimizer's updates.
 
     Returns:
       An `optax.GradientTransformation`.
     """
-    name, lr = config.name, config.lr
+    name = config.name
+    lr = make_schedule(config.get("schedule"), config.lr)
     momentum = config.get("momentum", 0.9)
     if name == "sgd":
         opt = optax.sgd(lr)

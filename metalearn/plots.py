@@ -86,3 +86,64 @@ def loss_landscapes(
     np.atleast_1d(axes)[0].set_title(title)
     np.atleast_1d(axes)[-1].set_xlabel(xlabel)
     _save(fig, path)
+
+
+def image_training_curves(histories: Mapping[str, Sequence[Mapping]], path: str) -> None:
+    """Test error and training cross-entropy vs model step, one line (band) per run group.
+
+    histories: label -> one run's metric rows, or a list of runs (seeds) whose rows share
+    their evaluation steps; the rows are those of `metrics.jsonl`.
+    """
+    fig, (ax_err, ax_ce) = plt.subplots(1, 2, figsize=(9, 3.5))
+    for (label, runs), color in zip(histories.items(), COLORS, strict=False):
+        if runs and isinstance(runs[0], Mapping):
+            runs = [runs]
+        evals = [[r for r in run if "eval/test_error" in r] for run in runs]
+        n = min(len(e) for e in evals)
+        x = [r["eval/model_step"] for r in evals[0][:n]]
+        _band(ax_err, x, [[r["eval/test_error"] for r in e[:n]] for e in evals], label, color)
+        offset = evals[0][0]["step"] - evals[0][0]["eval/model_step"]  # offline phase
+        train = [[r for r in run if "train/ce" in r and r["step"] > offset] for run in runs]
+        m = min(len(t) for t in train)
+        if m:
+            xs = [r["step"] - offset for r in train[0][:m]]
+            ys = [_smooth([r["train/ce"] for r in t[:m]]) for t in train]
+            _band(ax_ce, xs, ys, label, color)
+    ax_err.set(xlabel="model step", ylabel="test error")
+    ax_ce.set(xlabel="model step", ylabel="training cross-entropy (smoothed)", yscale="log")
+    ax_err.legend(fontsize=8)
+    _save(fig, path)
+
+
+def _smooth(values: Sequence[float], window: int = 20) -> np.ndarray:
+    """A trailing moving average (shorter at the start)."""
+    v = np.asarray(values, dtype=np.float64)
+    c = np.cumsum(np.insert(v, 0, 0.0))
+    idx = np.arange(1, len(v) + 1)
+    lo = np.maximum(idx - window, 0)
+    return (c[idx] - c[lo]) / (idx - lo)
+
+
+def learned_loss_shapes(history: Sequence[Mapping], init_steps: int, path: str) -> None:
+    """The learned loss ℓ_φ(y, p) against the predicted probability p, at several times.
+
+    Two panels: y = 1 (the true class) and y = 0 (a wrong class); one line per logged
+    evaluation, from the initial φ through the end of the offline phase to the end of
+    training (at most 6, evenly spaced).
+    """
+    rows = [r for r in history if "curve/true_class" in r]
+    if len(rows) > 6:
+        rows = [rows[int(round(i))] for i in np.linspace(0, len(rows) - 1, 6)]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    cmap = plt.get_cmap("viridis")
+    for i, row in enumerate(rows):
+        p = np.linspace(0.0, 1.0, len(row["curve/true_class"]))
+        step = row["step"]
+        label = f"init step {step}" if step <= init_steps else f"model step {step - init_steps}"
+        color = cmap(i / max(len(rows) - 1, 1))
+        axes[0].plot(p, row["curve/true_class"], color=color, label=label)
+        axes[1].plot(p, row["curve/wrong_class"], color=color, label=label)
+    axes[0].set(xlabel="predicted probability of the true class", ylabel="ℓ_φ(y=1, p)")
+    axes[1].set(xlabel="predicted probability of a wrong class", ylabel="ℓ_φ(y=0, p)")
+    axes[0].legend(fontsize=7)
+    _save(fig, path)

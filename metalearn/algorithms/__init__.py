@@ -2,24 +2,40 @@
 
 import ml_collections
 
+from metalearn.algorithms.image_classification import ImageClassification
+from metalearn.algorithms.ml3_mnist_binary import MnistBinary
 from metalearn.algorithms.ml3_shaped_sine import ShapedSine
 from metalearn.algorithms.ml3_sine import SineRegression
 
 EXPERIMENTS = {
     ("ml3", "sine"): SineRegression,
     ("ml3", "shaped_sine"): ShapedSine,
+    ("ml3", "mnist_binary"): MnistBinary,
+    ("baseline", "image_classification"): ImageClassification,
+    ("ml3", "image_classification"): ImageClassification,
+    ("adalfl", "image_classification"): ImageClassification,
 }
 
 
-def make(config: ml_collections.ConfigDict):
-    """The experiment named by `config.algorithm` and `config.task`."""
+def make(config: ml_collections.ConfigDict, **kwargs):
+    """The experiment named by `config.algorithm` and `config.task`.
+
+    Keyword arguments go to the experiment (e.g. `mesh=` for image classification).
+    """
     key = (config.algorithm, config.task)
     if key not in EXPERIMENTS:
         known = ", ".join(f"{a}/{t}" for a, t in EXPERIMENTS)
         raise ValueError(
             f"No experiment for algorithm={key[0]!r}, task={key[1]!r}; known: {known}."
         )
-    return EXPERIMENTS[key](config)
+    return EXPERIMENTS[key](config, **kwargs)
 
 
-__all__ = ["EXPERIMENTS", "ShapedSine", "SineRegression", "make"]
+__all__ = [
+    "EXPERIMENTS",
+    "ImageClassification",
+    "MnistBinary",
+    "ShapedSine",
+    "SineRegression",
+    "make",
+]

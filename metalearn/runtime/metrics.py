@@ -2,7 +2,8 @@
 
 Values may be scalars or small per-seed vectors. JSONL keeps them as numbers or lists;
 TensorBoard gets the scalar, or for a vector its mean under the plain name and each
-entry under `<name>/seed_<i>`. Only process 0 writes.
+entry under `<name>/seed_<i>`. Names under `curve/` (a function sampled on a grid, e.g.
+a learned loss's shape) go to JSONL only. Only process 0 writes.
 """
 
 import json
@@ -58,6 +59,8 @@ class MetricWriter:
         row = {"step": int(step), **{k: to_python(v) for k, v in metrics.items()}}
         self._jsonl.write(json.dumps(row) + "\n")
         for name, value in metrics.items():
+            if name.startswith("curve/"):
+                continue
             arr = np.asarray(value, dtype=np.float64)
             self._tb.add_scalar(name, float(arr.mean()), step)
             if arr.ndim == 1 and arr.size > 1:

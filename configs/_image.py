@@ -1,0 +1,154 @@
+"""Shared builder for the image-classification configs (baseline, ML³, AdaLFL).
+
+Every `configs/<algorithm>_<dataset>.py` calls `image_config`, so the three algorithms on
+one dataset differ only in `config.algorithm` and the groups it reads: a comparison
+between them changes nothing else (same model, data order, optimizer, schedule, budget).
+"""
+
+import ml_collections
+
+from metalearn.losses.learned import default_loss_net_config
+
+# Per dataset: default model, base learning rate, training steps (S_train), the
+# variants offered (model names), and the data overrides that `:subset` applies.
+DATASET_DEFAULTS = {
+    "mnist": {"model": "lenet5", "lr": 0.01, "steps": 100_000},
+    "fashion_mnist": {"model": "lenet5", "lr": 0.01, "steps": 100_000},
+    "cifar10": {"model": "vgg16", "lr": 0.1, "steps": 100_000},
+    "cifar100": {"model": "wrn28_10", "lr": 0.1, "steps": 100_000},
+    "svhn_cropped": {"model": "allcnn_c", "lr": 0.05, "steps": 100_000},
+}
+MODELS = (
+    "lenet5",
+    "vgg16",
+    "allcnn_c",
+    "resnet8",
+    "resnet20",
+    "resnet44",
+    "resnet56",
+    "wrn16_8",
+    "wrn28_10",
+)
+CIFAR10_SUBSET = "../shared/data/raw/cifar10_subset"
+SHARED_TFDS = "../shared/data/tfds"
+
+
+def image_config(algorithm: str, dataset: str, arg: str | None) -> ml_collections.ConfigDict:
+    """The config of `algorithm` ('baseline' | 'ml3' | 'adalfl') on `dataset`.
+
+    Args:
+      algorithm: which algorithm the config runs.
+      dataset: a key of `DATASET_DEFAULTS`.
+      arg: the variant after ':' in `--config=file.py:variant`, comma-separated parts:
+        a model name (`vgg16`, `resnet44`, `wrn28_10`, ...); `subset` (CIFAR-10 only: the
+        real 5,000-image subset in ../shared/data/raw/cifar10_subset); `shared` (read tfds
+        data from ../shared/data/tfds); `smoke` (about a minute on a CPU).
+    """
+    d = DATASET_DEFAULTS[dataset]
+    c = ml_collections.ConfigDict()
+    c.algorithm = algorithm
+    c.task = "image_classification"
+    c.seed = 0
+
+    c.data = ml_collections.ConfigDict(
+        {
+            "name": dataset,
+            "source": "tfds",  # or "cifar_binary" (.bin files in data_dir), "synthetic"
+            "data_dir": "",  # '' = $TFDS_DATA_DIR, else tfds's default folder
+            "download": True,
+            "train_files": (),
+            "test_files": (),
+            "validation_size": 0,
+            "validation_seed": 0,
+            "classes": (),
+            "max_train_examples": 0,
+            "max_test_examples": 0,
+            "augment": "default",  # or "none" | "crop" | "crop_flip"
+            "batch_size": 128,
+            "prefetch": 2,
+        }
+    )
+    c.model = ml_collections.ConfigDict({"name": d["model"], "dropout": -1.0, "dtype": "float32"})
+    c.loss_net = default_loss_net_config()
+    c.loss_net.activation = "smooth_leaky_relu"
+    c.loss_net.output_activation = "softplus"
+    c.inner = ml_collections.ConfigDict(
+        {
+            "steps": d["steps"],
+            "optimizer": {
+                "name": "nesterov",
+                "lr": d["lr"],
+                "momentum": 0.9,
+                "weight_decay": 5e-4,
+                "schedule": {
+                    "name": "step",  # or "cosine" | "constant"
+                    "steps": d["steps"],
+                    "boundaries": (0.5, 0.75),
+                    "factor": 0.1,
+                },
+            },
+        }
+    )
+    c.meta = ml_collections.ConfigDict(
+        {
+            "optimizer": {"name": "adam", "lr": 1e-3},
+            "estimator": "unrolled",  # exact; the only choice for a one-step unroll
+            "method": "jvp",  # or "backprop": two exact ways, see metalearn.bilevel
+            "init_steps": 2500,  # S_init: offline ML³ steps, one inner step each
+            "batch_size": 128,
+            "split": "train",  # where the meta-objective batch comes from: or "validation"
+        }
+    )
+    c.eval = ml_collections.ConfigDict({"every": 2500, "batch_size": 1000})
+    c.checkpoint_every = 2500
+    c.log_every = 10
+
+    parts = [p for p in (arg or "").split(",") if p]
+    for part in parts:
+        if part in MODELS:
+            c.model.name = part
+        elif part == "subset":
+            if dataset != "cifar10":
+                raise ValueError("The ':subset' variant exists only for CIFAR-10.")
+            c.data.source = "cifar_binary"
+            c.data.data_dir = CIFAR10_SUBSET
+            c.data.train_files = ("train_first4000.bin",)
+            c.data.test_files = ("test_first1000.bin",)
+        elif part == "shared":
+            c.data.data_dir = SHARED_TFDS
+            c.data.download = False
+        elif part != "smoke":
+            raise ValueError(
+                f"Unknown variant {part!r} of {algorithm}_{dataset}; known: smoke, shared, "
+                f"subset (CIFAR-10), and a model name: {', '.join(MODELS)}."
+            )
+    if "smoke" in parts:  # last, so that it sees where the data comes from
+        _smoke(c, dataset)
+    return c
+
+
+def _smoke(c: ml_collections.ConfigDict, dataset: str) -> None:
+    """Shrinks a config to about a minute on a CPU; real data, tiny budget."""
+    if dataset in ("mnist", "fashion_mnist"):
+        c.data.data_dir = c.data.data_dir or SHARED_TFDS
+        c.data.download = False
+    elif dataset == "cifar10" and c.data.source == "tfds":
+        c.data.source = "cifar_binary"
+        c.data.data_dir = CIFAR10_SUBSET
+        c.data.train_files = ("train_first4000.bin",)
+        c.data.test_files = ("test_first1000.bin",)
+    elif c.data.data_dir != SHARED_TFDS:
+        c.data.source = "synthetic"  # no CIFAR-100 / SVHN here: random pixels
+    if c.model.name != "lenet5":
+        c.model.name = "resnet8"  # batch norm and residuals, at a CPU-friendly compile time
+    c.data.max_train_examples = 2000
+    c.data.max_test_examples = 500
+    c.data.batch_size = 32
+    c.meta.batch_size = 32
+    c.meta.init_steps = 20
+    c.inner.steps = 40
+    c.inner.optimizer.schedule.steps = 40
+    c.eval.every = 20
+    c.eval.batch_size = 250
+    c.checkpoint_every = 20
+    c.log_every = 1

@@ -1,0 +1,26 @@
+"""AdaLFL on SVHN (cropped digits), All-CNN-C by default.
+
+The ML³ initialisation (meta.init_steps steps), then online adaptation: one
+inner step on the learned loss and one meta step on the task loss, in lock-step,
+for the whole run (Raymond et al., Algorithms 1-2).
+
+    python -m experiments.run --config=configs/adalfl_svhn.py
+    python -m experiments.run --config=configs/adalfl_svhn.py:resnet44   # another model
+    python -m experiments.run --config=configs/adalfl_svhn.py:smoke      # about a minute
+
+Offline, set TFDS_DATA_DIR (or --config.data.data_dir) to a prepared tfds folder.
+`:smoke` uses synthetic data (random pixels; `:smoke,shared` reads real data from
+../shared/data/tfds instead): it checks the pipeline, not accuracy.
+
+Variants (comma-separated): a model name (lenet5, vgg16, allcnn_c, resnet8, resnet20,
+resnet44, resnet56, wrn16_8, wrn28_10), `smoke`, `shared`, `subset`. Every field is
+described in configs/_image.py; runtimes measured on CPU and GPU are in the README.
+"""
+
+import ml_collections
+
+from configs._image import image_config
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    return image_config("adalfl", "svhn_cropped", arg)

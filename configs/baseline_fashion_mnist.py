@@ -1,0 +1,24 @@
+"""Baseline on Fashion-MNIST, LeNet-5 by default.
+
+Cross-entropy with the optimizer, schedule and budget of the ML³ and AdaLFL
+configs beside it: the control.
+
+    python -m experiments.run --config=configs/baseline_fashion_mnist.py
+    python -m experiments.run --config=configs/baseline_fashion_mnist.py:resnet44   # another model
+    python -m experiments.run --config=configs/baseline_fashion_mnist.py:smoke      # about a minute
+
+Offline, `:shared` reads the prepared tfds folder ../shared/data/tfds (or set
+TFDS_DATA_DIR).
+
+Variants (comma-separated): a model name (lenet5, vgg16, allcnn_c, resnet8, resnet20,
+resnet44, resnet56, wrn16_8, wrn28_10), `smoke`, `shared`, `subset`. Every field is
+described in configs/_image.py; runtimes measured on CPU and GPU are in the README.
+"""
+
+import ml_collections
+
+from configs._image import image_config
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    return image_config("baseline", "fashion_mnist", arg)

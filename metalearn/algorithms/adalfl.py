@@ -1,0 +1,123 @@
+"""AdaLFL (Raymond et al.): a learned loss adapted online, in lock-step with the model.
+
+Two pure steps, both one call of the bilevel heart with a one-step unroll:
+
+- `lockstep` (Algorithm 2, online adaptation): from θ_t, one inner step on the learned
+  loss gives θ_{t+1}(φ_t); the task loss at θ_{t+1} on a fresh batch gives ∇_φ, and φ
+  takes one meta-optimizer step. θ is never reset, and θ_{t+1} is the very iterate the
+  meta-gradient was taken through (computed once, not twice).
+- `offline_init_step` (Algorithm 1 with S_inner = 1, the ML³ initialisation): the same
+  from a freshly initialised θ, which is then discarded; repeated S_init times.
+
+Cost of `lockstep`: a forward and backward pass at θ_t, a forward at θ_{t+1}, and the
+backward through both, about three plain training steps.
+"""
+
+import jax
+import optax
+
+from metalearn import bilevel
+from metalearn.state import InnerState, MetaState
+from metalearn.types import Batch, InnerLossFn, Metrics, OuterLossFn, PRNGKey
+
+ONLINE_ESTIMATORS = ("unrolled",)
+# Two exact ways to differentiate the one inner step: a forward-mode JVP of the inner
+# loss (`bilevel.one_step_meta_grad`) or backpropagating through the backward pass.
+METHODS = ("jvp", "backprop")
+
+
+def check_online_estimator(name: str) -> None:
+    """AdaLFL differentiates exactly one inner step, so only `unrolled` applies.
+
+    θ_t does not depend on φ_t (it is carried in as a constant), so the only second-order
+    term of a one-step unroll is the mixed ∂²L/∂θ∂φ: `first_order` would give the very
+    same gradient, and `truncated` has no window to cut.
+    """
+    if name not in ONLINE_ESTIMATORS:
+        hint = (
+            " (for a one-step unroll from a carried θ it is identical to 'unrolled')"
+            if name == "first_order"
+            else ""
+        )
+        raise ValueError(
+            f"AdaLFL's meta step differentiates a single inner step, so the estimator must be "
+            f"'unrolled'; got {name!r}{hint}."
+        )
+
+
+def lockstep(
+    inner_state: InnerState,
+    meta_state: MetaState,
+    batch: Batch,
+    meta_batch: Batch,
+    key: PRNGKey,
+    *,
+    inner_loss: InnerLossFn,
+    outer_loss: OuterLossFn,
+    optimizer: optax.GradientTransformation,
+    meta_optimizer: optax.GradientTransformation,
+    estimator: str = "unrolled",
+    method: str = "jvp",
+) -> tuple[InnerState, MetaState, Metrics]:
+    """One AdaLFL iteration: θ_{t+1} = θ_t − α∇_θ L_φt, then φ_{t+1} from ∇_φ L_task(θ_{t+1}).
+
+    Args:
+      inner_state: θ_t with its optimizer and model state.
+      meta_state: φ_t and the meta-optimizer state.
+      batch: the training batch of the inner step.
+      meta_batch: the batch the task loss is measured on at θ_{t+1} (training or
+        validation data).
+      key: this step's PRNG key.
+      inner_loss, outer_loss: as in `metalearn.bilevel` (the learned loss; the task loss).
+      optimizer: the base optimizer (differentiated through).
+      meta_optimizer: the optimizer of φ.
+      estimator: passed to `bilevel.meta_loss`; `"unrolled"` for AdaLFL.
+      method: one of `METHODS`; both give the exact gradient, "jvp" usually faster.
+
+    Returns:
+      `(inner_state_{t+1}, meta_state_{t+1}, metrics)` with `meta/loss` (task loss at
+      θ_{t+1}), `meta/grad_norm` and the inner loss's metrics.
+    """
+    inner_key, outer_key = jax.random.split(key)
+    kwargs = dict(inner_loss=inner_loss, outer_loss=outer_loss, optimizer=optimizer)
+    if method == "jvp":
+        loss, grads, inner_state, metrics = bilevel.one_step_meta_grad(
+            meta_state.params, inner_state, batch, inner_key, meta_batch, outer_key, **kwargs
+        )
+    elif method == "backprop":
+        loss, grads, inner_state, metrics = bilevel.meta_grad(
+            meta_state.params,
+            inner_state,
+            jax.tree.map(lambda x: x[None], batch),  # a one-step unroll
+            inner_key[None],
+            meta_batch,
+            outer_key,
+            estimator=estimator,
+            **kwargs,
+        )
+        metrics = {k: v[0] for k, v in metrics.items()}
+    else:
+        raise ValueError(f"Unknown method {method!r}; choose one of {METHODS}.")
+    meta_state = bilevel.meta_step(meta_state, grads, meta_optimizer=meta_optimizer)
+    metrics = {
+        "meta/loss": loss,
+        "meta/grad_norm": optax.global_norm(grads),
+        **metrics,
+    }
+    return inner_state, meta_state, metrics
+
+
+def offline_init_step(
+    meta_state: MetaState,
+    fresh_state: InnerState,
+    batch: Batch,
+    meta_batch: Batch,
+    key: PRNGKey,
+    **kwargs,
+) -> tuple[MetaState, Metrics]:
+    """One step of the ML³ initialisation: `lockstep` from a fresh θ, which is dropped.
+
+    Keyword arguments are those of `lockstep`.
+    """
+    _, meta_state, metrics = lockstep(fresh_state, meta_state, batch, meta_batch, key, **kwargs)
+    return meta_state, metrics
