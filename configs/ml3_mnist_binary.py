@@ -4,20 +4,27 @@
     python -m experiments.run --config=configs/ml3_mnist_binary.py:smoke   # under a minute
 
 Protocol: each seed partitions the ten digits into five random pairs; the first pair is
-the meta-train task, the other four are the meta-test tasks. Optimizee LeNet-5 (2
-logits); learned loss 2→40→40→1 (ReLU, Softplus output), applied output-wise to the
-one-hot target and the softmax probability. Inner SGD with lr 1e-3 (the paper's α), outer
-Adam with lr 1e-3 (the paper's η; Adam as in the public code). Each meta iteration is one
-episode of `inner.episode_length` SGD steps from a fresh θ on mini-batches of the
-meta-train task's sample, with a meta step on the cross-entropy at the new θ (on a
-held-out batch of the same digits) after every `meta.window` inner steps. Meta-test:
-`eval.test_steps` SGD steps from a fresh θ on each test pair, learned loss vs
-cross-entropy, test-set CE and accuracy traced at every step.
+the meta-train task, the other four are the meta-test tasks; every task is a fixed,
+class-balanced sample (1,000 training and 250 test images; the meta-train task also 1,000
+held-out training images). Optimizee LeNet-5 (2 logits); learned loss 2→40→40→1 (ReLU,
+Softplus output), applied output-wise to the one-hot target and the softmax probability.
+Inner SGD with lr 1e-3 (the paper's α), batch 16; outer Adam with lr 1e-3 (the paper's η;
+Adam as in the public code). Each meta iteration is one episode of `inner.episode_length`
+(here 1, as in the public code) SGD steps from a fresh θ on the meta-train task, with a
+meta step on the cross-entropy at the new θ on a held-out batch of 32 after every
+`meta.window` inner steps. Meta-test: 100 SGD steps from a fresh θ on each test pair,
+learned loss vs cross-entropy from the same θ₀ and batches, test-set CE and accuracy
+recorded every `eval.trace_every` steps.
 
 Data: `data.data_dir` points at the project's prepared tfds folder; real users set it to
 '' (then $TFDS_DATA_DIR or tfds's default folder is used) and `data.download=True`.
 
-Runtime: TODO s on a 2-core CPU (all 5 seeds); the smoke variant TODO s.
+Runtime (2-core CPU shared with other jobs, all 5 seeds in one program): 356 s for
+`python -m experiments.run --config=configs/ml3_mnist_binary.py
+--workdir=/tmp/mnist_binary_full` (400 meta iterations at ~2 it/s, about 1.5 min of
+compilation and the meta-test); the smoke variant 42 s, mostly compilation. Measured
+there: final meta-test accuracy 0.940 ± 0.035 (learned) vs 0.835 ± 0.030 (cross-entropy),
+test CE 0.494 ± 0.090 vs 0.596 ± 0.015, mean ± std over seeds 0-4.
 """
 
 import ml_collections

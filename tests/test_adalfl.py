@@ -165,7 +165,7 @@ class _TinyBNNet(nn.Module):
     ],
     ids=["nesterov_wd", "adam"],
 )
-def test_jvp_and_backprop_meta_gradients_agree_through_batch_norm(optimizer, float64):
+def test_jvp_and_backprop_meta_gradients_agree_through_batch_norm(optimizer, float64, fast_compile):
     net = _TinyBNNet()
     cfg = learned.default_loss_net_config()
     cfg.hidden = (8, 8)

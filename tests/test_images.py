@@ -379,3 +379,36 @@ def test_eval_batches_cover_every_example_once_with_a_padding_mask():
     np.testing.assert_array_equal(np.concatenate([b["label"] for b in batches])[mask], labels)
     np.testing.assert_array_equal(np.concatenate([b["image"] for b in batches])[mask], images)
     assert list(image_data.eval_batches(images[:0], labels[:0], 4)) == []
+
+
+RAW_MNIST = os.path.join(SHARED_DATA, "raw", "mnist")
+
+
+@needs_mnist
+@pytest.mark.skipif(not os.path.isdir(RAW_MNIST), reason=f"no raw MNIST in {RAW_MNIST}")
+def test_idx_files_hold_the_same_examples_as_the_prepared_tfds_folder(mnist):
+    raw = image_data.load_images(_config(source="idx", data_dir=RAW_MNIST))
+    assert raw.train_images.shape == (60_000, 28, 28, 1) and raw.test_images.shape[0] == 10_000
+    # tfds shuffles the records when preparing, so compare the splits as multisets.
+    np.testing.assert_array_equal(
+        _row_hashes(raw.train_images, raw.train_labels),
+        _row_hashes(mnist.train_images, mnist.train_labels),
+    )
+    np.testing.assert_array_equal(raw.train_labels[:5], [5, 0, 4, 1, 9])  # the file's order
+
+
+def test_data_far_from_the_datasets_published_mean_pixel_is_flagged(tmp_path):
+    import gzip
+
+    # A tiny IDX pair of all-white images named fashion_mnist: mean 1.0, expected 0.286.
+    for prefix, n in (("train", 8), ("t10k", 4)):
+        with gzip.open(tmp_path / f"{prefix}-images-idx3-ubyte.gz", "wb") as f:
+            f.write(b"\x00\x00\x08\x03" + np.array([n, 28, 28], ">i4").tobytes())
+            f.write(np.full((n, 28, 28), 255, np.uint8).tobytes())
+        with gzip.open(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", "wb") as f:
+            f.write(b"\x00\x00\x08\x01" + np.array([n], ">i4").tobytes())
+            f.write(np.arange(n, dtype=np.uint8).tobytes())
+    config = _config(name="fashion_mnist", source="idx", data_dir=str(tmp_path))
+    with pytest.warns(UserWarning, match=r"mean pixel 1.000, but fashion_mnist has 0.286"):
+        data = image_data.load_images(config)
+    assert data.train_images.shape == (8, 28, 28, 1) and list(data.test_labels) == [0, 1, 2, 3]

@@ -285,6 +285,8 @@ class ImageClassification:
         c = self.config
         pos, it = self._streams.get(name, (None, None))
         if pos != start:
+            if it is not None:
+                it.close()  # stops its prefetch thread
             if name == "train":
                 x, y, seed = self.data.train_images, self.data.train_labels, c.seed
             elif c.meta.split == "train":  # the same images, in another order

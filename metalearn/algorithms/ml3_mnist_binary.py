@@ -13,7 +13,8 @@ the meta-train task from a fresh LeNet θ, with φ updated after every window of
 `meta.window` inner steps. Every `eval.every` meta iterations, a fresh model is trained
 for `eval.test_steps` steps on the meta-train task with the current learned loss and with
 cross-entropy (Fig. 2c); at the end, fresh models on the four meta-test tasks give the
-test-set cross-entropy and accuracy at every gradient step (Fig. 2d).
+test-set cross-entropy and accuracy every `eval.trace_every` gradient steps (Fig. 2d).
+Training with cross-entropy does not depend on φ, so its runs are computed once.
 
 The state (φ and its optimizer state) holds all seeds along a leading axis; every
 function is vmapped over it. The task samples are device arrays [S, ...] passed to the
@@ -154,7 +155,7 @@ class MnistBinary:
         self._train_chunk_jit = jax.jit(self._train_chunk, static_argnums=2)
         self._fit_task_jit = jax.jit(self._fit_task)
         self._ce_traces = {}
-        self.init = jax.jit(self.init)
+        self._init_jit = jax.jit(lambda: jax.vmap(self._init_one)(self.seed_keys))
 
     def _logits(self, params, model_state, x_uint8, train, key=None):
         x = images.preprocess(x_uint8, self.info, augment="none", key=None)
@@ -195,7 +196,9 @@ class MnistBinary:
         return init_meta_state(phi, self.meta_opt)
 
     def init(self):
-        return jax.vmap(self._init_one)(self.seed_keys)
+        # Committed to the device, as a state restored from a checkpoint is: otherwise a
+        # resumed run would miss the compiled programs and compile them again.
+        return jax.device_put(self._init_jit(), jax.devices()[0])
 
     def _step_one(self, meta_state, seed_key, data, step):
         """One episode of Algorithm 1 from a fresh θ on the meta-train task (task 0)."""

@@ -9,10 +9,12 @@ the process. Batching is stateless: the batch of global step `s` is a pure funct
 
 import dataclasses
 import functools
+import gzip
 import importlib.util
 import os
 import queue
 import threading
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -62,7 +64,7 @@ DATASETS: dict[str, DatasetInfo] = {
         "svhn_cropped", 10, (32, 32, 3), (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970), "crop"
     ),
 }
-SOURCES = ("tfds", "cifar_binary", "synthetic")
+SOURCES = ("tfds", "cifar_binary", "idx", "synthetic")
 AUGMENTATIONS = ("none", "crop", "crop_flip")
 
 _CROP_PADDING = 4
@@ -107,8 +109,10 @@ def load_images(config: ml_collections.ConfigDict) -> ImageData:
     and no class selection only that many records are decoded.
 
     Args:
-      config: fields `name`, `source` (one of `SOURCES`: 'tfds', 'cifar_binary', or
-        'synthetic' = random pixels for smoke runs), `data_dir`, `download`,
+      config: fields `name`, `source` (one of `SOURCES`: 'tfds', 'cifar_binary', 'idx'
+        = the original (Fashion-)MNIST files `{train,t10k}-{images-idx3,labels-idx1}-ubyte
+        [.gz]` in `data_dir`, or 'synthetic' = random pixels for smoke runs), `data_dir`,
+        `download`,
         `train_files`, `test_files`, `validation_size`, `validation_seed`, `classes`,
         `max_train_examples`, `max_test_examples`.
 
@@ -143,12 +147,19 @@ def load_images(config: ml_collections.ConfigDict) -> ImageData:
         train_names, test_names = _cifar_file_names(config)
         train = _read_cifar_binary(info.tfds_name, config.data_dir, train_names)
         test = _read_cifar_binary(info.tfds_name, config.data_dir, test_names)
+    elif config.source == "idx":
+        if config.name not in ("mnist", "fashion_mnist"):
+            raise ValueError(f"source='idx' reads mnist or fashion_mnist, not {config.name!r}.")
+        train = _read_idx_pair(config.data_dir, "train")
+        test = _read_idx_pair(config.data_dir, "t10k")
     elif config.source == "synthetic":
         train = _synthetic(info, config.max_train_examples or 1024, seed=0)
         test = _synthetic(info, config.max_test_examples or 256, seed=1)
     else:
         raise ValueError(f"Unknown data source {config.source!r}; choose one of {SOURCES}.")
 
+    if config.source != "synthetic":
+        _check_pixel_mean(info, train[0], config)
     if classes:
         train, test = _select_classes(*train, classes), _select_classes(*test, classes)
         info = dataclasses.replace(info, num_classes=len(classes))
@@ -297,6 +308,54 @@ def _read_cifar_files(name: str, paths: tuple[str, ...]) -> tuple[np.ndarray, np
         data[:, label_bytes:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
     )
     return _freeze(images, labels)
+
+
+def _check_pixel_mean(info: DatasetInfo, images: np.ndarray, config) -> None:
+    """Warns when the data's mean pixel is far from the dataset's published one.
+
+    A prepared folder can hold the wrong dataset under the right name (it happened here:
+    a `fashion_mnist` folder with MNIST digits), and nothing else would notice.
+    """
+    mean = float(images[:2000].mean()) / 255.0
+    expected = float(np.mean(info.mean))
+    if abs(mean - expected) > 0.05:
+        warnings.warn(
+            f"The training images read as {info.tfds_name!r} (source={config.source!r}, "
+            f"data_dir={config.data_dir!r}) have mean pixel {mean:.3f}, but "
+            f"{info.tfds_name} has {expected:.3f}: the folder may hold another dataset.",
+            stacklevel=3,
+        )
+
+
+def _read_idx_pair(data_dir: str, prefix: str) -> tuple[np.ndarray, np.ndarray]:
+    """Images [N, 28, 28, 1] and labels of one split in the original (Fashion-)MNIST format."""
+    paths = []
+    for kind in ("images-idx3", "labels-idx1"):
+        base = os.path.abspath(os.path.join(data_dir, f"{prefix}-{kind}-ubyte"))
+        path = next((p for p in (base, base + ".gz") if os.path.isfile(p)), None)
+        if path is None:
+            raise FileNotFoundError(f"{base}[.gz] is missing (source='idx').")
+        paths.append(path)
+    return _read_idx_files(*paths)
+
+
+@functools.lru_cache(maxsize=8)
+def _read_idx_files(images_path: str, labels_path: str) -> tuple[np.ndarray, np.ndarray]:
+    arrays = []
+    for path in (images_path, labels_path):
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+            raw = f.read()
+        # Header: two zero bytes, a dtype code (0x08 = uint8), the rank, then the big-endian
+        # int32 size of each dimension.
+        if raw[:3] != b"\x00\x00\x08":
+            raise ValueError(f"{path} is not an IDX file of unsigned bytes.")
+        ndim = raw[3]
+        shape = np.frombuffer(raw, ">i4", count=ndim, offset=4)
+        arrays.append(np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(shape))
+    images, labels = arrays
+    if images.shape[0] != labels.shape[0]:
+        raise ValueError(f"{images_path} and {labels_path} hold different numbers of examples.")
+    return _freeze(np.ascontiguousarray(images[..., None]), labels.astype(np.int32))
 
 
 def _select_classes(
