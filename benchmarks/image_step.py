@@ -184,7 +184,7 @@ COLUMNS = (  # (header, row -> text)
     ("backprop peak GiB", lambda r: f"{r['backprop_peak_gib']:.2f}" if "backprop_ms" in r else "-"),
     ("compile s base", lambda r: f"{r['baseline_compile_s']:.1f}"),
     ("compile s AdaLFL", lambda r: f"{r['adalfl_compile_s']:.1f}"),
-)  # fmt: skip
+)
 
 
 def _print_rows(rows, header):

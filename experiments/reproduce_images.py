@@ -38,12 +38,18 @@ def run_one(args, dataset: str, algorithm: str, seed: int) -> tuple[str, float, 
     variant = ",".join(filter(None, [args.model, args.variant]))
     config = f"configs/{algorithm}_{CONFIG_NAMES[dataset]}.py" + (f":{variant}" if variant else "")
     cmd = [
-        sys.executable, "-m", "experiments.run", f"--config={config}", f"--workdir={workdir}",
-        f"--config.seed={seed}", f"--config.inner.steps={args.steps}",
+        sys.executable,
+        "-m",
+        "experiments.run",
+        f"--config={config}",
+        f"--workdir={workdir}",
+        f"--config.seed={seed}",
+        f"--config.inner.steps={args.steps}",
         f"--config.inner.optimizer.schedule.steps={args.steps}",
-        f"--config.meta.init_steps={args.init_steps}", f"--config.eval.every={args.eval_every}",
+        f"--config.meta.init_steps={args.init_steps}",
+        f"--config.eval.every={args.eval_every}",
         f"--config.checkpoint_every={args.eval_every * args.checkpoint_evals}",
-    ]  # fmt: skip
+    ]
     if args.data_dir:
         cmd += [f"--config.data.data_dir={args.data_dir}", "--config.data.download=False"]
     cmd += args.override

@@ -46,10 +46,17 @@ def test_lockstep_is_one_inner_step_then_one_meta_step_through_it(estimator):
     meta = init_meta_state(phi, meta_opt)
     key = jax.random.key(2)
     new_state, new_meta, metrics = adalfl.lockstep(
-        state, meta, batch, meta_batch, key,
-        inner_loss=inner_loss, outer_loss=outer_loss, optimizer=opt, meta_optimizer=meta_opt,
+        state,
+        meta,
+        batch,
+        meta_batch,
+        key,
+        inner_loss=inner_loss,
+        outer_loss=outer_loss,
+        optimizer=opt,
+        meta_optimizer=meta_opt,
         estimator=estimator,
-    )  # fmt: skip
+    )
     # θ_{t+1} is the plain inner step taken with φ_t.
     expected, _ = bilevel.inner_step(
         state, phi, batch, jax.random.split(key)[0], inner_loss=inner_loss, optimizer=opt
@@ -59,9 +66,14 @@ def test_lockstep_is_one_inner_step_then_one_meta_step_through_it(estimator):
     # φ_{t+1} is one Adam step along ∇_φ L_task(θ_{t+1}(φ)).
     def task_after_step(p):
         s, _ = bilevel.inner_step(
-            state, p, batch, None, inner_loss=inner_loss, optimizer=opt,
+            state,
+            p,
+            batch,
+            None,
+            inner_loss=inner_loss,
+            optimizer=opt,
             first_order=estimator == "first_order",
-        )  # fmt: skip
+        )
         return outer_loss(s.params, None, meta_batch, None)
 
     loss, grads = jax.value_and_grad(task_after_step)(phi)

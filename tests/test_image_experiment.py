@@ -153,8 +153,12 @@ def test_one_training_step_and_one_adalfl_step_match_on_1_and_8_devices():
         "JAX_DISABLE_MOST_OPTIMIZATIONS": "true",  # compile time is this test's cost
     }
     proc = subprocess.run(
-        [sys.executable, "-c", MULTI_DEVICE], cwd=ROOT, env=env, capture_output=True, text=True,
+        [sys.executable, "-c", MULTI_DEVICE],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
         timeout=900,
-    )  # fmt: skip
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "max abs difference" in proc.stdout

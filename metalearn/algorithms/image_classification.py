@@ -231,11 +231,18 @@ class ImageClassification:
         fresh_key, key = jax.random.split(key)
         start = jax.lax.cond(offline, lambda: self._fresh_inner(fresh_key), lambda: state.inner)
         inner, meta, metrics = adalfl.lockstep(
-            start, state.meta, batch, meta_batch, key,
-            inner_loss=self.learned_inner, outer_loss=self.outer, optimizer=self.optimizer,
-            meta_optimizer=self.meta_optimizer, estimator=self.config.meta.estimator,
+            start,
+            state.meta,
+            batch,
+            meta_batch,
+            key,
+            inner_loss=self.learned_inner,
+            outer_loss=self.outer,
+            optimizer=self.optimizer,
+            meta_optimizer=self.meta_optimizer,
+            estimator=self.config.meta.estimator,
             method=self.config.meta.method,
-        )  # fmt: skip
+        )
         inner = jax.lax.cond(offline, lambda: state.inner, lambda: inner)
         return TrainState(inner=inner, meta=meta), metrics
 
