@@ -30,11 +30,11 @@ import optax
 
 from metalearn import bilevel, plots
 from metalearn.algorithms import adalfl
-from metalearn.algorithms.ml3_sine import mean_std
 from metalearn.losses import learned as learned_losses
 from metalearn.models import vision
 from metalearn.optim import make_optimizer
 from metalearn.runtime import sharding
+from metalearn.runtime.metrics import mean_std
 from metalearn.state import InnerState, MetaState, init_inner_state, init_meta_state
 from metalearn.tasks import images
 from metalearn.types import Array, Batch, PRNGKey

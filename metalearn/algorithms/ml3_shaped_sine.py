@@ -23,11 +23,11 @@ import ml_collections
 
 from metalearn import bilevel, plots
 from metalearn.algorithms import ml3
-from metalearn.algorithms.ml3_sine import mean_std
 from metalearn.losses import learned as learned_losses
 from metalearn.losses.task import mse
 from metalearn.models.mlp import SineFrequency
 from metalearn.optim import make_optimizer
+from metalearn.runtime.metrics import mean_std
 from metalearn.state import init_inner_state, init_meta_state
 from metalearn.tasks.sine import sample_frequency_tasks
 

@@ -17,7 +17,6 @@ import os
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from metalearn import bilevel, plots
 from metalearn.algorithms import ml3
@@ -25,14 +24,9 @@ from metalearn.losses import learned as learned_losses
 from metalearn.losses.task import mse
 from metalearn.models.mlp import MLP
 from metalearn.optim import make_optimizer
+from metalearn.runtime.metrics import mean_std
 from metalearn.state import init_inner_state, init_meta_state
 from metalearn.tasks.sine import sample_sine_tasks
-
-
-def mean_std(values) -> dict:
-    """{'per_seed': [...], 'mean': m, 'std': s} of a 1-D array (population std)."""
-    arr = np.asarray(values, dtype=np.float64)
-    return {"per_seed": arr.tolist(), "mean": float(arr.mean()), "std": float(arr.std())}
 
 
 class SineRegression:

@@ -24,6 +24,13 @@ def to_python(value: Any) -> Any:
     return arr.item() if arr.ndim == 0 else arr.tolist()
 
 
+def mean_std(values) -> dict:
+    """{'per_seed': [...], 'mean': m, 'std': s} of a 1-D array (population std): the form
+    of every number in a `summary.json`."""
+    arr = np.asarray(values, dtype=np.float64)
+    return {"per_seed": arr.tolist(), "mean": float(arr.mean()), "std": float(arr.std())}
+
+
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
     """All rows of `<workdir>/metrics.jsonl` (empty if there is none)."""
     path = os.path.join(workdir, METRICS_FILE)
