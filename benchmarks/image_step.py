@@ -66,11 +66,8 @@ def measure(
     import numpy as np
 
     from configs._image import image_config
-    from metalearn.algorithms.image_classification import (
-        ImageClassification,
-        cross_entropy,
-        forward,
-    )
+    from metalearn.algorithms.image_classification import ImageClassification, forward
+    from metalearn.losses.task import softmax_cross_entropy
     from metalearn.tasks import images
 
     def config_for(algorithm, method="jvp"):
@@ -86,7 +83,7 @@ def measure(
     ada = ImageClassification(config_for("adalfl"), data=data)
     base = ImageClassification(config_for("baseline"), data=data)
     backprop = ImageClassification(config_for("adalfl", "backprop"), data=data)
-    batch, meta_batch = ada._stream("train", 0), ada._stream("meta", 0)
+    batch, meta_batch = ada.batch_at("train", 0), ada.batch_at("meta", 0)
     step = jax.device_put(np.int32(ada.init_steps), ada.replicated)
     row = {"model": model, "batch": batch_size, "devices": jax.device_count()}
 
@@ -94,7 +91,7 @@ def measure(
         logits, _ = forward(
             ada.model, ada.info, "none", params, s.inner.model_state, batch, jax.random.key(0)
         )
-        return cross_entropy(logits, batch["label"])
+        return softmax_cross_entropy(batch["label"], logits)
 
     measured = {
         "forward": (jax.jit(lambda s: loss(s.inner.params, s)), False),

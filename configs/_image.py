@@ -8,6 +8,7 @@ between them changes nothing else (same model, data order, optimizer, schedule, 
 import ml_collections
 
 from metalearn.losses.learned import default_loss_net_config
+from metalearn.models.vision import MODELS
 
 # Per dataset: default model, base learning rate, training steps (S_train), the
 # variants offered (model names), and the data overrides that `:subset` applies.
@@ -18,17 +19,6 @@ DATASET_DEFAULTS = {
     "cifar100": {"model": "wrn28_10", "lr": 0.1, "steps": 100_000},
     "svhn_cropped": {"model": "allcnn_c", "lr": 0.05, "steps": 100_000},
 }
-MODELS = (
-    "lenet5",
-    "vgg16",
-    "allcnn_c",
-    "resnet8",
-    "resnet20",
-    "resnet44",
-    "resnet56",
-    "wrn16_8",
-    "wrn28_10",
-)
 CIFAR10_SUBSET = "../shared/data/raw/cifar10_subset"
 SHARED_TFDS = "../shared/data/tfds"
 

@@ -127,7 +127,7 @@ MULTI_DEVICE = textwrap.dedent(
         mesh = sharding.make_mesh(n)
         exp = algorithms.make(config, mesh=mesh)
         state = exp.init()
-        batch, meta_batch = exp._stream("train", 0), exp._stream("meta", 0)
+        batch, meta_batch = exp.batch_at("train", 0), exp.batch_at("meta", 0)
         assert len(batch["image"].sharding.device_set) == n
         step = np.int32(0)
         after_init, m_init = exp.init_phase_step(state, batch, meta_batch, step)

@@ -37,12 +37,8 @@ PUBLISHED_PARAMS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compile():
-    """Skips most XLA optimisations: compile time, not run time, dominates these tests."""
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", False)
+# Compile time, not run time, dominates these tests (fixture in conftest.py).
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 # Compiled once per model and shape: op-by-op execution of these networks is slow.

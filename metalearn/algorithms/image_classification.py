@@ -31,6 +31,7 @@ import optax
 from metalearn import bilevel, plots
 from metalearn.algorithms import adalfl
 from metalearn.losses import learned as learned_losses
+from metalearn.losses.task import softmax_cross_entropy
 from metalearn.models import vision
 from metalearn.optim import make_optimizer
 from metalearn.runtime import sharding
@@ -49,11 +50,6 @@ class TrainState:
 
     inner: InnerState
     meta: MetaState
-
-
-def cross_entropy(logits: Array, labels: Array) -> Array:
-    """Mean softmax cross-entropy of logits [B, C] against integer labels [B]."""
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
 def forward(
@@ -93,7 +89,7 @@ def make_losses(model, info, augment: str, meta_augment: str, loss_fn):
 
     def inner(use_learned, params, model_state, phi, batch, key):
         logits, model_state = forward(model, info, augment, params, model_state, batch, key)
-        ce = cross_entropy(logits, batch["label"])
+        ce = softmax_cross_entropy(batch["label"], logits)
         if use_learned:
             y = jax.nn.one_hot(batch["label"], logits.shape[-1])
             loss = loss_fn(phi, y, jax.nn.softmax(logits))
@@ -104,7 +100,7 @@ def make_losses(model, info, augment: str, meta_augment: str, loss_fn):
 
     def outer(params, model_state, batch, key):
         logits, _ = forward(model, info, meta_augment, params, model_state, batch, key)
-        return cross_entropy(logits, batch["label"])
+        return softmax_cross_entropy(batch["label"], logits)
 
     return functools.partial(inner, True), functools.partial(inner, False), outer
 
@@ -208,15 +204,6 @@ class ImageClassification:
         )
         return TrainState(inner=inner, meta=init_meta_state(phi, self.meta_optimizer))
 
-    def _lockstep_kwargs(self) -> dict:
-        return dict(
-            inner_loss=self.learned_inner,
-            outer_loss=self.outer,
-            optimizer=self.optimizer,
-            meta_optimizer=self.meta_optimizer,
-            estimator=self.config.meta.estimator,
-        )
-
     def lockstep_step(
         self, state: TrainState, batch: Batch, meta_batch: Batch, step: Array, offline: Array
     ) -> tuple[TrainState, dict]:
@@ -287,11 +274,15 @@ class ImageClassification:
 
     # ---- the impure edge: data streams, chunks, evaluation, figures -----------------
 
-    def _stream(self, name: str, start: int):
-        """Device batches of stream `name` from step `start` (reused when contiguous)."""
+    def batch_at(self, name: str, step: int):
+        """Batch `step` of stream `name` ('train' or 'meta'), on the devices.
+
+        Consecutive calls reuse one prefetching iterator; any other step starts a new one
+        there, since batch t is a pure function of (seed, t).
+        """
         c = self.config
         pos, it = self._streams.get(name, (None, None))
-        if pos != start:
+        if pos != step:
             if it is not None:
                 it.close()  # stops its prefetch thread
             if name == "train":
@@ -302,18 +293,18 @@ class ImageClassification:
                 x, y, seed = self.data.val_images, self.data.val_labels, c.seed
             bs = c.data.batch_size if name == "train" else c.meta.batch_size
             it = images.prefetch_to_device(
-                images.host_batches(x, y, bs, seed, start), self.batch_sharding, c.data.prefetch
+                images.host_batches(x, y, bs, seed, step), self.batch_sharding, c.data.prefetch
             )
-        self._streams[name] = (start + 1, it)
+        self._streams[name] = (step + 1, it)
         return next(it)
 
     def train_chunk(self, state: TrainState, start: int, num: int) -> tuple[TrainState, dict]:
         rows = []
         for t in range(start, start + num):
-            batch = self._stream("train", t)
+            batch = self.batch_at("train", t)
             meta_batch = None
             if self.learned and (t < self.init_steps or self.config.algorithm == "adalfl"):
-                meta_batch = self._stream("meta", t)
+                meta_batch = self.batch_at("meta", t)
             step = jax.device_put(np.int32(t), self.replicated)
             if t < self.init_steps:
                 state, metrics = self.init_phase_step(state, batch, meta_batch, step)

@@ -27,11 +27,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
 from metalearn import bilevel, plots
 from metalearn.algorithms import ml3
 from metalearn.losses import learned as learned_losses
+from metalearn.losses.task import softmax_cross_entropy
 from metalearn.models import vision
 from metalearn.optim import make_optimizer
 from metalearn.runtime.metrics import mean_std
@@ -168,7 +168,7 @@ class MnistBinary:
         def loss(params, model_state, phi, batch, key):
             logits, model_state = self._logits(params, model_state, batch["x"], True, key)
             y = jax.nn.one_hot(batch["y"], 2)
-            ce = optax.softmax_cross_entropy(logits, y).mean()
+            ce = softmax_cross_entropy(batch["y"], logits)
             value = jnp.where(use_learned, self.loss_fn(phi, y, jax.nn.softmax(logits)), ce)
             return value, (model_state, {"task/ce": ce})
 
@@ -177,12 +177,12 @@ class MnistBinary:
     def _outer_loss(self, params, model_state, batch, key):
         del key
         logits, _ = self._logits(params, model_state, batch["x"], False)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
+        return softmax_cross_entropy(batch["y"], logits)
 
     def _test_metrics(self, params, model_state, x, y):
         """[2]: (cross-entropy, accuracy) on a task's test sample."""
         logits, _ = self._logits(params, model_state, x, False)
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+        ce = softmax_cross_entropy(y, logits)
         return jnp.stack([ce, jnp.mean(jnp.argmax(logits, -1) == y)])
 
     def _fresh(self, key):
