@@ -147,3 +147,42 @@ def learned_loss_shapes(history: Sequence[Mapping], init_steps: int, path: str) 
     axes[1].set(xlabel="predicted probability of a wrong class", ylabel="ℓ_φ(y=0, p)")
     axes[0].legend(fontsize=7)
     _save(fig, path)
+
+
+def self_loss_curves(
+    histories: Mapping[str, Sequence[Mapping]], meta_steps: int, path: str
+) -> None:
+    """Self-loss runs, one panel each: the predicted loss (left axis) and the true
+    validation cross-entropy of θ and of the control trained on the true loss (right
+    axis) against the step; Phase 2 starts at the dashed line, a red dot marks the first
+    reward-hacking detection."""
+    n = len(histories)
+    cols = min(n, 4)
+    rows_ = -(-n // cols)
+    fig, axes = plt.subplots(rows_, cols, figsize=(4.2 * cols, 3.0 * rows_), squeeze=False)
+    for ax, (name, history) in zip(axes.flat, histories.items(), strict=False):
+        rows = [r for r in history if "self/pred_loss" in r]
+        step = np.array([r["step"] for r in rows])
+        pred = _smooth([r["self/pred_loss"] for r in rows], 5)
+        ax.plot(step, pred, color="tab:purple", lw=1, label="predicted loss")
+        ax.set_ylabel("predicted loss", color="tab:purple", fontsize=8)
+        right = ax.twinx()
+        right.plot(step, [r["true/val_ce"] for r in rows], color="tab:blue", label="val CE")
+        right.plot(
+            step, [r["control/val_ce"] for r in rows], color="tab:gray", ls=":", label="control"
+        )
+        right.set_ylabel("true cross-entropy (nats)", fontsize=8)
+        ax.axvline(meta_steps, color="k", ls="--", lw=0.8)
+        hacked = [r["step"] for r in rows if r.get("diag/hacked")]
+        if hacked:
+            right.plot(
+                hacked[0], next(r["true/val_ce"] for r in rows if r["step"] == hacked[0]), "ro"
+            )
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        if ax is axes.flat[0]:
+            lines = ax.get_lines()[:1] + right.get_lines()[:2]
+            ax.legend(lines, [x.get_label() for x in lines], fontsize=7, loc="upper right")
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    _save(fig, path)

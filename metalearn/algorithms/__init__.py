@@ -6,6 +6,7 @@ from metalearn.algorithms.image_classification import ImageClassification
 from metalearn.algorithms.ml3_mnist_binary import MnistBinary
 from metalearn.algorithms.ml3_shaped_sine import ShapedSine
 from metalearn.algorithms.ml3_sine import SineRegression
+from metalearn.algorithms.self_loss_lm import SelfLossLM
 
 EXPERIMENTS = {
     ("ml3", "sine"): SineRegression,
@@ -14,6 +15,7 @@ EXPERIMENTS = {
     ("baseline", "image_classification"): ImageClassification,
     ("ml3", "image_classification"): ImageClassification,
     ("adalfl", "image_classification"): ImageClassification,
+    ("self_loss", "lm"): SelfLossLM,
 }
 
 
@@ -35,6 +37,7 @@ __all__ = [
     "EXPERIMENTS",
     "ImageClassification",
     "MnistBinary",
+    "SelfLossLM",
     "ShapedSine",
     "SineRegression",
     "make",

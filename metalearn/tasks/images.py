@@ -10,7 +10,6 @@ the process. Batching is stateless: the batch of global step `s` is a pure funct
 import dataclasses
 import functools
 import gzip
-import importlib.util
 import os
 import queue
 import threading
@@ -23,6 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from metalearn.tasks import prepared
 from metalearn.types import Array, PRNGKey
 
 
@@ -134,8 +134,8 @@ def load_images(config: ml_collections.ConfigDict) -> ImageData:
         )
 
     if config.source == "tfds":
-        data_dir = _resolve_data_dir(config.data_dir)
-        version = _prepared_version(info.tfds_name, data_dir, bool(config.download))
+        data_dir = prepared.resolve_data_dir(config.data_dir)
+        version = prepared.prepared_version(info.tfds_name, data_dir, bool(config.download))
         # Without a class selection the first examples are the ones kept: decode only those.
         train_limit = (
             None if classes or not config.max_train_examples else config.max_train_examples
@@ -179,73 +179,6 @@ def _synthetic(info: DatasetInfo, n: int, seed: int) -> tuple[np.ndarray, np.nda
     return images, rng.integers(0, info.num_classes, n).astype(np.int32)
 
 
-def _tfds():
-    # Imported on first use so that importing `metalearn.tasks` stays fast.
-    import tensorflow_datasets as tfds
-
-    return tfds
-
-
-def _resolve_data_dir(data_dir: str) -> str:
-    if not data_dir:
-        data_dir = os.environ.get("TFDS_DATA_DIR") or _tfds().core.constants.get_default_data_dir()
-    return os.path.abspath(os.path.expanduser(data_dir))
-
-
-def _find_version(name: str, data_dir: str) -> str | None:
-    """The newest version folder under `<data_dir>/<name>/` holding dataset_info.json."""
-    folder = os.path.join(data_dir, name)
-    if not os.path.isdir(folder):
-        return None
-    versions = []
-    for entry in os.listdir(folder):
-        parts = entry.split(".")
-        if len(parts) == 3 and all(p.isdigit() for p in parts):
-            if os.path.isfile(os.path.join(folder, entry, "dataset_info.json")):
-                versions.append(tuple(int(p) for p in parts))
-    return ".".join(map(str, max(versions))) if versions else None
-
-
-def _prepared_version(name: str, data_dir: str, download: bool) -> str:
-    """The prepared version of `name`, preparing it first when allowed and possible."""
-    version = _find_version(name, data_dir)
-    if version is not None:
-        return version
-    reason = "download=False"
-    if download:
-        # Every image builder here reads its raw files with tf.io.gfile: without
-        # TensorFlow a download would only fail after fetching the files.
-        if importlib.util.find_spec("tensorflow") is None:
-            reason = "download=True, but preparing it needs TensorFlow, which is not installed"
-        else:
-            try:
-                _tfds().builder(
-                    name, data_dir=data_dir, file_format="array_record"
-                ).download_and_prepare()
-            except Exception as err:
-                raise FileNotFoundError(
-                    _missing_message(name, data_dir, f"the download failed: {err!r}")
-                ) from err
-            version = _find_version(name, data_dir)
-            if version is not None:
-                return version
-            reason = "download_and_prepare ran but left no dataset_info.json"
-    raise FileNotFoundError(_missing_message(name, data_dir, reason))
-
-
-def _missing_message(name: str, data_dir: str, reason: str) -> str:
-    return (
-        f"Dataset {name!r} is not prepared in {data_dir}: "
-        f"{os.path.join(data_dir, name, '<version>', 'dataset_info.json')} is missing ({reason}). "
-        f"Provide it by running once on a machine with internet, with TensorFlow installed "
-        f"(pip install -e '.[download]') and --config.data.download=True, or with "
-        f"`tfds build {name} --data_dir=DIR`; then set "
-        f"TFDS_DATA_DIR or --config.data.data_dir to the prepared folder. On the project's dev "
-        f"machines ../shared/data/tfds holds mnist and fashion_mnist, and the `:subset` config "
-        f"variants read the real CIFAR-10 subset in ../shared/data/raw/cifar10_subset."
-    )
-
-
 def _freeze(*arrays: np.ndarray) -> tuple[np.ndarray, ...]:
     # Cached arrays are shared by every caller: make accidental in-place edits fail.
     for a in arrays:
@@ -257,7 +190,7 @@ def _freeze(*arrays: np.ndarray) -> tuple[np.ndarray, ...]:
 def _read_tfds_split(
     name: str, version: str, data_dir: str, split: str, limit: int | None
 ) -> tuple[np.ndarray, np.ndarray]:
-    source = _tfds().data_source(
+    source = prepared.tfds().data_source(
         f"{name}:{version}", split=split, data_dir=data_dir, download=False
     )
     n = len(source) if limit is None else min(limit, len(source))

@@ -1,0 +1,189 @@
+"""The self-loss transformer on tiny_shakespeare (bytes): meta-train, then self-train.
+
+    python -m experiments.run --config=configs/self_loss_lm.py:smoke         # seconds
+    python -m experiments.run --config=configs/self_loss_lm.py:frozen,hard   # a variant
+    python -m experiments.sweep_self_loss                                    # every variant
+
+Phase 1 (`meta.steps`): one inner SGD step on the model's own predicted loss, the true
+cross-entropy of another batch at θ', the outer Adam step through the inner step, then
+θ ← (1 − τ)θ + τθ'. Phase 2 (`phase2.steps`): SGD on the predicted loss alone, with the
+true cross-entropies measured as diagnostics and a control trained on the true loss.
+
+Variants are comma-separated parts (`:frozen,hard,smoke`):
+  critic        same (default) | same_sg (same, stop-gradient through its weights) |
+                frozen | ema
+  prediction    soft (default) | st (straight-through) | hard
+  signal        targets (self-produced target distributions instead of a scalar);
+                continuation (the targets critic also reads the observed continuation)
+  mitigations   positive (smooth leaky ReLU output) | softplus | head (separate loss
+                head) | disjoint (disjoint upper layers) | mono (monotonicity penalty) |
+                norm (batch-normalised predicted loss) | anchor (true-CE step every 20) |
+                first_order | truncated (3 inner steps, the last one differentiated)
+  detector      stop | rollback | meta (action on detection; default: continue)
+  layout        prefix (loss pass continues the LM pass's keys and values)
+  data          file (read ../shared/data/raw/tiny_shakespeare/input.txt as a text file)
+  size          smoke (seconds on a CPU)
+`SWEEP` lists the variants `experiments.sweep_self_loss` runs.
+"""
+
+import ml_collections
+
+SHARED_TFDS = "../shared/data/tfds"
+SHARED_TEXT = "../shared/data/raw/tiny_shakespeare/input.txt"
+
+# The sweep: the document's setting ([LOSS] scalar read as the mean of the output,
+# unconstrained, hard tokens, the same live weights), each prediction path and critic,
+# each mitigation on top of the document's setting, and self-produced targets.
+SWEEP = (
+    "hard",
+    "soft",
+    "st",
+    "same_sg,soft",
+    "frozen,hard",
+    "frozen,soft",
+    "ema,soft",
+    "hard,positive",
+    "hard,head",
+    "hard,norm",
+    "hard,mono",
+    "hard,disjoint",
+    "hard,anchor",
+    "hard,first_order",
+    "hard,truncated",
+    "targets",
+    "targets,continuation",
+    "targets,frozen,continuation",
+    "targets,ema,continuation",
+)
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.algorithm = "self_loss"
+    c.task = "lm"
+    c.seed = 0
+    c.data = ml_collections.ConfigDict(
+        {
+            "source": "tfds",  # or "file"
+            "name": "tiny_shakespeare",
+            "data_dir": "",  # '' = $TFDS_DATA_DIR, else tfds's default folder
+            "download": True,
+            "path": "",  # source="file": any UTF-8 text file
+            "split_fractions": (0.05, 0.05),  # source="file": validation, test
+            "batch_size": 16,
+        }
+    )
+    c.model = ml_collections.ConfigDict(
+        {
+            "context": 32,
+            "num_layers": 2,
+            "loss_layers": 0,  # > 0: disjoint upper layers
+            "d_model": 64,
+            "num_heads": 4,
+            "mlp_ratio": 4,
+            "positions": "rotary",  # or "learned"
+            "readout": "mean",  # or "head"
+            "dtype": "float32",
+        }
+    )
+    c.self_loss = ml_collections.ConfigDict(
+        {
+            "signal": "scalar",  # or "targets"
+            "path": "soft",  # or "straight_through" | "hard"
+            "output": "identity",  # or "softplus" | "smooth_leaky_relu"
+            "normalise": False,
+            "critic": "same",  # or "frozen" | "ema"
+            "stop_gradient": False,
+            "ema_decay": 0.99,
+            "sees": "input",  # targets: or "input_and_continuation"
+            "layout": "separate",  # or "shared_prefix"
+            "monotonicity": 0.0,
+        }
+    )
+    c.inner = ml_collections.ConfigDict({"optimizer": {"name": "sgd", "lr": 0.02}})
+    c.meta = ml_collections.ConfigDict(
+        {
+            "steps": 200,
+            "optimizer": {"name": "adam", "lr": 1e-3},
+            "inner_steps": 1,
+            "estimator": "unrolled",  # or "first_order" | "truncated"
+            "window": 1,  # truncated: inner steps differentiated
+            "tau": 0.1,
+            "split": "train",  # the outer batch's split: or "validation"
+        }
+    )
+    c.phase2 = ml_collections.ConfigDict({"steps": 400, "anchor_every": 0})
+    c.detector = ml_collections.ConfigDict(
+        {"window": 10, "tolerance": 0.01, "action": "continue", "meta_steps": 50}
+    )
+    c.diagnostics = ml_collections.ConfigDict({"val_windows": 64})
+    c.eval = ml_collections.ConfigDict({"every": 100, "windows": 256})
+    c.log_every = 5
+    c.checkpoint_every = 200
+
+    parts = [p for p in (arg or "").split(",") if p]
+    s = c.self_loss
+    for part in parts:
+        if part in ("same", "frozen", "ema"):
+            s.critic = part
+        elif part == "same_sg":
+            s.critic, s.stop_gradient = "same", True
+        elif part in ("soft", "hard"):
+            s.path = part
+        elif part == "st":
+            s.path = "straight_through"
+        elif part == "targets":
+            s.signal = "targets"
+        elif part == "continuation":
+            s.sees = "input_and_continuation"
+        elif part == "positive":
+            s.output = "smooth_leaky_relu"
+        elif part == "softplus":
+            s.output = "softplus"
+        elif part == "head":
+            c.model.readout = "head"
+        elif part == "disjoint":
+            c.model.num_layers, c.model.loss_layers = 3, 1
+        elif part == "mono":
+            s.monotonicity = 1.0
+        elif part == "norm":
+            s.normalise = True
+        elif part == "anchor":
+            c.phase2.anchor_every = 20
+        elif part == "first_order":
+            c.meta.estimator = "first_order"
+        elif part == "truncated":
+            c.meta.inner_steps, c.meta.estimator, c.meta.window = 3, "truncated", 1
+        elif part in ("stop", "rollback", "meta"):
+            c.detector.action = part
+        elif part == "prefix":
+            s.layout = "shared_prefix"
+        elif part == "file":
+            c.data.source, c.data.path = "file", SHARED_TEXT
+        elif part == "shared":
+            c.data.data_dir, c.data.download = SHARED_TFDS, False
+        elif part != "smoke":
+            raise ValueError(
+                f"Unknown variant part {part!r} of self_loss_lm; see the list in "
+                "configs/self_loss_lm.py's docstring."
+            )
+    if "smoke" in parts:
+        if c.data.source == "tfds":
+            c.data.data_dir = c.data.data_dir or SHARED_TFDS
+            c.data.download = False
+        layers = c.model.loss_layers + 1  # one shared block (+ the disjoint ones)
+        c.model.update(
+            {"context": 16, "d_model": 32, "num_heads": 2, "mlp_ratio": 2, "num_layers": layers}
+        )
+        c.data.batch_size = 4
+        c.meta.steps = 4
+        c.phase2.steps = 8
+        c.phase2.anchor_every = min(c.phase2.anchor_every, 3)
+        c.detector.window = 3
+        c.detector.meta_steps = 2
+        c.diagnostics.val_windows = 8
+        c.eval.every = 4
+        c.eval.windows = 16
+        c.log_every = 1
+        c.checkpoint_every = 4
+    return c

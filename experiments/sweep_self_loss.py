@@ -1,0 +1,106 @@
+"""Runs every variant of `configs/self_loss_lm.py` and prints one table.
+
+    python -m experiments.sweep_self_loss [--suffix=smoke] [--variants=hard,frozen+hard]
+        [--root=runs/self_loss_sweep] [--override=--config.phase2.steps=1000 ...]
+
+For each variant: `steps_to_hack` (Phase 2 steps until validation cross-entropy last
+improved before the detector fired; '—' if it never fired), the best and final
+validation cross-entropy of the self-trained model in Phase 2, the final validation
+cross-entropy of the control trained on the true loss for the same steps, and the
+lowest and final predicted loss. Each variant runs in its own workdir under `--root`
+(re-running resumes or reuses finished runs), and `plots/sweep.png` under the root
+shows every variant's curves. `--variants` takes `+` inside a variant for its parts
+(`frozen+hard`), since `,` separates variants.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+from absl import app, flags
+
+from configs import self_loss_lm
+
+_SUFFIX = flags.DEFINE_string("suffix", "", "Variant parts added to every variant, e.g. smoke.")
+_VARIANTS = flags.DEFINE_list(
+    "variants", None, "Variants to run (default: SWEEP); '+' joins parts."
+)
+_ROOT = flags.DEFINE_string("root", "runs/self_loss_sweep", "Parent folder of the runs.")
+_OVERRIDE = flags.DEFINE_multi_string("override", [], "--config.x=y passed to every run.")
+
+COLUMNS = (
+    ("steps_to_hack", "steps to hack", "{}"),
+    ("hack_detected_at", "detected at", "{}"),
+    ("best_val_ce", "best val CE", "{:.3f}"),
+    ("final_val_ce", "final val CE", "{:.3f}"),
+    ("control_final_val_ce", "control val CE", "{:.3f}"),
+    ("min_pred_loss", "min predicted", "{:.3g}"),
+    ("final_pred_loss", "final predicted", "{:.3g}"),
+)
+
+
+def run_variant(variant: str, workdir: str, overrides: list[str]) -> dict:
+    """Runs one variant through `experiments.run` in a subprocess; returns its summary."""
+    summary = os.path.join(workdir, "summary.json")
+    if not os.path.exists(summary):
+        cmd = [
+            sys.executable,
+            "-m",
+            "experiments.run",
+            f"--config=configs/self_loss_lm.py:{variant}",
+            f"--workdir={workdir}",
+            *overrides,
+        ]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode:
+            raise RuntimeError(f"Variant {variant!r} failed:\n{proc.stderr[-3000:]}")
+    with open(summary) as f:
+        return json.load(f)
+
+
+def table(rows: dict[str, dict]) -> str:
+    """A markdown table: one row per variant."""
+    head = "| variant | " + " | ".join(c[1] for c in COLUMNS) + " |"
+    lines = [head, "|" + "---|" * (len(COLUMNS) + 1)]
+    for variant, summary in rows.items():
+        cells = []
+        for key, _, fmt in COLUMNS:
+            value = summary.get(key)
+            if isinstance(value, dict):
+                value = value["mean"]
+            cells.append("—" if value is None else fmt.format(value))
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    from metalearn import plots
+    from metalearn.runtime.metrics import read_metrics
+
+    variants = [v.replace("+", ",") for v in (_VARIANTS.value or self_loss_lm.SWEEP)]
+    summaries, histories = {}, {}
+    for variant in variants:
+        name = f"{variant},{_SUFFIX.value}" if _SUFFIX.value else variant
+        workdir = os.path.join(_ROOT.value, name.replace(",", "_"))
+        print(f"running {name} in {workdir}", flush=True)
+        summaries[variant] = run_variant(name, workdir, _OVERRIDE.value)
+        histories[variant] = read_metrics(workdir)
+    config = self_loss_lm.get_config(_SUFFIX.value or None)
+    for override in _OVERRIDE.value:
+        if override.startswith("--config.meta.steps="):
+            config.meta.steps = int(override.split("=", 1)[1])
+    plots.self_loss_curves(
+        histories,
+        meta_steps=config.meta.steps,
+        path=os.path.join(_ROOT.value, "plots", "sweep.png"),
+    )
+    print(table(summaries))
+    with open(os.path.join(_ROOT.value, "table.md"), "w") as f:
+        f.write(table(summaries) + "\n")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,370 @@
+"""The self-loss transformer's objectives and steps, as pure functions.
+
+One transformer (`metalearn.models.transformer`) is the language model and its own
+critic. The self-produced training signal (`Spec.signal`) is either
+
+- ``"scalar"``: the critic reads `input ⊕ prediction ⊕ [LOSS]` and its score at
+  `[LOSS]` is the predicted loss of that prediction; or
+- ``"targets"``: the critic produces a target distribution for every next token and the
+  model is trained against it with cross-entropy (the research plan's first experiment).
+
+Phase 1 (`meta_step`) meta-trains θ: K inner steps on the self-produced loss from θ,
+then the true cross-entropy of another batch at θ', differentiated end to end through
+the inner steps with the heart (`bilevel.meta_loss`); the outer update is followed by
+θ ← (1 − τ)θ + τθ'. Phase 2 (`self_step`) updates θ by the self-produced loss alone.
+
+The critic (`Spec.critic`) is θ itself ('same'), a copy frozen at the end of Phase 1
+('frozen') or an exponential moving average of θ ('ema'). Only for 'same' without
+`stop_gradient` does the inner gradient reach the critic's weights: that is the channel
+through which a model can lower its predicted loss without predicting better.
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from metalearn import bilevel
+from metalearn.models.mlp import smooth_leaky_relu
+from metalearn.models.transformer import Transformer, param_groups
+from metalearn.state import init_inner_state
+from metalearn.tasks.text import LOSS
+from metalearn.types import Array, Params, PRNGKey
+
+SIGNALS = ("scalar", "targets")
+PATHS = ("soft", "straight_through", "hard")
+OUTPUTS = ("identity", "softplus", "smooth_leaky_relu")
+CRITICS = ("same", "frozen", "ema")
+SEES = ("input", "input_and_continuation")
+LAYOUTS = ("separate", "shared_prefix")
+ESTIMATORS = ("unrolled", "truncated", "first_order")
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """What the self-produced loss is; static (hashable) so that it can close over jit.
+
+    Attributes:
+      signal: one of `SIGNALS`.
+      path: how predictions enter the loss pass (`PATHS`): 'soft' (probability-weighted
+        embeddings), 'straight_through' (one-hot forward, soft gradient back) or 'hard'
+        (one-hot argmax tokens: no gradient through the predictions).
+      output: the transform of the critic's score (`OUTPUTS`); 'identity' is the
+        document's unconstrained scalar, the others are positive and smooth.
+      normalise: standardise the per-sequence predicted losses over the batch with the
+        batch's mean and std held constant: the value no longer carries the critic's
+        offset or scale, and the step size no longer grows with the critic's scale.
+      critic: one of `CRITICS`.
+      stop_gradient: for critic 'same', block the gradient through the critic's weights.
+      sees: what a 'targets' critic reads (`SEES`).
+      layout: 'separate' runs the loss pass as its own forward over `input ⊕ prediction ⊕
+        [LOSS]`; 'shared_prefix' continues the language-model pass's keys and values
+        (critic 'same' without stop_gradient only, where the weights are the same).
+      monotonicity: weight of a pairwise ranking penalty in the Phase 1 outer objective:
+        across a batch, sequences with a higher true cross-entropy should get a higher
+        predicted loss.
+      disjoint: the model has disjoint upper layers; each loop then updates only its own
+        (inner: trunk + lm; outer: trunk + loss).
+    """
+
+    signal: str = "scalar"
+    path: str = "soft"
+    output: str = "identity"
+    normalise: bool = False
+    critic: str = "same"
+    stop_gradient: bool = False
+    sees: str = "input"
+    layout: str = "separate"
+    monotonicity: float = 0.0
+    disjoint: bool = False
+
+    def __post_init__(self):
+        for name, allowed in (
+            ("signal", SIGNALS),
+            ("path", PATHS),
+            ("output", OUTPUTS),
+            ("critic", CRITICS),
+            ("sees", SEES),
+            ("layout", LAYOUTS),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"Unknown {name} {getattr(self, name)!r}; choose one of {allowed}."
+                )
+        if self.layout == "shared_prefix" and not self.live_critic:
+            raise ValueError(
+                "layout='shared_prefix' reuses the language model's keys and values in the loss "
+                "pass, so the critic must be the same, live weights: use critic='same' without "
+                "stop_gradient, or layout='separate'."
+            )
+        if self.layout == "shared_prefix" and self.signal != "scalar":
+            raise ValueError("layout='shared_prefix' applies to signal='scalar' only.")
+
+    @property
+    def live_critic(self) -> bool:
+        """Whether the inner gradient flows through the critic's weights."""
+        return self.critic == "same" and not self.stop_gradient
+
+
+def cross_entropy(logits: Array, targets: Array) -> Array:
+    """Per-sequence mean next-token cross-entropy in nats: logits [B, T, V], targets [B, T]
+    -> [B]."""
+    logp = jax.nn.log_softmax(logits)
+    return -jnp.mean(jnp.take_along_axis(logp, targets[..., None], -1)[..., 0], axis=-1)
+
+
+def prediction_inputs(logits: Array, path: str) -> Array:
+    """The predictions as loss-pass inputs [B, T, V] (see `Spec.path`)."""
+    soft = jax.nn.softmax(logits)
+    hard = jax.nn.one_hot(jnp.argmax(logits, -1), logits.shape[-1], dtype=soft.dtype)
+    if path == "soft":
+        return soft
+    if path == "straight_through":
+        return hard + soft - jax.lax.stop_gradient(soft)
+    if path == "hard":
+        return hard
+    raise ValueError(f"Unknown prediction path {path!r}; choose one of {PATHS}.")
+
+
+def transform_output(score: Array, output: str) -> Array:
+    """The predicted loss from the critic's raw score (see `Spec.output`)."""
+    if output == "identity":
+        return score
+    if output == "softplus":
+        return jax.nn.softplus(score)
+    if output == "smooth_leaky_relu":
+        return smooth_leaky_relu(score)
+    raise ValueError(f"Unknown output {output!r}; choose one of {OUTPUTS}.")
+
+
+def loss_pass(
+    model: Transformer,
+    critic: Params,
+    inputs: Array,
+    predictions: Array,
+    *,
+    output: str,
+    cache: dict | None = None,
+) -> Array:
+    """Per-sequence predicted losses [B] of `predictions` [B, T, V] for `inputs` [B, T].
+
+    The critic reads `inputs ⊕ predictions ⊕ [LOSS]` and its score at `[LOSS]` is the
+    predicted loss. With `cache` (the language-model pass's, same weights) only
+    `predictions ⊕ [LOSS]` is computed, attending to the cached inputs.
+    """
+    b, _, v = predictions.shape
+    loss_token = jax.nn.one_hot(jnp.full((b, 1), LOSS), v, dtype=predictions.dtype)
+    if cache is None:
+        seq = jnp.concatenate([jax.nn.one_hot(inputs, v, dtype=predictions.dtype), predictions], 1)
+    else:
+        seq = predictions
+    score, _ = model.apply(
+        {"params": critic}, jnp.concatenate([seq, loss_token], 1), stack="loss", cache=cache
+    )
+    return transform_output(score[:, -1], output)
+
+
+def critic_targets(model: Transformer, critic: Params, tokens: Array, sees: str) -> Array:
+    """The critic's target distributions [B, T, V] for the next tokens of `tokens` [B, T + 1].
+
+    'input': the critic's own next-token distribution on the input. 'input_and_
+    continuation': the critic reads the whole window (input and observed continuation),
+    then `[LOSS]`, then the input again, and its outputs over that second copy are the
+    targets: it may copy what it has seen, or not.
+    """
+    inputs = tokens[:, :-1]
+    if sees == "input":
+        logits, _ = model.apply({"params": critic}, inputs)
+        return jax.nn.softmax(logits)
+    if sees == "input_and_continuation":
+        b, t = inputs.shape
+        seq = jnp.concatenate([tokens, jnp.full((b, 1), LOSS, tokens.dtype), inputs], 1)
+        logits, _ = model.apply({"params": critic}, seq)
+        return jax.nn.softmax(logits[:, -t:])
+    raise ValueError(f"Unknown critic view {sees!r}; choose one of {SEES}.")
+
+
+def normalise_batch(values: Array, eps: float = 1e-6) -> Array:
+    """(values − mean) / std over the batch, the statistics held constant."""
+    mean = jax.lax.stop_gradient(jnp.mean(values))
+    std = jax.lax.stop_gradient(jnp.std(values))
+    return (values - mean) / (std + eps)
+
+
+def self_loss(
+    params: Params,
+    model_state: dict,
+    critic: Params,
+    tokens: Array,
+    key: PRNGKey,
+    *,
+    model: Transformer,
+    spec: Spec,
+) -> tuple[Array, tuple[dict, dict[str, Array]]]:
+    """The self-produced objective of θ = `params` on a batch of windows [B, T + 1].
+
+    In the heart's `inner_loss` signature: `critic` plays φ. For a live critic
+    (`spec.live_critic`) the critic is `params` itself and `critic` is ignored.
+
+    Returns:
+      `(objective, (model_state, {'pred_loss', 'train_ce'}))`; `train_ce` is the true
+      cross-entropy of the batch, a diagnostic that never enters the objective.
+    """
+    del key
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    logits, cache = model.apply({"params": params}, inputs)
+    critic = params if spec.live_critic else critic
+    if spec.signal == "scalar":
+        preds = prediction_inputs(logits, spec.path)
+        use_cache = cache if spec.layout == "shared_prefix" else None
+        values = loss_pass(model, critic, inputs, preds, output=spec.output, cache=use_cache)
+        objective = jnp.mean(normalise_batch(values) if spec.normalise else values)
+    else:
+        q = critic_targets(model, critic, tokens, spec.sees)
+        objective = jnp.mean(-jnp.sum(q * jax.nn.log_softmax(logits), -1))
+    ce = jax.lax.stop_gradient(jnp.mean(cross_entropy(logits, targets)))
+    return objective, (model_state, {"pred_loss": objective, "train_ce": ce})
+
+
+def true_loss(params: Params, model_state: dict, tokens: Array, key: PRNGKey, *, model) -> Array:
+    """The true next-token cross-entropy of a batch of windows [B, T + 1]."""
+    del model_state, key
+    logits, _ = model.apply({"params": params}, tokens[:, :-1])
+    return jnp.mean(cross_entropy(logits, tokens[:, 1:]))
+
+
+def monotonicity_penalty(predicted: Array, true: Array, margin: float = 0.0) -> Array:
+    """Pairwise ranking hinge over a batch: mean over pairs (i, j) with true_i > true_j of
+    relu(margin − (predicted_i − predicted_j)). Zero when the ranking agrees."""
+    diff_pred = predicted[:, None] - predicted[None, :]
+    order = jax.lax.stop_gradient(jnp.sign(true[:, None] - true[None, :]))
+    pairs = jnp.maximum(order, 0.0)
+    return jnp.sum(pairs * jax.nn.relu(margin - diff_pred)) / jnp.maximum(jnp.sum(pairs), 1.0)
+
+
+def outer_loss(
+    params: Params, model_state: dict, tokens: Array, key: PRNGKey, *, model, spec: Spec
+) -> Array:
+    """Phase 1's outer objective at θ': the true cross-entropy, plus the monotonicity
+    penalty of θ' as its own critic when `spec.monotonicity > 0`."""
+    del model_state, key
+    inputs = tokens[:, :-1]
+    logits, _ = model.apply({"params": params}, inputs)
+    per_seq = cross_entropy(logits, tokens[:, 1:])
+    loss = jnp.mean(per_seq)
+    if spec.monotonicity and spec.signal == "scalar":
+        preds = prediction_inputs(logits, spec.path)
+        values = loss_pass(model, params, inputs, preds, output=spec.output)
+        loss = loss + spec.monotonicity * monotonicity_penalty(values, per_seq)
+    return loss
+
+
+def routed(
+    optimizer: optax.GradientTransformation, frozen_group: str | None
+) -> optax.GradientTransformation:
+    """`optimizer` on every parameter outside `frozen_group` (a `param_groups` label),
+    whose updates are zero: how each loop updates only its own layers."""
+    if frozen_group is None:
+        return optimizer
+    return optax.multi_transform(
+        {"trunk": optimizer, "lm": optimizer, "loss": optimizer, "frozen": optax.set_to_zero()},
+        lambda p: jax.tree.map(lambda g: "frozen" if g == frozen_group else g, param_groups(p)),
+    )
+
+
+def meta_objective(
+    theta: Params,
+    tokens: Array,
+    keys: PRNGKey,
+    outer_tokens: Array,
+    outer_key: PRNGKey,
+    *,
+    model: Transformer,
+    spec: Spec,
+    inner_optimizer: optax.GradientTransformation,
+    estimator: str,
+    window: int,
+) -> tuple[Array, tuple[Params, dict[str, Array]]]:
+    """L_true(θ'(θ)) after K inner steps on the self-produced loss from θ.
+
+    θ enters twice: as the start of the unroll and as the critic (for K = 1 and any
+    critic, or for a live critic, the same function the inner loop of Phase 2 uses).
+
+    Args:
+      theta: the parameters.
+      tokens, keys: K inner batches [K, B, T + 1] and keys [K].
+      outer_tokens, outer_key: the outer batch.
+      estimator: 'unrolled' (through all K steps), 'first_order' (the heart's: the inner
+        gradient at stop_gradient(θ)), or 'truncated' (only the last `window` steps are
+        differentiated; the earlier ones enter with an identity Jacobian).
+      window: steps differentiated by 'truncated'.
+
+    Returns:
+      `(outer loss, (θ', inner metrics stacked over K))`.
+    """
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"Unknown estimator {estimator!r}; choose one of {ESTIMATORS}.")
+    num_steps = tokens.shape[0]
+    inner = functools.partial(self_loss, model=model, spec=spec)
+    outer = functools.partial(outer_loss, model=model, spec=spec)
+    state = init_inner_state(theta, inner_optimizer)
+    head_metrics = None
+    if estimator == "truncated":
+        if not 0 < window < num_steps:
+            raise ValueError(
+                f"estimator='truncated' differentiates the last meta.window steps of "
+                f"meta.inner_steps; the window ({window}) must be in [1, {num_steps})."
+            )
+        cut = num_steps - window
+        head, head_metrics = bilevel.unroll(
+            state, theta, tokens[:cut], keys[:cut], inner_loss=inner, optimizer=inner_optimizer
+        )
+        # Straight-through: forward value of the cut unroll, identity Jacobian to θ.
+        start = jax.tree.map(lambda p, q: p + jax.lax.stop_gradient(q - p), theta, head.params)
+        state = head.replace(params=start, opt_state=jax.lax.stop_gradient(head.opt_state))
+        tokens, keys = tokens[cut:], keys[cut:]
+    loss, (final, metrics) = bilevel.meta_loss(
+        theta,
+        state,
+        tokens,
+        keys,
+        outer_tokens,
+        outer_key,
+        inner_loss=inner,
+        outer_loss=outer,
+        optimizer=inner_optimizer,
+        estimator="first_order" if estimator == "first_order" else "unrolled",
+    )
+    if head_metrics is not None:
+        metrics = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), head_metrics, metrics)
+    return loss, (final.params, metrics)
+
+
+def interpolate(theta: Params, theta_prime: Params, tau: float) -> Params:
+    """(1 − τ)θ + τθ'."""
+    return jax.tree.map(lambda a, b: (1.0 - tau) * a + tau * b, theta, theta_prime)
+
+
+def ema(average: Params, params: Params, decay: float) -> Params:
+    """decay · average + (1 − decay) · params."""
+    return jax.tree.map(lambda a, p: decay * a + (1.0 - decay) * p, average, params)
+
+
+def spearman(x: Array, y: Array, valid: Array) -> Array:
+    """Spearman rank correlation of x and y [W] over the entries where `valid` [W] holds
+    (0 when fewer than 3 are valid or either is constant)."""
+    big = jnp.finfo(x.dtype).max
+
+    def ranks(v):
+        v = jnp.where(valid, v, big)  # invalid entries rank last and are masked below
+        return jnp.argsort(jnp.argsort(v)).astype(x.dtype)
+
+    n = jnp.sum(valid)
+    rx, ry = ranks(x), ranks(y)
+    mx = jnp.sum(jnp.where(valid, rx, 0.0)) / jnp.maximum(n, 1)
+    my = jnp.sum(jnp.where(valid, ry, 0.0)) / jnp.maximum(n, 1)
+    dx, dy = jnp.where(valid, rx - mx, 0.0), jnp.where(valid, ry - my, 0.0)
+    den = jnp.sqrt(jnp.sum(dx**2) * jnp.sum(dy**2))
+    return jnp.where((n >= 3) & (den > 0), jnp.sum(dx * dy) / jnp.where(den > 0, den, 1.0), 0.0)
