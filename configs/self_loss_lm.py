@@ -108,6 +108,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             "inner_steps": 1,
             "estimator": "unrolled",  # or "first_order" | "truncated"
             "window": 1,  # truncated: inner steps differentiated
+            "remat": False,  # recompute inner steps on the backward pass (memory for time)
             "tau": 0.1,
             "split": "train",  # the outer batch's split: or "validation"
         }

@@ -286,6 +286,7 @@ def meta_objective(
     inner_optimizer: optax.GradientTransformation,
     estimator: str,
     window: int,
+    remat: bool = False,
 ) -> tuple[Array, tuple[Params, dict[str, Array]]]:
     """L_true(θ'(θ)) after K inner steps on the self-produced loss from θ.
 
@@ -300,6 +301,7 @@ def meta_objective(
         gradient at stop_gradient(θ)), or 'truncated' (only the last `window` steps are
         differentiated; the earlier ones enter with an identity Jacobian).
       window: steps differentiated by 'truncated'.
+      remat: rematerialise each differentiated inner step on the backward pass.
 
     Returns:
       `(outer loss, (θ', inner metrics stacked over K))`.
@@ -336,6 +338,7 @@ def meta_objective(
         outer_loss=outer,
         optimizer=inner_optimizer,
         estimator="first_order" if estimator == "first_order" else "unrolled",
+        remat=remat,
     )
     if head_metrics is not None:
         metrics = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), head_metrics, metrics)

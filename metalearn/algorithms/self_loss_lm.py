@@ -252,6 +252,7 @@ class SelfLossLM:
             inner_optimizer=self.self_opt,
             estimator=c.meta.estimator,
             window=c.meta.window,
+            remat=c.meta.remat,
         )
         (loss, (theta_prime, inner)), grads = jax.value_and_grad(objective, has_aux=True)(
             state.params, tokens, keys, outer, key
