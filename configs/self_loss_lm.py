@@ -115,7 +115,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
     c.phase2 = ml_collections.ConfigDict({"steps": 400, "anchor_every": 0})
     c.detector = ml_collections.ConfigDict(
-        {"window": 10, "tolerance": 0.01, "action": "continue", "meta_steps": 50}
+        {
+            "window": 10,  # logged steps
+            "tolerance": 0.01,  # nats
+            "action": "continue",  # or "stop" | "rollback" | "meta"
+            "meta_steps": 50,  # action "meta": Phase 1 steps before Phase 2 resumes
+            "degrade_margin": 0.1,  # nats above the end of Phase 1: `steps_to_degrade`
+        }
     )
     c.diagnostics = ml_collections.ConfigDict({"val_windows": 64})
     c.eval = ml_collections.ConfigDict({"every": 100, "windows": 256})

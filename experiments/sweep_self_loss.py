@@ -4,7 +4,9 @@
         [--root=runs/self_loss_sweep] [--override=--config.phase2.steps=1000 ...]
 
 For each variant: `steps_to_hack` (Phase 2 steps until validation cross-entropy last
-improved before the detector fired; '—' if it never fired), the best and final
+improved before the detector fired; '—' if it never fired), the step of the detection,
+`steps_to_degrade` (Phase 2 steps until validation cross-entropy is 0.1 nats above its
+value at the end of Phase 1; '—' if never), that value, the best and final
 validation cross-entropy of the self-trained model in Phase 2, the final validation
 cross-entropy of the control trained on the true loss for the same steps, and the
 lowest and final predicted loss. Each variant runs in its own workdir under `--root`
@@ -32,6 +34,8 @@ _OVERRIDE = flags.DEFINE_multi_string("override", [], "--config.x=y passed to ev
 COLUMNS = (
     ("steps_to_hack", "steps to hack", "{}"),
     ("hack_detected_at", "detected at", "{}"),
+    ("steps_to_degrade", "steps to +0.1 nats", "{}"),
+    ("phase1_end_val_ce", "val CE, end of Phase 1", "{:.3f}"),
     ("best_val_ce", "best val CE", "{:.3f}"),
     ("final_val_ce", "final val CE", "{:.3f}"),
     ("control_final_val_ce", "control val CE", "{:.3f}"),
@@ -78,6 +82,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     from metalearn import plots
+    from metalearn.algorithms.self_loss_lm import steps_to_degrade
     from metalearn.runtime.metrics import read_metrics
 
     variants = [v.replace("+", ",") for v in (_VARIANTS.value or self_loss_lm.SWEEP)]
@@ -88,13 +93,17 @@ def main(argv):
         print(f"running {name} in {workdir}", flush=True)
         summaries[variant] = run_variant(name, workdir, _OVERRIDE.value)
         histories[variant] = read_metrics(workdir)
-    config = self_loss_lm.get_config(_SUFFIX.value or None)
-    for override in _OVERRIDE.value:
-        if override.startswith("--config.meta.steps="):
-            config.meta.steps = int(override.split("=", 1)[1])
+        with open(os.path.join(workdir, "config.json")) as f:
+            config = json.load(f)
+        # Recomputed from the history, so that runs finished by older code get it too.
+        summaries[variant]["steps_to_degrade"] = steps_to_degrade(
+            histories[variant],
+            config["meta"]["steps"],
+            config["detector"].get("degrade_margin", 0.1),
+        )
     plots.self_loss_curves(
         histories,
-        meta_steps=config.meta.steps,
+        meta_steps=config["meta"]["steps"],
         path=os.path.join(_ROOT.value, "plots", "sweep.png"),
     )
     print(table(summaries))

@@ -168,9 +168,9 @@ def self_loss_curves(
         ax.set_ylabel("predicted loss", color="tab:purple", fontsize=8)
         right = ax.twinx()
         right.plot(step, [r["true/val_ce"] for r in rows], color="tab:blue", label="val CE")
-        right.plot(
-            step, [r["control/val_ce"] for r in rows], color="tab:gray", ls=":", label="control"
-        )
+        control = [(r["step"], r["control/val_ce"]) for r in rows if r.get("phase") == 2]
+        if control:  # the control forks at the end of Phase 1
+            right.plot(*zip(*control, strict=True), color="tab:gray", ls=":", label="control")
         right.set_ylabel("true cross-entropy (nats)", fontsize=8)
         ax.axvline(meta_steps, color="k", ls="--", lw=0.8)
         hacked = [r["step"] for r in rows if r.get("diag/hacked")]

@@ -457,6 +457,7 @@ class SelfLossLM:
             "hack_detected_at": int(state.detector.detected_at) - start
             if int(state.detector.detected_at) >= 0
             else None,
+            "steps_to_degrade": steps_to_degrade(history, start, c.detector.degrade_margin),
             "phase2_steps": c.phase2.steps,
             "rollbacks": int(state.rollbacks),
             "test_ce": mean_std([test]),
@@ -479,3 +480,20 @@ class SelfLossLM:
             {"": rows}, meta_steps=start, path=os.path.join(workdir, "plots", "self_loss.png")
         )
         return summary
+
+
+def steps_to_degrade(history: list[dict], meta_steps: int, margin: float) -> int | None:
+    """Phase 2 steps until the logged validation cross-entropy first exceeds its value at
+    the end of Phase 1 by more than `margin` nats (None if it never does).
+
+    A second horizon beside `steps_to_hack`: the detector dates where improvement stopped,
+    which is step 0 for a critic that never improves the model; this dates how long the
+    model lasts before it is clearly worse than where self-training began.
+    """
+    rows = [r for r in history if "true/val_ce" in r and "phase" in r]
+    start = next((r["true/val_ce"] for r in rows if r["step"] == meta_steps), None)
+    if start is None:
+        return None
+    worse = (r["step"] for r in rows if r["phase"] == 2 and r["true/val_ce"] > start + margin)
+    step = next(worse, None)
+    return None if step is None else step - meta_steps
