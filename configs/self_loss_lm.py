@@ -26,6 +26,8 @@ Variants are comma-separated parts (`:frozen,hard,smoke`):
 `SWEEP` lists the variants `experiments.sweep_self_loss` runs.
 """
 
+import os
+
 import ml_collections
 
 SHARED_TFDS = "../shared/data/tfds"
@@ -175,8 +177,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                 "configs/self_loss_lm.py's docstring."
             )
     if "smoke" in parts:
-        if c.data.source == "tfds":
-            c.data.data_dir = c.data.data_dir or SHARED_TFDS
+        if c.data.source == "tfds" and not c.data.data_dir and os.path.isdir(SHARED_TFDS):
+            c.data.data_dir = SHARED_TFDS  # the project's machines: no download
             c.data.download = False
         layers = c.model.loss_layers + 1  # one shared block (+ the disjoint ones)
         c.model.update(

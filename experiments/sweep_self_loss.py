@@ -82,7 +82,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     from metalearn import plots
-    from metalearn.algorithms.self_loss_lm import steps_to_degrade
+    from metalearn.algorithms.self_loss_lm import phase2_summary
     from metalearn.runtime.metrics import read_metrics
 
     variants = [v.replace("+", ",") for v in (_VARIANTS.value or self_loss_lm.SWEEP)]
@@ -95,11 +95,13 @@ def main(argv):
         histories[variant] = read_metrics(workdir)
         with open(os.path.join(workdir, "config.json")) as f:
             config = json.load(f)
-        # Recomputed from the history, so that runs finished by older code get it too.
-        summaries[variant]["steps_to_degrade"] = steps_to_degrade(
-            histories[variant],
-            config["meta"]["steps"],
-            config["detector"].get("degrade_margin", 0.1),
+        # Recomputed from the history, so that runs finished by older code agree.
+        summaries[variant].update(
+            phase2_summary(
+                histories[variant],
+                config["meta"]["steps"],
+                config["detector"].get("degrade_margin", 0.1),
+            )
         )
     plots.self_loss_curves(
         histories,

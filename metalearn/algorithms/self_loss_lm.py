@@ -35,6 +35,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from metalearn import plots
@@ -447,39 +448,43 @@ class SelfLossLM:
 
     def finalize(self, state: SelfLossState, history: list[dict], workdir: str) -> dict:
         c = self.config
-        rows = [r for r in history if "self/pred_loss" in r]
-        phase2 = [r for r in rows if r["phase"] == 2]
         start = c.meta.steps
-        onset = int(state.detector.onset)
+        onset, detected = int(state.detector.onset), int(state.detector.detected_at)
         test = float(self._eval_ce(state.params, self.eval_windows["test"]))
         summary = {
             "steps_to_hack": onset - start if onset >= 0 else None,
-            "hack_detected_at": int(state.detector.detected_at) - start
-            if int(state.detector.detected_at) >= 0
-            else None,
-            "steps_to_degrade": steps_to_degrade(history, start, c.detector.degrade_margin),
+            "hack_detected_at": detected - start if detected >= 0 else None,
             "phase2_steps": c.phase2.steps,
             "rollbacks": int(state.rollbacks),
             "test_ce": mean_std([test]),
+            **phase2_summary(history, start, c.detector.degrade_margin),
         }
-        if phase2:
-            val = [r["true/val_ce"] for r in phase2]
-            summary.update(
-                {
-                    "phase1_end_val_ce": mean_std(
-                        [next(r["true/val_ce"] for r in rows if r["step"] == start)]
-                    ),
-                    "best_val_ce": mean_std([min(val)]),
-                    "final_val_ce": mean_std([val[-1]]),
-                    "control_final_val_ce": mean_std([phase2[-1]["control/val_ce"]]),
-                    "min_pred_loss": mean_std([min(r["self/pred_loss"] for r in phase2)]),
-                    "final_pred_loss": mean_std([phase2[-1]["self/pred_loss"]]),
-                }
-            )
+        rows = [r for r in history if "self/pred_loss" in r]
         plots.self_loss_curves(
             {"": rows}, meta_steps=start, path=os.path.join(workdir, "plots", "self_loss.png")
         )
         return summary
+
+
+def phase2_summary(history: list[dict], meta_steps: int, margin: float) -> dict:
+    """The numbers of a run's Phase 2 read from its logged rows (see `steps_to_degrade`);
+    predicted-loss figures skip anchor steps, which log the true loss they descend."""
+    rows = [r for r in history if "self/pred_loss" in r]
+    phase2 = [r for r in rows if r["phase"] == 2]
+    if not phase2:
+        return {}
+    val = [r["true/val_ce"] for r in phase2]
+    pred = [r["self/pred_loss"] for r in phase2 if not r["self/anchor"]] or [np.nan]
+    start = next(r["true/val_ce"] for r in rows if r["step"] == meta_steps)
+    return {
+        "steps_to_degrade": steps_to_degrade(history, meta_steps, margin),
+        "phase1_end_val_ce": mean_std([start]),
+        "best_val_ce": mean_std([min(val)]),
+        "final_val_ce": mean_std([val[-1]]),
+        "control_final_val_ce": mean_std([phase2[-1]["control/val_ce"]]),
+        "min_pred_loss": mean_std([min(pred)]),
+        "final_pred_loss": mean_std([pred[-1]]),
+    }
 
 
 def steps_to_degrade(history: list[dict], meta_steps: int, margin: float) -> int | None:
