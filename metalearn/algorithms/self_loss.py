@@ -222,7 +222,10 @@ def self_loss(
         values = loss_pass(model, critic, inputs, preds, output=spec.output, cache=use_cache)
         objective = jnp.mean(normalise_batch(values) if spec.normalise else values)
     else:
-        q = critic_targets(model, critic, tokens, spec.sees)
+        if spec.live_critic and spec.sees == "input":
+            q = jax.nn.softmax(logits)  # the critic's pass is this very pass
+        else:
+            q = critic_targets(model, critic, tokens, spec.sees)
         objective = jnp.mean(-jnp.sum(q * jax.nn.log_softmax(logits), -1))
     ce = jax.lax.stop_gradient(jnp.mean(cross_entropy(logits, targets)))
     return objective, (model_state, {"pred_loss": objective, "train_ce": ce})

@@ -306,9 +306,9 @@ class SelfLossLM:
 
         def descend(loss_fn):
             def run(_):
-                (value, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+                (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
                 updates, opt = self.self_opt.update(grads, state.inner_opt, state.params)
-                return optax.apply_updates(state.params, updates), opt, value, aux
+                return optax.apply_updates(state.params, updates), opt, aux
 
             return run
 
@@ -322,7 +322,7 @@ class SelfLossLM:
             ce = self._ce(p, tokens)
             return ce, {"pred_loss": ce, "train_ce": ce}
 
-        params, inner_opt, value, aux = jax.lax.cond(
+        params, inner_opt, aux = jax.lax.cond(
             anchor, descend(anchor_objective), descend(self_objective), None
         )
         params = jax.tree.map(lambda a, b: jnp.where(state.stopped, b, a), params, state.params)
