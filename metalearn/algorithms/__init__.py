@@ -4,6 +4,7 @@ import ml_collections
 
 from metalearn.algorithms.image_classification import ImageClassification
 from metalearn.algorithms.ml3_mnist_binary import MnistBinary
+from metalearn.algorithms.ml3_mountain_car import MountainCar
 from metalearn.algorithms.ml3_shaped_sine import ShapedSine
 from metalearn.algorithms.ml3_sine import SineRegression
 from metalearn.algorithms.self_loss_lm import SelfLossLM
@@ -12,6 +13,7 @@ EXPERIMENTS = {
     ("ml3", "sine"): SineRegression,
     ("ml3", "shaped_sine"): ShapedSine,
     ("ml3", "mnist_binary"): MnistBinary,
+    ("ml3", "mountain_car"): MountainCar,
     ("baseline", "image_classification"): ImageClassification,
     ("ml3", "image_classification"): ImageClassification,
     ("adalfl", "image_classification"): ImageClassification,
@@ -37,6 +39,7 @@ __all__ = [
     "EXPERIMENTS",
     "ImageClassification",
     "MnistBinary",
+    "MountainCar",
     "SelfLossLM",
     "ShapedSine",
     "SineRegression",
