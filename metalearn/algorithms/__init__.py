@@ -5,6 +5,7 @@ import ml_collections
 from metalearn.algorithms.image_classification import ImageClassification
 from metalearn.algorithms.ml3_mnist_binary import MnistBinary
 from metalearn.algorithms.ml3_mountain_car import MountainCar
+from metalearn.algorithms.ml3_reacher_demos import ReacherDemos
 from metalearn.algorithms.ml3_shaped_sine import ShapedSine
 from metalearn.algorithms.ml3_sine import SineRegression
 from metalearn.algorithms.self_loss_lm import SelfLossLM
@@ -14,6 +15,7 @@ EXPERIMENTS = {
     ("ml3", "shaped_sine"): ShapedSine,
     ("ml3", "mnist_binary"): MnistBinary,
     ("ml3", "mountain_car"): MountainCar,
+    ("ml3", "reacher_demos"): ReacherDemos,
     ("baseline", "image_classification"): ImageClassification,
     ("ml3", "image_classification"): ImageClassification,
     ("adalfl", "image_classification"): ImageClassification,
@@ -40,6 +42,7 @@ __all__ = [
     "ImageClassification",
     "MnistBinary",
     "MountainCar",
+    "ReacherDemos",
     "SelfLossLM",
     "ShapedSine",
     "SineRegression",

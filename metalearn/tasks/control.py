@@ -43,7 +43,8 @@ def rollout(
     def body(state, _):
         state = maybe_detach(state)
         action = policy(state)
-        return step(state, action), (state, action)
+        # Detached, the next state is cut from the graph anyway: skip differentiating `step`.
+        return step(state, maybe_detach(action)), (state, action)
 
     final, (states, actions) = jax.lax.scan(body, state0, None, length=horizon)
     return jnp.concatenate([states, maybe_detach(final)[None]]), actions
