@@ -182,13 +182,21 @@ def arm_step(arm: Arm, state: Array, u: Array, dt: float, substeps: int = 1) -> 
         return jnp.concatenate([qd, forward_dynamics(arm, q, qd, u)])
 
     h = dt / substeps
+    # RK4's four stages as a scan over (stage offset, weight): the dynamics are traced once,
+    # not four times, which cuts compilation (and that of every derivative) about fourfold.
+    offsets = jnp.asarray([0.0, 0.5, 0.5, 1.0], state.dtype)
+    weights = jnp.asarray([1.0, 2.0, 2.0, 1.0], state.dtype) / 6.0
 
     def rk4(s, _):
-        k1 = deriv(s)
-        k2 = deriv(s + 0.5 * h * k1)
-        k3 = deriv(s + 0.5 * h * k2)
-        k4 = deriv(s + h * k3)
-        return s + h / 6.0 * (k1 + 2 * k2 + 2 * k3 + k4), None
+        def stage(carry, coefficients):
+            k, total = carry
+            offset, weight = coefficients
+            k = deriv(s + offset * h * k)
+            return (k, total + weight * k), None
+
+        zero = jnp.zeros_like(s)
+        (_, total), _ = jax.lax.scan(stage, (zero, zero), (offsets, weights))
+        return s + h * total, None
 
     return jax.lax.scan(rk4, state, None, length=substeps)[0]
 
