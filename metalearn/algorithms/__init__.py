@@ -3,6 +3,7 @@
 import ml_collections
 
 from metalearn.algorithms.image_classification import ImageClassification
+from metalearn.algorithms.ml3_inverse_dynamics import InverseDynamics
 from metalearn.algorithms.ml3_mnist_binary import MnistBinary
 from metalearn.algorithms.ml3_mountain_car import MountainCar
 from metalearn.algorithms.ml3_reacher_demos import ReacherDemos
@@ -16,6 +17,7 @@ EXPERIMENTS = {
     ("ml3", "mnist_binary"): MnistBinary,
     ("ml3", "mountain_car"): MountainCar,
     ("ml3", "reacher_demos"): ReacherDemos,
+    ("ml3", "inverse_dynamics"): InverseDynamics,
     ("baseline", "image_classification"): ImageClassification,
     ("ml3", "image_classification"): ImageClassification,
     ("adalfl", "image_classification"): ImageClassification,
@@ -40,6 +42,7 @@ def make(config: ml_collections.ConfigDict, **kwargs):
 __all__ = [
     "EXPERIMENTS",
     "ImageClassification",
+    "InverseDynamics",
     "MnistBinary",
     "MountainCar",
     "ReacherDemos",
