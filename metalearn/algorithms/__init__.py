@@ -4,6 +4,7 @@ import ml_collections
 
 from metalearn.algorithms.image_classification import ImageClassification
 from metalearn.algorithms.ml3_inverse_dynamics import InverseDynamics
+from metalearn.algorithms.ml3_mbrl import ModelBasedRL
 from metalearn.algorithms.ml3_mnist_binary import MnistBinary
 from metalearn.algorithms.ml3_mountain_car import MountainCar
 from metalearn.algorithms.ml3_reacher_demos import ReacherDemos
@@ -15,9 +16,10 @@ EXPERIMENTS = {
     ("ml3", "sine"): SineRegression,
     ("ml3", "shaped_sine"): ShapedSine,
     ("ml3", "mnist_binary"): MnistBinary,
-    ("ml3", "mountain_car"): MountainCar,
     ("ml3", "reacher_demos"): ReacherDemos,
     ("ml3", "inverse_dynamics"): InverseDynamics,
+    ("ml3", "mbrl"): ModelBasedRL,
+    ("ml3", "mountain_car"): MountainCar,
     ("baseline", "image_classification"): ImageClassification,
     ("ml3", "image_classification"): ImageClassification,
     ("adalfl", "image_classification"): ImageClassification,
@@ -45,6 +47,7 @@ __all__ = [
     "InverseDynamics",
     "MnistBinary",
     "MountainCar",
+    "ModelBasedRL",
     "ReacherDemos",
     "SelfLossLM",
     "ShapedSine",

@@ -1,0 +1,132 @@
+"""The shared builder of the ML³ model-based RL configs (Fig. 3): `mbrl_config(env, arg)`.
+
+Fields (protocol in `metalearn/algorithms/ml3_mbrl.py`):
+  env, horizon: the environment (it fixes the start state) and the rollout length.
+  features: fixed scales dividing the learned loss's inputs (positions, states; actions
+    are divided by the environment's action scale).
+  policy.hidden: the policy MLP's hidden widths (tanh), fresh per goal and episode.
+  dynamics: the ensemble (members, hidden, activation, Adam optimizer, minibatch), the
+    ring buffer's capacity, exploration (init_rollouts before meta-training, then
+    explore_rollouts and the current policies' rollouts with policy_noise every
+    refit_every meta iterations, each followed by refit_steps Adam steps).
+  data: goals_per_step per meta iteration, from train_region (a box, or an annulus in
+    polar (radius, angle)), or from num_train_goals fixed goals per seed when > 0.
+  inner: the policy optimizer (shared by every meta-test method) and episode_length.
+  meta: φ's optimizer, the gradient estimator, window, meta iterations.
+  eval: meta-test goals (num_goals from the train region and from test_region),
+    test_steps updates, early_step for the "speeds up learning" number, the step-size
+    factors tried for the task-loss baselines, model_error_rollouts, and reference: whether
+    to add the task loss through the true simulator (an upper bound the paper lacks).
+"""
+
+import ml_collections
+
+from metalearn.losses.learned import default_loss_net_config
+
+ENVS = ("pointmass", "reacher")
+
+
+def mbrl_config(env: str, arg: str | None = None) -> ml_collections.ConfigDict:
+    """The full config for `env`, or its `smoke` variant."""
+    c = ml_collections.ConfigDict()
+    c.algorithm = "ml3"
+    c.task = "mbrl"
+    c.env = env
+    c.seeds = (0, 1, 2)
+
+    c.loss_net = default_loss_net_config()
+    c.loss_net.hidden = (40, 40)
+    c.loss_net.activation = "elu"
+    c.loss_net.output_activation = "identity"
+    c.loss_net.output_wise = False  # one row per time step: (goal, position, state, action, t)
+
+    c.policy = ml_collections.ConfigDict({"hidden": (32,)})
+    c.dynamics = ml_collections.ConfigDict(
+        {
+            "members": 5,
+            "hidden": (32, 32),
+            "activation": "elu",
+            "optimizer": {"name": "adam", "lr": 3e-3},
+            "batch_size": 128,
+            "capacity": 20_000,
+            "init_rollouts": 64,
+            "init_fit_steps": 1000,
+            "explore_rollouts": 8,
+            "explore_noise": 0.3,  # × action scale, around a random constant action
+            "policy_noise": 0.2,  # × action scale
+            "refit_every": 10,
+            "refit_steps": 100,
+        }
+    )
+    c.data = ml_collections.ConfigDict({"goals_per_step": 8, "num_train_goals": 0})
+    c.inner = ml_collections.ConfigDict({"episode_length": 10})
+    c.meta = ml_collections.ConfigDict(
+        {
+            "optimizer": {"name": "adam", "lr": 1e-3},
+            "estimator": "truncated",
+            "window": 1,
+            "remat": False,
+            "steps": 300,
+        }
+    )
+    c.eval = ml_collections.ConfigDict(
+        {
+            "every": 50,
+            "num_goals": 10,
+            "test_steps": 20,
+            "early_step": 3,
+            "baseline_lr_factors": (0.1, 0.3, 1.0, 3.0, 10.0),
+            "model_error_rollouts": 16,
+            "reference": True,  # also the task loss through the true simulator (upper bound)
+        }
+    )
+    c.log_every = 1
+    c.checkpoint_every = 100
+
+    if env == "pointmass":
+        c.horizon = 20
+        c.features = ml_collections.ConfigDict(
+            {"position_scale": 1.0, "state_scale": (1.0, 1.0, 1.0, 1.0)}
+        )
+        # Fig. 3a: meta-train in the quadrant x > 0, y > 0, meta-test in x < 0, y > 0.
+        c.data.train_region = {"kind": "box", "low": (0.2, 0.2), "high": (1.0, 1.0)}
+        c.eval.test_region = {"kind": "box", "low": (-1.0, 0.2), "high": (-0.2, 1.0)}
+        c.inner.optimizer = {"name": "sgd", "lr": 0.1}
+    elif env == "reacher":
+        c.horizon = 20
+        c.features = ml_collections.ConfigDict(
+            {"position_scale": 0.2, "state_scale": (3.0, 3.0, 10.0, 10.0)}
+        )
+        # Several fixed training goals in the reachable workspace; test goals are new.
+        c.data.train_region = {"kind": "annulus", "low": (0.08, -3.1416), "high": (0.2, 3.1416)}
+        c.data.num_train_goals = 8
+        c.eval.num_goals = 8  # the 8 training goals, and 8 new ones
+        # The true-simulator reference differentiates through the arm's RK4 step, whose
+        # forces are themselves derivatives (M(q) by jacfwd, Coriolis by a JVP): a third-order
+        # graph that takes minutes to compile on a small CPU. Off by default here.
+        c.eval.reference = False
+        c.eval.test_region = {"kind": "annulus", "low": (0.08, -3.1416), "high": (0.2, 3.1416)}
+        c.inner.optimizer = {"name": "sgd", "lr": 1.0}
+    else:
+        raise ValueError(f"Unknown environment {env!r}; choose one of {ENVS}.")
+
+    if arg == "smoke":
+        c.seeds = (0, 1)
+        c.meta.steps = 6
+        c.inner.episode_length = 2
+        c.data.goals_per_step = 2
+        c.dynamics.init_rollouts = 8
+        c.dynamics.init_fit_steps = 20
+        c.dynamics.refit_every = 3
+        c.dynamics.refit_steps = 5
+        c.dynamics.capacity = 1000
+        c.eval.every = 3
+        c.eval.num_goals = 2
+        c.eval.test_steps = 4
+        c.eval.early_step = 2
+        c.eval.model_error_rollouts = 2
+        c.eval.reference = False  # its graph dominates the arm's compile time
+        c.checkpoint_every = 3
+    elif arg:
+        raise ValueError(f"Unknown variant {arg!r} of ml3_mbrl_{env}; known: 'smoke'.")
+    return c
