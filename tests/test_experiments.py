@@ -196,3 +196,17 @@ def test_unknown_config_key_and_variant_are_rejected_clearly():
     assert "Unknown config key 'meta.lrr'" in proc.stderr and "optimizer" in proc.stderr
     proc = run_cli("--config=configs/ml3_sine.py:nope")
     assert proc.returncode != 0 and "Unknown variant 'nope'" in proc.stderr
+
+
+def test_control_reproduction_table_has_a_column_per_method():
+    from experiments.reproduce_control import table
+
+    summary = {
+        "test/final": {"ml3": {"mean": 0.1, "std": 0.02}, "bc": {"mean": 0.3, "std": 0.1}},
+        "test/initial": {"mean": 0.9, "std": 0.0},
+        "seeds": [0, 1, 2],
+    }
+    lines = table(summary).splitlines()
+    assert lines[0] == "| quantity | ml3 | bc | value |"
+    assert lines[2] == "| test/final | 0.1 ± 0.02 | 0.3 ± 0.1 |  |"
+    assert lines[3] == "| test/initial |  |  | 0.9 ± 0 |"
