@@ -16,7 +16,7 @@ Every field is described in configs/_mbrl.py, the protocol in
 metalearn/algorithms/ml3_mbrl.py.
 
 Runtime: about 6 minutes on a 2-core CPU shared with other jobs (about 1.5 min of CPU
-time; most of it compilation); the smoke variant compiles for a minute or more.
+time; most of it compilation); the smoke variant about 20 s.
 """
 
 import ml_collections

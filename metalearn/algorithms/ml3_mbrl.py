@@ -61,6 +61,8 @@ from metalearn.types import Array, Params, PRNGKey
 
 ENVS = {"pointmass": dynamics.pointmass_env, "reacher": dynamics.reacher_env}
 GOAL_SETS = ("train_goals", "test_goals")
+# XLA options of `jax_disable_most_optimizations`, for compile-bound runs (`fast_compile`).
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 LABELS = {
     "ml3": "ML³ loss (real rollouts, no model)",
     "task_model": "task loss through the learned model",
@@ -230,10 +232,6 @@ def collect(step, policy, state0: Array, noise: Array, action_scale: float):
     return transitions
 
 
-def _step_on_constant_action(step, state: Array, action: Array) -> Array:
-    return step(state, jax.lax.stop_gradient(action))
-
-
 @flax.struct.dataclass
 class MBRLState:
     """Per seed: φ (with its optimizer), the dynamics ensemble, its optimizer, the buffer."""
@@ -272,10 +270,16 @@ class ModelBasedRL:
         # The true-simulator reference costs a third-order graph for the arm (slow to compile).
         self.task_methods = ("task_model", "task_true") if c.eval.reference else ("task_model",)
         self.methods = ("ml3", *self.task_methods)
-        self.train_chunk = jax.jit(self._train_chunk, static_argnums=2)
-        self._meta_test_jit = jax.jit(self._meta_test_all)
-        self._model_error_jit = jax.jit(self._model_errors)
-        self.init = jax.jit(self.init)
+        # The seed keys are an argument of every jitted function, not a closed-over constant.
+        # `fast_compile` (the smoke variants, whose time is compilation): skip most of XLA's
+        # optimisations, as tests/conftest.py's fixture does, but only for these functions.
+        jit = functools.partial(
+            jax.jit, compiler_options=FAST_COMPILE if c.get("fast_compile", False) else None
+        )
+        self._train_chunk_jit = jit(self._train_chunk, static_argnums=3)
+        self._meta_test_jit = jit(self._meta_test_all)
+        self._model_error_jit = jit(self._model_errors)
+        self._init_jit = jit(jax.vmap(self._init_one))
 
     # -- policies, rollouts, losses --
 
@@ -290,12 +294,11 @@ class ModelBasedRL:
         return functools.partial(ensemble_step, self.dyn_net, model)
 
     def rollout(self, step, params: Params, *, detach_states: bool):
-        """(states [T+1, S], actions [T, A]) of π_θ under `step` from the start state."""
-        if detach_states:
-            # The states are data here, so the step needs no derivative at all: cutting the
-            # action's gradient into it changes no value or gradient but spares compiling
-            # (and running) the JVP of the dynamics (third order for the arm).
-            step = functools.partial(_step_on_constant_action, step)
+        """(states [T+1, S], actions [T, A]) of π_θ under `step` from the start state.
+
+        With `detach_states`, `control.rollout` also cuts the action's gradient into the
+        step, so the dynamics are never differentiated (no JVP of the arm's RK4 to compile).
+        """
         return control.rollout(
             step,
             functools.partial(self.policy, params),
@@ -338,7 +341,12 @@ class ModelBasedRL:
         return final_distance(self.env.position(states[-1]), goal)
 
     def real_distance(self, params: Params, goal: Array) -> Array:
-        return jax.lax.stop_gradient(self.task_loss(self.env.step, params, goal))
+        """Final distance of the real rollout of π_θ, a metric: never differentiated.
+
+        θ is detached on the way in (not only the result on the way out), so that under a
+        `grad` (it is traced inside the inner loss's aux) no JVP of the simulator is traced.
+        """
+        return self.task_loss(self.env.step, jax.lax.stop_gradient(params), goal)
 
     # -- goals --
 
@@ -461,7 +469,7 @@ class ModelBasedRL:
         return self.fit_model(state, jax.random.fold_in(seed_key, 4), c.dynamics.init_fit_steps)
 
     def init(self) -> MBRLState:
-        return jax.vmap(self._init_one)(self.seed_keys)
+        return self._init_jit(self.seed_keys)
 
     # -- meta-training --
 
@@ -518,11 +526,14 @@ class ModelBasedRL:
         state = jax.lax.cond((step + 1) % c.dynamics.refit_every == 0, refit, lambda s: s, state)
         return state, metrics
 
-    def _train_chunk(self, state, start, num):
+    def train_chunk(self, state: MBRLState, start: int, num: int):
+        return self._train_chunk_jit(state, self.seed_keys, start, num)
+
+    def _train_chunk(self, state, seed_keys, start, num):
         per_seed = jax.vmap(self._step_one, in_axes=(0, 0, None))
 
         def body(state, step):
-            return per_seed(state, self.seed_keys, step)
+            return per_seed(state, seed_keys, step)
 
         return jax.lax.scan(body, state, start + jnp.arange(num))
 
@@ -579,21 +590,21 @@ class ModelBasedRL:
             out[method] = jax.vmap(per_factor)(self.lr_factors)
         return out
 
-    def _meta_test_all(self, state: MBRLState):
+    def _meta_test_all(self, state: MBRLState, seed_keys: PRNGKey):
         """Every seed and every goal set at once (sets concatenated along the goal axis)."""
 
         def one(state, seed_key):
             goals = jnp.concatenate(list(self.eval_goals(seed_key).values()))
             return self._meta_test_goals(state, seed_key, goals)
 
-        return jax.vmap(one)(state, self.seed_keys)
+        return jax.vmap(one)(state, seed_keys)
 
     def meta_test(self, state: MBRLState):
         """{goal set: {'ml3': [S, N, K+1], 'ml3_states': [S, N, T+1, S'], '<method>':
         [S, N, K+1] at step-size factor 1, '<method>_best_lr': [S, N, K+1] at the factor
         with the best mean final distance on these goals (per seed), '<method>_factor':
         that factor [S]}} for the task-loss methods, as numpy arrays."""
-        results = jax.device_get(self._meta_test_jit(state))
+        results = jax.device_get(self._meta_test_jit(state, self.seed_keys))
         n = self.config.eval.num_goals
         factors = np.asarray(self.config.eval.baseline_lr_factors)
         one = list(factors).index(1.0)
@@ -616,11 +627,11 @@ class ModelBasedRL:
         for name, res in self.meta_test(state).items():
             for method in self.methods:
                 out[f"eval/final_distance/{method}/{name}"] = res[method][..., -1].mean(-1)
-        out["eval/model_error"] = self._model_error_jit(state.model)
+        out["eval/model_error"] = self._model_error_jit(state.model, self.seed_keys)
         return out
 
-    def _model_errors(self, models):
-        keys = jax.vmap(lambda k: jax.random.fold_in(k, 23))(self.seed_keys)
+    def _model_errors(self, models, seed_keys):
+        keys = jax.vmap(lambda k: jax.random.fold_in(k, 23))(seed_keys)
         return jax.vmap(self.model_error)(models, keys)
 
     # -- finalize --
@@ -628,7 +639,7 @@ class ModelBasedRL:
     def finalize(self, state, history, workdir):
         c = self.config
         results = self.meta_test(state)
-        model_error = np.asarray(self._model_error_jit(state.model))
+        model_error = np.asarray(self._model_error_jit(state.model, self.seed_keys))
         phis = jax.device_get(state.meta.params)
         for i, seed in enumerate(c.seeds):
             learned_losses.save_learned_loss(
