@@ -44,9 +44,15 @@ def test_bc_loss_is_zero_for_the_experts_own_actions(experiment):
         del goal
         return demo["actions"][jnp.argmin(jnp.sum((demo["states"][:-1] - state[None]) ** 2, -1))]
 
-    assert float(experiment.bc_loss(expert, demo)) == pytest.approx(0.0, abs=1e-10)
     offset = jnp.array([0.01, -0.02])
-    shifted = float(experiment.bc_loss(lambda s, g: expert(s, g) + offset, demo))
+    exact, shifted = jax.jit(
+        lambda d: (
+            experiment.bc_loss(expert, d),
+            experiment.bc_loss(lambda s, g: expert(s, g) + offset, d),
+        )
+    )(demo)
+    assert float(exact) == pytest.approx(0.0, abs=1e-10)
+    shifted = float(shifted)
     expected = float(jnp.sum((offset / experiment.env.action_scale) ** 2))
     assert shifted == pytest.approx(expected, rel=1e-4)
 
@@ -60,13 +66,17 @@ def test_inner_gradient_flows_through_the_actions_only(experiment):
     def inner(p):
         return experiment.learned_inner_loss(p, {}, phi, {"goal": goal}, None)[0]
 
-    states, _ = jax.jit(experiment.rollout)(params, goal)
+    @jax.jit  # one compiled program for both gradients
+    def both(params):
+        states = jax.lax.stop_gradient(experiment.rollout(params, goal)[0])
 
-    def with_fixed_states(p):
-        actions = jax.vmap(lambda s: experiment.act(p, s, goal))(states[:-1])
-        return experiment.loss_fn(phi, *experiment.loss_inputs(states, actions, goal))
+        def with_fixed_states(p):
+            actions = jax.vmap(lambda s: experiment.act(p, s, goal))(states[:-1])
+            return experiment.loss_fn(phi, *experiment.loss_inputs(states, actions, goal))
 
-    got, want = jax.jit(jax.grad(inner))(params), jax.jit(jax.grad(with_fixed_states))(params)
+        return jax.grad(inner)(params), jax.grad(with_fixed_states)(params)
+
+    got, want = both(params)
     chex.assert_trees_all_close(got, want, rtol=1e-4, atol=1e-7)
     assert float(jnp.abs(jax.flatten_util.ravel_pytree(got)[0]).max()) > 0
 

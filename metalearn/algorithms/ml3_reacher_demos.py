@@ -30,6 +30,20 @@ a policy towards an expert, and is then used alone to train policies for new tar
   targets is reported as an oracle.
 
 The state holds φ with a leading seed axis; targets and seeds run under `vmap`.
+
+Tuning the learned loss (5 seeds, mean ± std of the mean distance to the 8 test / 4
+training targets after 30 updates; BC is 0.064 ± 0.026 / 0.050 ± 0.035 m and did not
+change, as its optimizer and number of updates were kept):
+- ReLU loss net, episodes of 10 inner steps, 300 meta iterations: 0.050 ± 0.006 /
+  0.028 ± 0.008 m; the distance plateaus after ~5 updates.
+- + the goal-relative offset (g − x_t) as an input (`loss_inputs.offset`): 0.054 / 0.031.
+- episodes of 30 inner steps (the meta-test horizon): 0.050 ± 0.010 / 0.022 ± 0.004,
+  at three times the cost.
+- ELU loss net: 0.041 ± 0.004 / 0.028; with 30-step episodes 0.038 ± 0.005 / 0.017;
+  with 1000 meta iterations of 10 steps 0.038 ± 0.003 / 0.018 ± 0.003 (the default);
+  adding the offset to that: 0.039 ± 0.002 / 0.021.
+None brings new targets within the experts' few millimetres: the loss generalises from
+4 demonstrated targets no better than ~4 cm, though it gets there in far fewer updates.
 """
 
 import os
@@ -51,6 +65,7 @@ from metalearn.tasks import control, dynamics
 from metalearn.types import Array, Params
 
 NUM_EXTRA = 9  # cos q (2), sin q (2), q̇ (2), action (2), t/T
+NUM_OFFSET = 2  # (g − x_t) / reach, with `loss_inputs.offset`
 
 
 def expert_demos(env: dynamics.Env, goals: Array, horizon: int, cost) -> dict[str, Array]:
@@ -134,6 +149,7 @@ class ReacherDemos:
         self.inner_opt = make_optimizer(c.inner.optimizer, differentiated=True)
         self.meta_opt = make_optimizer(c.meta.optimizer)
         self.loss_fn = learned_losses.learned_loss_fn(c.loss_net)
+        self.num_extra = NUM_EXTRA + (NUM_OFFSET if c.loss_inputs.offset else 0)
         self.train_goals = jnp.asarray(c.data.train_targets, jnp.float32)
         self.test_goals = jnp.asarray(c.data.test_targets, jnp.float32)
         experts = expert_demos(
@@ -169,15 +185,8 @@ class ReacherDemos:
 
     def rollout(self, params: Params, goal: Array, *, detach_states: bool = False):
         """(states [T + 1, S], actions [T, A]) of π_θ(·, g) from the start state."""
-        # With detached states the next state cannot carry a gradient anyway; detaching the
-        # action the dynamics see as well keeps AD out of the simulator entirely.
-        step = (
-            (lambda s, a: self.env.step(s, jax.lax.stop_gradient(a)))
-            if detach_states
-            else self.env.step
-        )
         return control.rollout(
-            step,
+            self.env.step,
             lambda s: self.act(params, s, goal),
             self.env.initial_state(),
             self.horizon,
@@ -206,6 +215,8 @@ class ReacherDemos:
             axis=-1,
         )
         y = jnp.broadcast_to(goal / self.reach, x.shape)
+        if self.config.loss_inputs.offset:
+            extra = jnp.concatenate([extra, y - x], axis=-1)
         return y, x, extra
 
     def learned_inner_loss(self, params, model_state, phi, batch, key):
@@ -260,7 +271,7 @@ class ReacherDemos:
 
     def _init_one(self, seed_key):
         phi = learned_losses.init_learned_loss(
-            self.config.loss_net, jax.random.fold_in(seed_key, 1), 2, NUM_EXTRA
+            self.config.loss_net, jax.random.fold_in(seed_key, 1), 2, self.num_extra
         )
         return init_meta_state(phi, self.meta_opt)
 
