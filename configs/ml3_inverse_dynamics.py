@@ -8,16 +8,26 @@
 A Deep Lagrangian inertia network M_θ(q) (2×32 softplus) with analytical bias forces is
 trained on 32 points of one trajectory per task, for the 2-link ReacherGoal arm and a
 7-link Sawyer stand-in in one run, with MSE, ML³ (MSE task loss) and ML³ shaped by the
-simulator's M(q). Learned loss 2→40→40→1 (ReLU, Softplus output) on the z-scored torques
-(u, û), output-wise over joints; inner Adam lr 3e-3 (the best of {3e-3, 1e-2} for the MSE
-baseline; SGD diverges on the Sawyer); meta Adam lr 3e-3; 30 episodes of fresh θ on 2
-pool trajectories, 100 inner steps each with a meta update after every step (truncated,
-window 1), as the public ML³ code does. Meta-test: 100 steps on 8 new trajectories per
-seed, 5 seeds.
+simulator's M(q). Learned loss 2→40→40→1 (ELU hidden, identity output) on the z-scored
+torques (u, û), output-wise over joints; inner Adam lr 3e-3 (the best of {3e-3, 1e-2} for
+the MSE baseline; SGD diverges on the Sawyer), the same optimizer and number of steps for
+every loss; meta Adam lr 3e-3; 50 episodes of fresh θ on 2 pool trajectories, 100 inner
+steps each with a meta update after every step (truncated, window 1), as the public ML³
+code does. Meta-test: 100 steps on 8 new trajectories per seed, 5 seeds.
 
-Runtime: 4 min of CPU time (242 s user) on a 2-core CPU; 17 min wall when the machine
-was shared with three other jobs. The smoke variant: about 80 s of CPU time, mostly
-compilation of the simulator's nested derivatives and the second-order meta step.
+Why not ML³'s ReLU + Softplus loss network: its random initial loss drives the first
+episodes' θ far off (torque MSE ~10³-10⁶), and the meta-gradient's cheapest cure is to
+shrink the loss until Adam's ε swamps its gradient, so θ stops moving; a Softplus output
+saturates on the way (loss ~1e-30 everywhere), its gradient vanishes and φ can never
+recover (seed 4 of the first version: both learned losses dead on both arms). An identity
+output cannot saturate and ELU units cannot die, so a shrunken loss keeps an O(1)
+meta-gradient. Tried and not kept: ELU + Softplus output (still collapses on several
+seeds), episodes of 25 steps ×200 (generalises to the 100-step meta-test, no better and
+noisier than 100 steps ×50 at the same cost).
+
+Runtime: about 5 min of CPU time on a 2-core CPU (shared machine: ~15 min wall). The smoke
+variant: about 65 s of CPU time, mostly compilation of the simulator's nested derivatives
+and the second-order meta step.
 """
 
 import ml_collections
@@ -36,6 +46,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict({"hidden": (32, 32), "activation": "softplus", "eps": 1e-3})
     c.loss_net = default_loss_net_config()
+    c.loss_net.activation = "elu"  # ELU units cannot die (see the module docstring)
+    c.loss_net.output_activation = "identity"  # a Softplus output saturates and kills ℓ_φ
 
     c.data = ml_collections.ConfigDict(
         {
@@ -64,7 +76,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             "estimator": "truncated",
             "window": 1,
             "remat": False,
-            "steps": 30,  # meta iterations (episodes), each with episode_length meta updates
+            "steps": 50,  # meta iterations (episodes), each with episode_length meta updates
         }
     )
     c.eval = ml_collections.ConfigDict({"every": 10, "num_tasks": 8, "test_steps": 100})

@@ -1,7 +1,5 @@
 """ML³ inverse dynamics: the DeLaN inertia, the data, the losses and a tiny experiment."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,6 +15,7 @@ from metalearn.algorithms.ml3_inverse_dynamics import (
     shaping_loss,
     sinusoids,
 )
+from metalearn.losses import learned as learned_losses
 from metalearn.models.inertia import InertiaNet, cholesky_to_inertia, predicted_torque
 from metalearn.runtime.loop import train_and_evaluate
 from metalearn.state import init_inner_state
@@ -27,11 +26,12 @@ from metalearn.tasks import dynamics
 def test_inertia_is_symmetric_positive_definite_for_any_theta(float64, num_joints):
     q = jax.random.uniform(jax.random.key(1), (16, num_joints), minval=-4.0, maxval=4.0)
     net = InertiaNet(num_joints, hidden=(16,), eps=1e-3)
+    init, apply = jax.jit(net.init), jax.jit(net.apply)  # compiled once, not op by op
     for seed in range(3):
-        params = net.init(jax.random.key(seed), q)
+        params = init(jax.random.key(seed), q)
         # Large and negative weights too: the softplus diagonal must keep M definite.
         params = jax.tree.map(lambda x, s=seed: x * (1.0 + 10.0 * s) * (-1) ** s, params)
-        inertia = net.apply(params, q)
+        inertia = apply(params, q)
         np.testing.assert_allclose(inertia, jnp.swapaxes(inertia, -1, -2), atol=1e-12)
         assert np.all(np.linalg.eigvalsh(np.asarray(inertia)) >= 1e-3 * (1 - 1e-6))
 
@@ -150,25 +150,28 @@ def test_the_two_task_losses_read_what_they_should_and_give_finite_meta_gradient
 
     phi = jax.tree.map(lambda x: x[0, 0], experiment.init()["reacher"].params)
     state = init_inner_state(params, experiment.inner_opt)
-    grads = {}
-    for name, outer in (("mse", mse_loss), ("shaped", shaped_loss)):
+
+    @jax.jit
+    @jax.vmap
+    def meta_grad(shaped):  # both task losses in one compiled program
         # Two inner steps so that Adam's update depends on the gradient's size, not its sign.
-        _, grads[name], _, _ = jax.jit(
-            functools.partial(
-                bilevel.meta_grad,
-                inner_loss=experiment.inner_loss(problem),
-                outer_loss=outer,
-                optimizer=experiment.inner_opt,
-                estimator="unrolled",
-            )
-        )(
+        return bilevel.meta_grad(
             phi,
             state,
             ml3.repeat(train, 2),
             jax.random.split(key, 2),
             heldout,
             key,
-        )
+            inner_loss=experiment.inner_loss(problem),
+            outer_loss=experiment.outer_loss(problem, shaped),
+            optimizer=experiment.inner_opt,
+            estimator="unrolled",
+        )[1]
+
+    both = meta_grad(jnp.asarray([False, True]))
+    grads = {
+        name: jax.tree.map(lambda x, i=i: x[i], both) for i, name in enumerate(("mse", "shaped"))
+    }
     for g in grads.values():
         flat = np.concatenate([np.ravel(x) for x in jax.tree.leaves(g)])
         assert np.isfinite(flat).all() and np.linalg.norm(flat) > 0
@@ -203,3 +206,18 @@ def test_unknown_variant_and_arm_are_rejected():
     config.arms = ("reacher", "octopus")
     with pytest.raises(ValueError, match="octopus"):
         algorithms.make(config)
+
+
+def test_the_learned_loss_keeps_its_gradient_when_meta_training_pushes_its_output_down():
+    # The collapse of the first version: the meta-gradient drove the output bias far
+    # negative, a Softplus output saturated (ℓ_φ ~ 1e-30) and ∂ℓ/∂ŷ vanished for good.
+    config = ml3_inverse_dynamics.get_config()
+    loss_fn = learned_losses.learned_loss_fn(config.loss_net)
+    phi = learned_losses.init_learned_loss(config.loss_net, jax.random.key(4))
+    last = sorted(phi["params"])[-1]
+    pushed = jax.tree.map(lambda x: x, phi)
+    pushed["params"][last]["bias"] = phi["params"][last]["bias"] - 100.0
+    y = jnp.linspace(-2.0, 2.0, 8).reshape(4, 2)
+    grad = jax.jit(jax.grad(loss_fn, argnums=2))
+    np.testing.assert_allclose(grad(pushed, y, 0.5 * y), grad(phi, y, 0.5 * y), rtol=1e-5)
+    assert float(jnp.abs(grad(phi, y, 0.5 * y)).max()) > 1e-4
