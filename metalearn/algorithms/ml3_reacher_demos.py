@@ -442,6 +442,14 @@ class ReacherDemos:
             "final_distance_train": {
                 k: mean_std(v[..., -1].mean(-1)) for k, v in out["train"].items()
             },
+            "distance_after_3_updates_test": {
+                k: mean_std(v[..., min(3, c.eval.test_steps)].mean(-1))
+                for k, v in out["test"].items()
+            },
+            "distance_after_3_updates_train": {
+                k: mean_std(v[..., min(3, c.eval.test_steps)].mean(-1))
+                for k, v in out["train"].items()
+            },
             "initial_distance_test": {
                 k: mean_std(v[..., 0].mean(-1)) for k, v in out["test"].items()
             },
