@@ -9,7 +9,8 @@ goal at the end of a 20-step rollout. The learned loss is meta-trained on 8 fixe
 seed in the reachable annulus through a learned ensemble dynamics model and meta-tested
 with real rollouts and no model on those goals and on 8 new ones, against the final-distance
 task loss through the learned model (the true-simulator reference is off here: its
-derivatives of the arm's dynamics take minutes to compile). 3 seeds, 300 meta iterations of 10 inner steps on 8 goals.
+derivatives of the arm's dynamics take minutes to compile). 3 seeds, 300 meta iterations
+of 10 inner steps on 8 goals.
 
 Not reproduced: ML³ does not beat the task loss through the model here. Its policies
 saturate the tanh (≈98% of actions at the torque limit after 2 updates for 2 of 3 seeds)
