@@ -66,7 +66,7 @@ def measure(
     import numpy as np
 
     from configs._image import image_config
-    from metalearn.algorithms.image_classification import ImageClassification, forward
+    from experiments.image_classification import ImageClassification, forward
     from metalearn.losses.task import softmax_cross_entropy
     from metalearn.tasks import images
 

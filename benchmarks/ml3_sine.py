@@ -19,8 +19,8 @@ import time
 import jax
 from absl import app, flags
 
+import experiments
 from configs import ml3_sine
-from metalearn import algorithms
 
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repetitions of each steady-state call.")
 
@@ -40,7 +40,7 @@ def best_of(fn, *args):
 def main(argv):
     del argv
     config = ml3_sine.get_config()
-    exp = algorithms.make(config)
+    exp = experiments.make(config)
     seeds, steps = len(config.seeds), config.meta.steps
     rows = []
 

@@ -11,7 +11,8 @@ tokens, int32 [B, T + 1] (no dataset is read; the input pipeline is not timed):
   the baseline, and the control of Phase 2.
 - "Phase 1 meta step": `self_loss.meta_objective` (one inner SGD step on the self-produced
   loss, the true cross-entropy of an outer batch at θ', the meta-gradient through the inner
-  step), the Adam update of θ and θ ← (1 − τ)θ + τθ', as `SelfLossLM._phase1` runs it.
+  step), the Adam update of θ and θ ← (1 − τ)θ + τθ', as the Phase 1 step of
+  `experiments.self_loss_lm` runs it.
 - "Phase 2 step": one SGD step of θ on the self-produced loss alone (`self_loss.self_loss`,
   the loss pass a separate forward over `input ⊕ prediction ⊕ [LOSS]`). The experiment's
   Phase 2 step also trains the control and measures diagnostics; those are not timed here.

@@ -7,11 +7,22 @@ between them changes nothing else (same model, data order, optimizer, schedule, 
 
 import ml_collections
 
-from metalearn.losses.learned import default_loss_net_config
-from metalearn.models.vision import MODELS
+from configs._common import loss_net
 
-# Per dataset: default model, base learning rate, training steps (S_train), the
-# variants offered (model names), and the data overrides that `:subset` applies.
+# The names of `metalearn.models.vision.MODELS` (a test keeps the two equal), written
+# here so that parsing a config does not import JAX.
+MODELS = (
+    "lenet5",
+    "vgg16",
+    "allcnn_c",
+    "resnet8",
+    "resnet20",
+    "resnet44",
+    "resnet56",
+    "wrn16_8",
+    "wrn28_10",
+)
+# Per dataset: default model, base learning rate, training steps (S_train).
 DATASET_DEFAULTS = {
     "mnist": {"model": "lenet5", "lr": 0.01, "steps": 100_000},
     "fashion_mnist": {"model": "lenet5", "lr": 0.01, "steps": 100_000},
@@ -36,15 +47,20 @@ def image_config(algorithm: str, dataset: str, arg: str | None) -> ml_collection
     """
     d = DATASET_DEFAULTS[dataset]
     c = ml_collections.ConfigDict()
+    c.experiment = "image_classification"  # the module experiments/image_classification.py
     c.algorithm = algorithm
     c.task = "image_classification"
+    c.fast_compile = False  # most XLA optimisations off (smoke runs: compile-bound)
     c.seed = 0
 
     c.data = ml_collections.ConfigDict(
         {
             "name": dataset,
-            "source": "tfds",  # or "cifar_binary" (.bin files in data_dir), "synthetic"
-            "data_dir": "",  # '' = $TFDS_DATA_DIR, else tfds's default folder
+            "source": "tfds",  # or "cifar_binary" (.bin files in data_dir), "idx", "synthetic"
+            # Where tfds data is read: data_dir, else $TFDS_DATA_DIR, else fallback_data_dir,
+            # else tfds's default folder (resolved when the data is loaded, after overrides).
+            "data_dir": "",
+            "fallback_data_dir": "",
             "download": True,
             "train_files": (),
             "test_files": (),
@@ -59,9 +75,7 @@ def image_config(algorithm: str, dataset: str, arg: str | None) -> ml_collection
         }
     )
     c.model = ml_collections.ConfigDict({"name": d["model"], "dropout": -1.0, "dtype": "float32"})
-    c.loss_net = default_loss_net_config()
-    c.loss_net.activation = "smooth_leaky_relu"
-    c.loss_net.output_activation = "softplus"
+    c.loss_net = loss_net(activation="smooth_leaky_relu", output_activation="softplus")
     c.inner = ml_collections.ConfigDict(
         {
             "steps": d["steps"],
@@ -118,9 +132,15 @@ def image_config(algorithm: str, dataset: str, arg: str | None) -> ml_collection
 
 
 def _smoke(c: ml_collections.ConfigDict, dataset: str) -> None:
-    """Shrinks a config to about a minute on a CPU; real data, tiny budget."""
+    """Shrinks a config to about a minute on a CPU; real data where it is here, tiny budget.
+
+    MNIST and Fashion-MNIST are read from `--config.data.data_dir`, else $TFDS_DATA_DIR,
+    else ../shared/data/tfds, never downloaded; CIFAR-10 from its real subset; CIFAR-100
+    and SVHN are random pixels unless `shared` points at a prepared folder.
+    """
+    c.fast_compile = True
     if dataset in ("mnist", "fashion_mnist"):
-        c.data.data_dir = c.data.data_dir or SHARED_TFDS
+        c.data.fallback_data_dir = SHARED_TFDS
         c.data.download = False
     elif dataset == "cifar10" and c.data.source == "tfds":
         c.data.source = "cifar_binary"

@@ -1,6 +1,7 @@
 """The shared builder of the ML³ model-based RL configs (Fig. 3): `mbrl_config(env, arg)`.
 
-Fields (protocol in `metalearn/algorithms/ml3_mbrl.py`):
+Fields (protocol in `experiments/ml3_mbrl.py`):
+  experiment: the module experiments/ml3_mbrl.py, for both environments.
   env, horizon: the environment (it fixes the start state) and the rollout length.
   features: fixed scales dividing the learned loss's inputs (positions, states; actions
     are divided by the environment's action scale).
@@ -13,7 +14,7 @@ Fields (protocol in `metalearn/algorithms/ml3_mbrl.py`):
     polar (radius, angle)), or from num_train_goals fixed goals per seed when > 0.
   inner: the policy optimizer (shared by every meta-test method) and episode_length.
   meta: φ's optimizer, the gradient estimator, window, meta iterations.
-  fast_compile: jit with most XLA optimisations off (for the smoke variant).
+  fast_compile: jit with most XLA optimisations off (the smoke variant: compile-bound).
   eval: meta-test goals (num_goals from the train region and from test_region),
     test_steps updates, early_step for the "speeds up learning" number, the step-size
     factors tried for the task-loss baselines, model_error_rollouts, and reference: whether
@@ -22,7 +23,7 @@ Fields (protocol in `metalearn/algorithms/ml3_mbrl.py`):
 
 import ml_collections
 
-from metalearn.losses.learned import default_loss_net_config
+from configs._common import loss_net
 
 ENVS = ("pointmass", "reacher")
 
@@ -30,16 +31,18 @@ ENVS = ("pointmass", "reacher")
 def mbrl_config(env: str, arg: str | None = None) -> ml_collections.ConfigDict:
     """The full config for `env`, or its `smoke` variant."""
     c = ml_collections.ConfigDict()
+    c.experiment = "ml3_mbrl"  # the module experiments/ml3_mbrl.py
     c.algorithm = "ml3"
     c.task = "mbrl"
     c.env = env
     c.seeds = (0, 1, 2)
 
-    c.loss_net = default_loss_net_config()
-    c.loss_net.hidden = (40, 40)
-    c.loss_net.activation = "elu"
-    c.loss_net.output_activation = "identity"
-    c.loss_net.output_wise = False  # one row per time step: (goal, position, state, action, t)
+    c.loss_net = loss_net(
+        hidden=(40, 40),
+        activation="elu",
+        output_activation="identity",
+        output_wise=False,  # one row per time step: (goal, position, state, action, t)
+    )
 
     c.policy = ml_collections.ConfigDict({"hidden": (32,)})
     c.dynamics = ml_collections.ConfigDict(
@@ -83,7 +86,7 @@ def mbrl_config(env: str, arg: str | None = None) -> ml_collections.ConfigDict:
     )
     c.log_every = 1
     c.checkpoint_every = 100
-    c.fast_compile = False  # compile with most XLA optimisations off (compile-bound runs)
+    c.fast_compile = False  # most XLA optimisations off (smoke runs: compile-bound)
 
     if env == "pointmass":
         c.horizon = 20

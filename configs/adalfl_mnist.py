@@ -9,7 +9,8 @@ for the whole run (Raymond et al., Algorithms 1-2).
     python -m experiments.run --config=configs/adalfl_mnist.py:smoke      # about a minute
 
 Offline, `:shared` reads the prepared tfds folder ../shared/data/tfds (or set
-TFDS_DATA_DIR).
+TFDS_DATA_DIR); `:smoke` reads real data from --config.data.data_dir, else
+$TFDS_DATA_DIR, else ../shared/data/tfds.
 
 Variants (comma-separated): a model name (lenet5, vgg16, allcnn_c, resnet8, resnet20,
 resnet44, resnet56, wrn16_8, wrn28_10), `smoke`, `shared`, `subset`. Every field is

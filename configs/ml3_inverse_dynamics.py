@@ -16,38 +16,41 @@ steps each with a meta update after every step (truncated, window 1), as the pub
 code does. Meta-test: 100 steps on 8 new trajectories per seed, 5 seeds.
 
 Why not ML³'s ReLU + Softplus loss network: its random initial loss drives the first
-episodes' θ far off (torque MSE ~10³-10⁶), and the meta-gradient's cheapest cure is to
-shrink the loss until Adam's ε swamps its gradient, so θ stops moving; a Softplus output
-saturates on the way (loss ~1e-30 everywhere), its gradient vanishes and φ can never
-recover (seed 4 of the first version: both learned losses dead on both arms). An identity
-output cannot saturate and ELU units cannot die, so a shrunken loss keeps an O(1)
-meta-gradient. Tried and not kept: ELU + Softplus output (still collapses on several
-seeds), episodes of 25 steps ×200 (generalises to the 100-step meta-test, no better and
-noisier than 100 steps ×50 at the same cost).
+episodes' θ far off, and the meta-gradient's cheapest cure is to shrink the loss until
+Adam's ε swamps its gradient, so θ stops moving; a Softplus output saturates on the way
+(the loss vanishes everywhere), its gradient vanishes and φ can never recover (in a first
+version, both learned losses of one seed died on both arms). An identity output cannot
+saturate and ELU units cannot die, so a shrunken loss keeps an O(1) meta-gradient. Tried
+and not kept: ELU + Softplus output (still collapses on several seeds), episodes of 25
+steps ×200 (generalises to the 100-step meta-test, no better and noisier than 100 steps
+×50 at the same cost).
 
 Runtime: about 5 min of CPU time on a 2-core CPU (shared machine: ~15 min wall). The smoke
-variant: about 65 s of CPU time, mostly compilation of the simulator's nested derivatives
-and the second-order meta step.
+variant: about 30 s of CPU time (fast_compile; 50 s without), mostly compilation of the
+simulator's nested derivatives and the second-order meta step.
 """
 
 import ml_collections
 
-from metalearn.losses.learned import default_loss_net_config
+from configs._common import loss_net
 
 ARM_VARIANTS = ("reacher", "sawyer")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
+    c.experiment = "ml3_inverse_dynamics"  # the module experiments/ml3_inverse_dynamics.py
     c.algorithm = "ml3"
     c.task = "inverse_dynamics"
     c.arms = ("reacher", "sawyer")
+    c.fast_compile = False  # most XLA optimisations off (smoke runs: compile-bound)
     c.seeds = (0, 1, 2, 3, 4)
 
     c.model = ml_collections.ConfigDict({"hidden": (32, 32), "activation": "softplus", "eps": 1e-3})
-    c.loss_net = default_loss_net_config()
-    c.loss_net.activation = "elu"  # ELU units cannot die (see the module docstring)
-    c.loss_net.output_activation = "identity"  # a Softplus output saturates and kills ℓ_φ
+    c.loss_net = loss_net(
+        activation="elu",  # ELU units cannot die (see the module docstring)
+        output_activation="identity",  # a Softplus output saturates and kills ℓ_φ
+    )
 
     c.data = ml_collections.ConfigDict(
         {
@@ -96,6 +99,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.eval.num_tasks = 2
         c.eval.test_steps = 8
         c.checkpoint_every = 2
+        c.fast_compile = True
     elif arg in ARM_VARIANTS:
         c.arms = (arg,)
     elif arg:

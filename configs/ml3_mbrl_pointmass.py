@@ -12,8 +12,7 @@ new goals of the training quadrant, against the final-distance task loss optimis
 the learned model and, as a reference, through the true simulator. 3 seeds, 300 meta
 iterations of 10 inner steps on 8 goals.
 
-Every field is described in configs/_mbrl.py, the protocol in
-metalearn/algorithms/ml3_mbrl.py.
+Every field is described in configs/_mbrl.py, the protocol in experiments/ml3_mbrl.py.
 
 Runtime: about 6 minutes on a 2-core CPU shared with other jobs (about 1.5 min of CPU
 time; most of it compilation); the smoke variant about 20 s.

@@ -12,15 +12,13 @@ task loss through the learned model (the true-simulator reference is off here: i
 derivatives of the arm's dynamics take minutes to compile). 3 seeds, 300 meta iterations
 of 10 inner steps on 8 goals.
 
-Not reproduced: ML³ does not beat the task loss through the model here. Its policies
-saturate the tanh (≈98% of actions at the torque limit after 2 updates for 2 of 3 seeds)
-while the learned loss still pushes outward, so ∇_θ vanishes (×300-800) and so does the
-meta-gradient (seed 1: 0.3 -> ~1e-3). Feeding the loss the pre-tanh output instead did not
-help (test goals 0.197 ± 0.045, against 0.183 ± 0.041 in the same code before; 0.198 ±
-0.049 with today's): the loss then drives it without bound.
+Not reproduced (numbers in the README): ML³ does not beat the task loss through the model
+here. Its policies saturate the tanh (most actions at the torque limit after 2 updates
+for 2 of 3 seeds) while the learned loss still pushes outward, so ∇_θ vanishes and so
+does the meta-gradient. Feeding the loss the pre-tanh output instead did not help: the
+loss then drives it without bound.
 
-Every field is described in configs/_mbrl.py, the protocol in
-metalearn/algorithms/ml3_mbrl.py.
+Every field is described in configs/_mbrl.py, the protocol in experiments/ml3_mbrl.py.
 
 Runtime: about 4 minutes on a 2-core CPU (under 2 min of CPU time, mostly compilation;
 11 minutes while sharing it with three other jobs); the smoke variant about 40 s.

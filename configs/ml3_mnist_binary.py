@@ -19,23 +19,22 @@ recorded every `eval.trace_every` steps.
 Data: `data.data_dir` points at the project's prepared tfds folder; real users set it to
 '' (then $TFDS_DATA_DIR or tfds's default folder is used) and `data.download=True`.
 
-Runtime (2-core CPU shared with other jobs, all 5 seeds in one program): 356 s for
-`python -m experiments.run --config=configs/ml3_mnist_binary.py
---workdir=/tmp/mnist_binary_full` (400 meta iterations at ~2 it/s, about 1.5 min of
-compilation and the meta-test); the smoke variant 42 s, mostly compilation. Measured
-there: final meta-test accuracy 0.940 ± 0.035 (learned) vs 0.835 ± 0.030 (cross-entropy),
-test CE 0.494 ± 0.090 vs 0.596 ± 0.015, mean ± std over seeds 0-4.
+Runtime (2-core CPU shared with other jobs, all 5 seeds in one program): about 6 min
+(400 meta iterations at ~2 it/s, about 1.5 min of compilation and the meta-test); the
+smoke variant well under a minute, mostly compilation.
 """
 
 import ml_collections
 
-from metalearn.losses.learned import default_loss_net_config
+from configs._common import loss_net
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
+    c.experiment = "ml3_mnist_binary"  # the module experiments/ml3_mnist_binary.py
     c.algorithm = "ml3"
     c.task = "mnist_binary"
+    c.fast_compile = False  # most XLA optimisations off (smoke runs: compile-bound)
     c.seeds = (0, 1, 2, 3, 4)
 
     c.data = ml_collections.ConfigDict(
@@ -58,7 +57,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         }
     )
     c.model = ml_collections.ConfigDict({"name": "lenet5"})
-    c.loss_net = default_loss_net_config()
+    c.loss_net = loss_net()
     c.inner = ml_collections.ConfigDict(
         {"optimizer": {"name": "sgd", "lr": 1e-3}, "episode_length": 1, "batch_size": 16}
     )
@@ -91,6 +90,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.eval.test_steps = 4
         c.eval.trace_every = 2
         c.checkpoint_every = 5
+        c.fast_compile = True
     elif arg:
         raise ValueError(f"Unknown variant {arg!r} of ml3_mnist_binary; known: 'smoke'.")
     return c

@@ -14,21 +14,21 @@ Runtime: about a minute on a 2-core CPU.
 
 import ml_collections
 
-from metalearn.losses.learned import default_loss_net_config
+from configs._common import loss_net
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
+    c.experiment = "ml3_shaped_sine"  # the module experiments/ml3_shaped_sine.py
     c.algorithm = "ml3"
     c.task = "shaped_sine"
+    c.fast_compile = False  # most XLA optimisations off (smoke runs: compile-bound)
     c.seeds = (0, 1, 2, 3, 4)
 
     c.model = ml_collections.ConfigDict({"init_freq": 0.1})
-    c.loss_net = default_loss_net_config()
-    c.loss_net.hidden = (10, 10, 10)
-    c.loss_net.activation = "elu"
-    c.loss_net.output_activation = "identity"
-    c.loss_net.bias_init = 0.01
+    c.loss_net = loss_net(
+        hidden=(10, 10, 10), activation="elu", output_activation="identity", bias_init=0.01
+    )
 
     c.data = ml_collections.ConfigDict(
         {"num_tasks": 4, "num_points": 64, "freq_range": (-5.0, 5.0), "x_range": (-5.0, 5.0)}
@@ -64,6 +64,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.eval.every = 20
         c.eval.num_tasks = 8
         c.checkpoint_every = 20
+        c.fast_compile = True
     elif arg:
         raise ValueError(f"Unknown variant {arg!r} of ml3_shaped_sine; known: 'smoke'.")
     return c

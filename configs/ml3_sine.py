@@ -19,13 +19,15 @@ import math
 
 import ml_collections
 
-from metalearn.losses.learned import default_loss_net_config
+from configs._common import loss_net
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
+    c.experiment = "ml3_sine"  # the module experiments/ml3_sine.py
     c.algorithm = "ml3"
     c.task = "sine"
+    c.fast_compile = False  # most XLA optimisations off (smoke runs: compile-bound)
     c.seeds = (0, 1, 2, 3, 4)
 
     c.model = ml_collections.ConfigDict(
@@ -36,9 +38,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             "meta_test_init": "torch_default",  # fresh nn.Linear modules at evaluation
         }
     )
-    c.loss_net = default_loss_net_config()
-    c.loss_net.hidden = (50, 50)
-    c.loss_net.use_bias = False
+    c.loss_net = loss_net(hidden=(50, 50), use_bias=False)
 
     c.data = ml_collections.ConfigDict(
         {
@@ -74,6 +74,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.eval.every = 10
         c.eval.test_steps = 10
         c.checkpoint_every = 10
+        c.fast_compile = True
     elif arg:
         raise ValueError(f"Unknown variant {arg!r} of ml3_sine; known: 'smoke'.")
     return c

@@ -18,7 +18,8 @@ Variants are comma-separated parts (`:frozen,hard,smoke`):
   mitigations   positive (smooth leaky ReLU output) | softplus | head (separate loss
                 head) | disjoint (disjoint upper layers) | mono (monotonicity penalty) |
                 norm (batch-normalised predicted loss) | anchor (true-CE step every 20) |
-                first_order | truncated (3 inner steps, the last one differentiated)
+                first_order | truncated (3 inner steps, the last one differentiated:
+                estimator last_window)
   detector      stop | rollback | meta (action on detection; default: continue)
   layout        prefix (loss pass continues the LM pass's keys and values)
   data          file (read ../shared/data/raw/tiny_shakespeare/input.txt as a text file)
@@ -61,8 +62,10 @@ SWEEP = (
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
+    c.experiment = "self_loss_lm"  # the module experiments/self_loss_lm.py
     c.algorithm = "self_loss"
     c.task = "lm"
+    c.fast_compile = False  # most XLA optimisations off (smoke runs: compile-bound)
     c.seed = 0
     c.data = ml_collections.ConfigDict(
         {
@@ -108,8 +111,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             "steps": 200,
             "optimizer": {"name": "adam", "lr": 1e-3},
             "inner_steps": 1,
-            "estimator": "unrolled",  # or "first_order" | "truncated"
-            "window": 1,  # truncated: inner steps differentiated
+            "estimator": "unrolled",  # or "first_order" | "last_window"
+            "window": 1,  # last_window: the last inner steps, the ones differentiated
             "remat": False,  # recompute inner steps on the backward pass (memory for time)
             "tau": 0.1,
             "split": "train",  # the outer batch's split: or "validation"
@@ -162,7 +165,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         elif part == "first_order":
             c.meta.estimator = "first_order"
         elif part == "truncated":
-            c.meta.inner_steps, c.meta.estimator, c.meta.window = 3, "truncated", 1
+            c.meta.inner_steps, c.meta.estimator, c.meta.window = 3, "last_window", 1
         elif part in ("stop", "rollback", "meta"):
             c.detector.action = part
         elif part == "prefix":
@@ -195,4 +198,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.eval.windows = 16
         c.log_every = 1
         c.checkpoint_every = 4
+        c.fast_compile = True
     return c

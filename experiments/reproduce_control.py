@@ -12,13 +12,12 @@ re-run resumes unfinished runs and reuses finished ones). Then, per config, ever
 quantity, one column per method (the last key of the entry), mean ± std over seeds.
 """
 
-import json
 import os
-import subprocess
-import sys
 from collections import defaultdict
 
 from absl import app, flags
+
+from experiments import _runs
 
 CONFIGS = (
     "ml3_inverse_dynamics",
@@ -37,15 +36,10 @@ _OVERRIDE = flags.DEFINE_multi_string("override", [], "--config.x=y passed to ev
 
 def run_config(name: str, variant: str, workdir: str, overrides: list[str]) -> dict:
     """Runs one config in a subprocess unless its summary exists; returns the summary."""
-    summary = os.path.join(workdir, "summary.json")
-    if not os.path.exists(summary):
-        config = f"configs/{name}.py" + (f":{variant}" if variant else "")
-        cmd = [sys.executable, "-m", "experiments.run", f"--config={config}"]
-        proc = subprocess.run([*cmd, f"--workdir={workdir}", *overrides], text=True)
-        if proc.returncode:
-            raise RuntimeError(f"{config} failed (exit {proc.returncode}); see its output above.")
-    with open(summary) as f:
-        return json.load(f)
+    config = f"configs/{name}.py" + (f":{variant}" if variant else "")
+    summary = _runs.run(config, workdir, overrides, quiet=False)
+    summary.pop("wall_s")
+    return summary
 
 
 def _mean_std_entries(tree: dict, path: tuple = ()):

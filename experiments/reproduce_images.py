@@ -14,12 +14,10 @@ import argparse
 import concurrent.futures
 import json
 import os
-import subprocess
-import sys
-import time
 
 import numpy as np
 
+from experiments import _runs
 from metalearn import plots
 from metalearn.runtime.metrics import read_metrics
 
@@ -38,11 +36,6 @@ def run_one(args, dataset: str, algorithm: str, seed: int) -> tuple[str, float, 
     variant = ",".join(filter(None, [args.model, args.variant]))
     config = f"configs/{algorithm}_{CONFIG_NAMES[dataset]}.py" + (f":{variant}" if variant else "")
     cmd = [
-        sys.executable,
-        "-m",
-        "experiments.run",
-        f"--config={config}",
-        f"--workdir={workdir}",
         f"--config.seed={seed}",
         f"--config.inner.steps={args.steps}",
         f"--config.inner.optimizer.schedule.steps={args.steps}",
@@ -53,10 +46,10 @@ def run_one(args, dataset: str, algorithm: str, seed: int) -> tuple[str, float, 
     if args.data_dir:
         cmd += [f"--config.data.data_dir={args.data_dir}", "--config.data.download=False"]
     cmd += args.override
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    return workdir, wall, "" if proc.returncode == 0 else proc.stderr[-2000:]
+    try:
+        return workdir, _runs.run(config, workdir, cmd)["wall_s"], ""
+    except RuntimeError as e:
+        return workdir, 0.0, str(e)
 
 
 def main() -> None:

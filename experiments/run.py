@@ -3,8 +3,12 @@
     python -m experiments.run --config=configs/ml3_sine.py[:variant] [--workdir=DIR]
         [--config.meta.lr=3e-4 ...]
 
+The config names its program (`config.experiment`, a module of this package), which is
+imported only after the flags are parsed, so `--help` and flag errors do not import JAX.
 Re-running the same command on the same workdir resumes from the last checkpoint.
-Overrides of keys the config does not have are rejected.
+Errors that are the user's to fix (an unknown config key or variant, a bad value, a
+missing dataset, a non-finite loss) are printed as their message alone, with exit status
+2 for flags and 1 otherwise; set METALEARN_TRACEBACK=1 to see the traceback instead.
 """
 
 import importlib.util
@@ -15,16 +19,11 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config",
-    None,
-    "Config file, optionally with a variant: configs/<name>.py[:variant].",
-    lock_config=True,
-)
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run directory; defaults to runs/<config name>[_<variant>]."
 )
-flags.mark_flags_as_required(["config"])
+_CONFIG_ARG = None  # the --config value, configs/<name>.py[:variant]
+_CONFIG = None  # its ConfigDict, with the --config.<key> overrides applied by absl
 
 
 def default_workdir(config_arg: str) -> str:
@@ -34,22 +33,41 @@ def default_workdir(config_arg: str) -> str:
     return os.path.join("runs", f"{name}_{variant}" if variant else name)
 
 
+def _fail(message: str, status: int) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(status)
+
+
+def load_config(config_arg: str) -> ml_collections.ConfigDict:
+    """Loads `configs/<name>.py[:variant]` once; a bad path or variant is a ValueError."""
+    path, _, variant = config_arg.partition(":")
+    if not os.path.exists(path):
+        raise ValueError(f"Config file {path!r} does not exist (from --config={config_arg}).")
+    spec = importlib.util.spec_from_file_location("_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(variant or None)
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+        _fail(f"Unexpected arguments: {' '.join(argv[1:])}", 2)
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax is chatty at INFO
-    # Imported here so that --help and flag errors do not pay for importing JAX.
-    from metalearn import algorithms
-    from metalearn.runtime.loop import train_and_evaluate
+    import experiments
+    from metalearn.runtime.loop import NonFiniteError, train_and_evaluate
     from metalearn.runtime.sharding import initialize_distributed
 
-    initialize_distributed()  # on a multi-host launch; a no-op on one machine
-
     config = _CONFIG.value
-    workdir = _WORKDIR.value or default_workdir(flags.FLAGS["config"].serialize().split("=", 1)[1])
-    print(f"Workdir: {os.path.abspath(workdir)}")
-    summary = train_and_evaluate(algorithms.make(config), config, workdir)
+    workdir = _WORKDIR.value or default_workdir(_CONFIG_ARG)
+    try:
+        initialize_distributed()  # on a multi-host launch; a no-op on one machine
+        print(f"Workdir: {os.path.abspath(workdir)}")
+        summary = train_and_evaluate(experiments.make(config), config, workdir)
+    except (ValueError, FileNotFoundError, NonFiniteError) as e:
+        if os.environ.get("METALEARN_TRACEBACK"):
+            raise
+        _fail(str(e), 1)
     print(f"Done: {os.path.join(workdir, 'summary.json')}")
     for line in _flat_lines(summary):
         print(line)
@@ -63,49 +81,61 @@ def _flat_lines(d, prefix=""):
             yield from _flat_lines(v, f"{prefix}{k}.")
 
 
-def check_overrides(argv: list[str]) -> str | None:
-    """A message naming the first `--config.<key>` override the config lacks, else None.
-
-    ml_collections rejects such keys too, but with a bare AttributeError; this says which
-    key and what the valid ones next to it are.
-    """
-    config_arg = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-    if config_arg is None:
-        return None
-    path, _, variant = config_arg.partition(":")
-    if not os.path.exists(path):
-        return f"Config file {path!r} does not exist (from --config={config_arg})."
-    spec = importlib.util.spec_from_file_location("_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    try:
-        config = module.get_config(variant or None)
-    except ValueError as e:
-        return str(e)
-    for arg in argv:
-        if not arg.startswith("--config."):
-            continue
-        key = arg[len("--config.") :].split("=", 1)[0]
-        node = config
-        for i, part in enumerate(key.split(".")):
-            if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-                parent = ".".join(key.split(".")[:i]) or "<top level>"
-                known = (
-                    ", ".join(sorted(node.keys()))
-                    if isinstance(node, ml_collections.ConfigDict)
-                    else "(not a group)"
-                )
-                return (
-                    f"Unknown config key {key!r} in {arg!r}: {parent} has no {part!r}. "
-                    f"Known keys there: {known}."
-                )
-            node = node[part]
+def unknown_key_message(config: ml_collections.ConfigDict, key: str) -> str | None:
+    """Which part of a `--config.<key>` override the config lacks, and what is there."""
+    node = config
+    for i, part in enumerate(key.split(".")):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            parent = ".".join(key.split(".")[:i]) or "<top level>"
+            known = (
+                ", ".join(sorted(node.keys()))
+                if isinstance(node, ml_collections.ConfigDict)
+                else "(not a group)"
+            )
+            return (
+                f"Unknown config key {key!r} in '--config.{key}': {parent} has no {part!r}. "
+                f"Known keys there: {known}."
+            )
+        node = node[part]
     return None
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """Loads the config (once), checks the overrides against it, then absl's parsing.
+
+    Every error is printed as its message alone (see the module docstring).
+    """
+    global _CONFIG, _CONFIG_ARG
+    rest, config_args = [argv[0]], []
+    args = iter(argv[1:])
+    for arg in args:
+        if arg.startswith("--config="):
+            config_args.append(arg.split("=", 1)[1])
+        elif arg == "--config":
+            config_args.append(next(args, ""))
+        else:
+            rest.append(arg)
+    if not config_args:
+        if any(a in ("--help", "-h", "--helpfull") for a in rest):
+            return flags.FLAGS(rest)
+        _fail("--config=configs/<name>.py[:variant] is required.", 2)
+    _CONFIG_ARG = config_args[-1]
+    try:
+        config = load_config(_CONFIG_ARG)
+    except ValueError as e:
+        _fail(str(e), 2)
+    for arg in rest:
+        if arg.startswith("--config."):
+            key = arg[len("--config.") :].split("=", 1)[0]
+            message = unknown_key_message(config, key)
+            if message:
+                _fail(message, 2)
+    _CONFIG = config_flags.DEFINE_config_dict("config", config, lock_config=True, sys_argv=rest)
+    try:
+        return flags.FLAGS(rest)
+    except flags.Error as e:
+        _fail(str(e), 2)
+
+
 if __name__ == "__main__":
-    error = check_overrides(sys.argv[1:])
-    if error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

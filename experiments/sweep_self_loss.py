@@ -81,8 +81,8 @@ def table(rows: dict[str, dict]) -> str:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    from experiments.self_loss_lm import phase2_summary
     from metalearn import plots
-    from metalearn.algorithms.self_loss_lm import phase2_summary
     from metalearn.runtime.metrics import read_metrics
 
     variants = [v.replace("+", ",") for v in (_VARIANTS.value or self_loss_lm.SWEEP)]

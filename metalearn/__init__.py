@@ -1,18 +1,31 @@
 """metalearn: meta-learned loss functions in JAX.
 
-The public API: the bilevel heart (`inner_step`, `unroll`, `meta_loss`, `meta_grad`,
-`meta_grad_over_tasks`, `meta_step`), its states, learned losses and their artifacts.
+The public API, everything pure and jit-able:
+
+- the bilevel heart (`metalearn.bilevel`): `inner_step`, `unroll`, `meta_loss`,
+  `meta_grad`, `one_step_meta_grad`, `meta_grad_over_tasks`, `windowed_meta_steps`,
+  `meta_step`, the gradient estimators `ESTIMATORS` and their checks;
+- its states: `InnerState`, `MetaState`, `init_inner_state`, `init_meta_state`;
+- learned losses ℓ_φ and their portable artifacts (`init_learned_loss`,
+  `learned_loss_fn`, `save_learned_loss`, `load_learned_loss`, ...) and task losses;
+- optimizers from a config (`make_optimizer`, `make_schedule`) and the MLP.
+
+The algorithms built on them are in `metalearn.algorithms` (ml3, adalfl, self_loss).
 """
 
 from metalearn.bilevel import (
     ESTIMATORS,
+    check_differentiable_optimizer,
     check_estimator,
+    check_estimator_name,
     inner_step,
     meta_grad,
     meta_grad_over_tasks,
     meta_loss,
     meta_step,
+    one_step_meta_grad,
     unroll,
+    windowed_meta_steps,
 )
 from metalearn.losses import (
     apply_learned_loss,
@@ -25,8 +38,8 @@ from metalearn.losses import (
     save_learned_loss,
     softmax_cross_entropy,
 )
-from metalearn.models import MLP, smooth_leaky_relu
-from metalearn.optim import make_optimizer
+from metalearn.models.mlp import MLP, smooth_leaky_relu
+from metalearn.optim import make_optimizer, make_schedule
 from metalearn.state import InnerState, MetaState, init_inner_state, init_meta_state
 
 __all__ = [
@@ -35,7 +48,9 @@ __all__ = [
     "InnerState",
     "MetaState",
     "apply_learned_loss",
+    "check_differentiable_optimizer",
     "check_estimator",
+    "check_estimator_name",
     "default_loss_net_config",
     "init_inner_state",
     "init_learned_loss",
@@ -45,13 +60,16 @@ __all__ = [
     "load_learned_loss",
     "make_loss_network",
     "make_optimizer",
+    "make_schedule",
     "meta_grad",
     "meta_grad_over_tasks",
     "meta_loss",
     "meta_step",
     "mse",
+    "one_step_meta_grad",
     "save_learned_loss",
     "smooth_leaky_relu",
     "softmax_cross_entropy",
     "unroll",
+    "windowed_meta_steps",
 ]

@@ -12,18 +12,42 @@ functions with the signatures in `metalearn.types`:
     inner_loss(params, model_state, meta_params, batch, key) -> (loss, (model_state, metrics))
     outer_loss(params, model_state, batch, key) -> loss
 
-Gradient estimators (`ESTIMATORS`), always chosen explicitly by name:
+Shapes: K is the number of inner steps of an unroll, T the number of tasks, W a window.
+`batches` is any pytree whose leaves have a leading axis K (one batch a step), `keys`
+K PRNG keys ([K] typed keys or [K, 2] raw ones).
 
-- ``"unrolled"``: exact backpropagation through every inner step since θ was reset.
-- ``"truncated"``: exact backpropagation through a window of inner steps, with a meta
-  update after each window. The inner state is carried from one window to the next as a
-  plain input, so no gradient crosses a window boundary (`windowed_meta_steps`).
+Gradient estimators (`ESTIMATORS`) are always chosen by name, and each function refuses
+a name it does not know or one that would do nothing there, with a ValueError that says
+what to use (checked in Python when the function is traced, never inside the program):
+
+- ``"unrolled"``: exact backpropagation through every inner step of the unroll.
+- ``"truncated"``: a property of `windowed_meta_steps`: exact backpropagation through each
+  window of W inner steps and a meta update after each window; the inner state is carried
+  from one window to the next as a plain input, so no gradient crosses a window boundary.
+  A single `meta_loss` is one window, so there it would do nothing and is refused.
 - ``"first_order"``: the inner gradient is evaluated at stop_gradient(θ), which drops
   every second-order term in θ (∂²L/∂θ²) while keeping the mixed term ∂²L/∂θ∂φ through
-  which φ influences θ at all; without it the meta-gradient would be zero.
+  which φ influences θ at all; without it the meta-gradient would be zero. It applies to
+  one unroll and to every window of `windowed_meta_steps`.
+- ``"last_window"``: one `meta_loss` over K steps that differentiates only the last
+  `window` of them: the first K − W steps run forward as usual, and the state entering
+  the last W is cut from them (its parameters by a straight-through identity, see
+  `meta_loss`), so memory and time of the backward pass are those of W steps.
+
+Differentiating through Adam needs `eps_root > 0`: d√ν/dν is infinite at ν = 0, which
+any parameter with an exactly zero gradient reaches, and the meta-gradient turns into
+NaN. `meta_loss` (so every meta-gradient here) checks this when it is traced, by probing
+the optimizer itself: it differentiates `optimizer.update` once at a zero gradient from a
+fresh optimizer state, on a copy of the parameter tree with scalar leaves, evaluated
+eagerly at trace time (`jax.ensure_compile_time_eval`), outside the compiled program and
+once per optimizer and tree structure. A non-finite derivative raises a ValueError naming
+`eps_root`, eagerly or under `jit`, before anything runs. `metalearn.make_optimizer(...,
+differentiated=True)` refuses Adam without `eps_root` already when it is built.
 """
 
+import difflib
 import functools
+import numbers
 from typing import Any
 
 import jax
@@ -38,24 +62,63 @@ from metalearn.types import (
     MetaParams,
     Metrics,
     OuterLossFn,
+    Params,
     PRNGKey,
 )
 
-ESTIMATORS = ("unrolled", "truncated", "first_order")
+ESTIMATORS: dict[str, str] = {
+    "unrolled": "exact backpropagation through every inner step of the unroll",
+    "truncated": (
+        "windowed_meta_steps only: exact within each window, a meta update after each, "
+        "no gradient across windows"
+    ),
+    "first_order": "the inner gradient at stop_gradient(θ): no second-order terms in θ",
+    "last_window": "one unroll of K steps of which only the last `window` are differentiated",
+}
+
+
+def check_estimator_name(name: Any) -> None:
+    """Checks that `name` is one of `ESTIMATORS` (whether it fits is each function's check).
+
+    Args:
+      name: the estimator's name, e.g. from a config.
+
+    Raises:
+      ValueError: listing the estimators with their descriptions, and the closest name
+        when there is one ("first-order" -> "Did you mean 'first_order'?").
+    """
+    if isinstance(name, str) and name in ESTIMATORS:
+        return
+    close = difflib.get_close_matches(str(name), ESTIMATORS, n=1, cutoff=0.6)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    listing = "; ".join(f"{k!r} ({v})" for k, v in ESTIMATORS.items())
+    raise ValueError(f"Unknown gradient estimator {name!r}.{hint} Choose one of: {listing}.")
 
 
 def check_estimator(name: str, window: int, episode_length: int) -> None:
-    """Validates an estimator choice; raises ValueError saying how to fix it.
+    """Validates an estimator choice of a config; raises ValueError saying how to fix it.
 
     Args:
       name: one of `ESTIMATORS`.
-      window: inner steps differentiated through per meta step.
-      episode_length: inner steps between two resets of θ.
+      window: for "unrolled", "truncated" and "first_order" the inner steps between two
+        meta updates; for "last_window" the inner steps differentiated.
+      episode_length: inner steps between two resets of θ (K).
+
+    Raises:
+      ValueError: for an unknown name (listing `ESTIMATORS`) or a window that does not
+        fit the estimator, saying what to use instead.
     """
-    if name not in ESTIMATORS:
-        raise ValueError(f"Unknown gradient estimator {name!r}; choose one of {ESTIMATORS}.")
+    check_estimator_name(name)
     if window < 1 or episode_length < 1:
         raise ValueError(f"window ({window}) and episode length ({episode_length}) must be >= 1.")
+    if name == "last_window":
+        if window >= episode_length:
+            raise ValueError(
+                f"estimator='last_window' differentiates the last `window` of the "
+                f"{episode_length} inner steps, so the window ({window}) must be smaller; "
+                f"for all of them say estimator='unrolled'."
+            )
+        return
     if episode_length % window:
         raise ValueError(
             f"The episode length ({episode_length} inner steps between resets of θ) must be a "
@@ -74,6 +137,86 @@ def check_estimator(name: str, window: int, episode_length: int) -> None:
         )
 
 
+def _check_one_unroll(estimator: Any, window: int | None, num_steps: int) -> None:
+    """The estimator checks of `meta_loss`: one unroll of `num_steps`, one meta-gradient."""
+    check_estimator_name(estimator)
+    if estimator == "truncated":
+        raise ValueError(
+            "estimator='truncated' does nothing in a single meta_loss / meta_grad / "
+            "meta_grad_over_tasks: truncation cuts the gradient between the windows of "
+            "windowed_meta_steps(..., window=W, estimator='truncated'), which updates φ after "
+            "each window and carries θ on. For one unroll say estimator='unrolled' (exact), "
+            "or estimator='last_window' with window=W to differentiate only its last W steps."
+        )
+    if estimator == "last_window":
+        if not isinstance(window, numbers.Integral) or not 1 <= window < num_steps:
+            raise ValueError(
+                f"estimator='last_window' differentiates the last `window` of the unroll's "
+                f"{num_steps} inner steps, so it needs window in [1, {num_steps}); got "
+                f"window={window!r}"
+                + (". For all of them say estimator='unrolled'." if window == num_steps else ".")
+            )
+    elif window is not None:
+        raise ValueError(
+            f"window={window!r} applies to estimator='last_window' only (the last steps "
+            f"differentiated); estimator={estimator!r} differentiates every step. For a meta "
+            f"update every `window` steps use windowed_meta_steps."
+        )
+
+
+@functools.lru_cache(maxsize=256)
+def _derivative_is_finite(
+    optimizer: optax.GradientTransformation, treedef: Any, dtypes: tuple[Any, ...]
+) -> bool:
+    """Whether d optimizer.update(g) / dg is finite at g = 0 from a fresh state (scalars)."""
+    with jax.ensure_compile_time_eval():
+        zeros = jax.tree.unflatten(treedef, [jnp.zeros((), d) for d in dtypes])
+        ones = jax.tree.unflatten(treedef, [jnp.ones((), d) for d in dtypes])
+        opt_state = optimizer.init(zeros)
+        _, tangent = jax.jvp(lambda g: optimizer.update(g, opt_state, zeros)[0], (zeros,), (ones,))
+        return all(bool(jnp.all(jnp.isfinite(t))) for t in jax.tree.leaves(tangent))
+
+
+def check_differentiable_optimizer(optimizer: optax.GradientTransformation, params: Params) -> None:
+    """Raises a ValueError if differentiating through `optimizer`'s update gives NaN.
+
+    The probe differentiates `optimizer.update` at a zero gradient from a fresh state, on
+    `params`' tree structure and dtypes with scalar leaves, eagerly even while a caller is
+    being traced (so it works under `jit`, `vmap` and `grad`), and is cached per optimizer
+    and tree structure. Adam without `eps_root` fails it: d√ν/dν is infinite at ν = 0.
+    Optimizers the probe cannot run on scalar leaves (or not hashable) are not checked.
+
+    Args:
+      optimizer: the inner optax optimizer that meta-gradients flow through.
+      params: θ (arrays or tracers; only their structure and dtypes are used).
+
+    Raises:
+      ValueError: naming `eps_root` and how to set it, if the derivative is not finite.
+    """
+    leaves, treedef = jax.tree.flatten(params)
+    dtypes = tuple(jnp.result_type(x) for x in leaves)
+    if not all(jnp.issubdtype(d, jnp.inexact) for d in dtypes):
+        return
+    try:
+        try:
+            hash(optimizer)
+            probe = _derivative_is_finite
+        except TypeError:
+            probe = _derivative_is_finite.__wrapped__
+        finite = probe(optimizer, treedef, dtypes)
+    except Exception:  # an optimizer that needs the real shapes: not checked
+        return
+    if not finite:
+        raise ValueError(
+            "The meta-gradient through this inner optimizer would be NaN: the derivative of "
+            "its update is not finite at a zero gradient from a fresh state. This is Adam (or "
+            "a relative: adamw, ...) built with eps_root=0: d sqrt(nu)/d nu is infinite at "
+            "nu = 0, which every parameter with an exactly zero gradient reaches. Build it with "
+            "eps_root > 0, e.g. optax.adam(lr, eps_root=1e-8), or from a config with "
+            "metalearn.make_optimizer(config, differentiated=True) and config.eps_root = 1e-8."
+        )
+
+
 def inner_step(
     state: InnerState,
     meta_params: MetaParams,
@@ -89,7 +232,7 @@ def inner_step(
     Args:
       state: the inner state (θ, optimizer state, model state, step).
       meta_params: φ, held fixed here but differentiable through.
-      batch: the inner batch.
+      batch: the inner batch (no step axis).
       key: PRNG key for this step (dropout and the like).
       inner_loss: `(params, model_state, meta_params, batch, key) -> (loss, (model_state,
         metrics))`.
@@ -97,7 +240,8 @@ def inner_step(
       first_order: evaluate the gradient at stop_gradient(θ) (the first-order estimator).
 
     Returns:
-      The next inner state and metrics: `inner/loss` plus whatever the loss reports.
+      The next inner state (step + 1) and scalar metrics: `inner/loss` plus whatever the
+      loss reports.
     """
     params = jax.lax.stop_gradient(state.params) if first_order else state.params
     (loss, (model_state, metrics)), grads = jax.value_and_grad(inner_loss, has_aux=True)(
@@ -151,6 +295,10 @@ def unroll(
     return jax.lax.scan(body, state, (batches, keys))
 
 
+def _num_steps(keys: PRNGKey) -> int:
+    return jax.tree.leaves(keys)[0].shape[0]
+
+
 def meta_loss(
     meta_params: MetaParams,
     state: InnerState,
@@ -163,25 +311,65 @@ def meta_loss(
     outer_loss: OuterLossFn,
     optimizer: optax.GradientTransformation,
     estimator: str = "unrolled",
+    window: int | None = None,
     remat: bool = False,
 ) -> tuple[Array, tuple[InnerState, Metrics]]:
     """The outer objective L_outer(θ_K(φ)) after unrolling K inner steps from `state`.
 
     `state` is an ordinary input: when a caller carries it across meta steps (the
-    truncated estimator) no gradient flows back past it.
+    truncated estimator) no gradient flows back past it; when the caller builds it from
+    what it differentiates (θ₀ = φ, MAML-like), the gradient flows through it too.
+
+    With ``estimator="last_window"`` the first K − W steps run forward (no remat), and the
+    last W start from their result with the optimizer and model state under
+    `stop_gradient` and the parameters as `θ₀ + stop_gradient(θ_{K−W} − θ₀)`: the value of
+    θ_{K−W}, the Jacobian of the identity with respect to θ₀ (zero when θ₀ is a constant of
+    what is differentiated). Only the last W steps are differentiated.
 
     Args:
       meta_params: φ, the argument differentiated.
-      state: the inner state the window starts from.
-      batches, keys: the K inner batches and keys (leading axis K).
-      outer_batch, outer_key: what the outer loss is evaluated on, at θ_K.
+      state: the inner state the unroll starts from.
+      batches: the K inner batches, leaves [K, ...].
+      keys: the K inner keys, [K] (typed) or [K, 2].
+      outer_batch, outer_key: what the outer loss is evaluated on at θ_K (no step axis).
       inner_loss, outer_loss, optimizer: see the module docstring.
-      estimator: one of `ESTIMATORS`; only ``"first_order"`` changes the maths here.
-      remat: as in `unroll`.
+      estimator: "unrolled", "first_order" or "last_window" (see `ESTIMATORS`);
+        "truncated" belongs to `windowed_meta_steps` and is refused here.
+      window: for "last_window" only, the W last steps differentiated, 1 <= W < K.
+      remat: as in `unroll` (the differentiated steps).
 
     Returns:
-      `(loss, (final_state, inner_metrics))`, the metrics stacked over K.
+      `(loss, (final_state, inner_metrics))`: a scalar loss, the state after K steps and
+      the metrics stacked over K (leaves [K]).
+
+    Raises:
+      ValueError: for an unknown or inapplicable estimator, a bad `window`, or an
+        optimizer whose update has a NaN derivative (Adam without `eps_root`).
     """
+    num_steps = _num_steps(keys)
+    _check_one_unroll(estimator, window, num_steps)
+    check_differentiable_optimizer(optimizer, state.params)
+    head_metrics = None
+    if estimator == "last_window":
+        cut = num_steps - window
+        head, head_metrics = unroll(
+            state,
+            meta_params,
+            jax.tree.map(lambda x: x[:cut], batches),
+            keys[:cut],
+            inner_loss=inner_loss,
+            optimizer=optimizer,
+        )
+        # Straight-through: the value of the head's θ, the identity Jacobian to the input θ.
+        start = jax.tree.map(
+            lambda p, q: p + jax.lax.stop_gradient(q - p), state.params, head.params
+        )
+        state = head.replace(
+            params=start,
+            opt_state=jax.lax.stop_gradient(head.opt_state),
+            model_state=jax.lax.stop_gradient(head.model_state),
+        )
+        batches, keys = jax.tree.map(lambda x: x[cut:], batches), keys[cut:]
     final, metrics = unroll(
         state,
         meta_params,
@@ -193,19 +381,49 @@ def meta_loss(
         remat=remat,
     )
     loss = outer_loss(final.params, final.model_state, outer_batch, outer_key)
+    if head_metrics is not None:
+        metrics = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), head_metrics, metrics)
     return loss, (final, metrics)
 
 
 def meta_grad(
-    meta_params: MetaParams, *args: Any, **kwargs: Any
+    meta_params: MetaParams,
+    state: InnerState,
+    batches: Batch,
+    keys: PRNGKey,
+    outer_batch: Batch,
+    outer_key: PRNGKey,
+    *,
+    inner_loss: InnerLossFn,
+    outer_loss: OuterLossFn,
+    optimizer: optax.GradientTransformation,
+    estimator: str = "unrolled",
+    window: int | None = None,
+    remat: bool = False,
 ) -> tuple[Array, MetaParams, InnerState, Metrics]:
-    """∇_φ of `meta_loss`; takes exactly its arguments.
+    """∇_φ of `meta_loss`, with its value: the meta-gradient of one K-step unroll.
+
+    Args:
+      As `meta_loss`: `meta_params` φ; `state` the starting inner state; `batches` leaves
+      [K, ...] and `keys` [K]; `outer_batch`, `outer_key` for the outer loss at θ_K; the
+      losses, inner optimizer, `estimator` ("unrolled", "first_order", "last_window"),
+      `window` (for "last_window") and `remat`.
 
     Returns:
-      `(loss, grads, final_inner_state, inner_metrics)`.
+      `(loss, grads, final_state, inner_metrics)`: scalar loss, grads shaped like φ, the
+      state after K steps and metrics stacked over K.
     """
-    (loss, (final, metrics)), grads = jax.value_and_grad(meta_loss, has_aux=True)(
-        meta_params, *args, **kwargs
+    fn = functools.partial(
+        meta_loss,
+        inner_loss=inner_loss,
+        outer_loss=outer_loss,
+        optimizer=optimizer,
+        estimator=estimator,
+        window=window,
+        remat=remat,
+    )
+    (loss, (final, metrics)), grads = jax.value_and_grad(fn, has_aux=True)(
+        meta_params, state, batches, keys, outer_batch, outer_key
     )
     return loss, grads, final, metrics
 
@@ -235,9 +453,18 @@ def one_step_meta_grad(
     same number as `meta_grad` over one step, which transposes the whole backward pass
     at θ₀ instead (much slower for convolutions on some backends).
 
-    Args and returns as `meta_grad` with K = 1: `batch` and `key` are one step's (no
-    leading step axis); metrics have no step axis.
+    Args:
+      meta_params: φ.
+      state: θ₀ with its optimizer and model state (a constant of φ).
+      batch, key: the one inner step's batch and key (no step axis).
+      outer_batch, outer_key: what the outer loss is evaluated on at θ₁.
+      inner_loss, outer_loss, optimizer: as in `meta_loss`.
+
+    Returns:
+      `(loss, grads, final_state, inner_metrics)` as `meta_grad` with K = 1, the metrics
+      without a step axis.
     """
+    check_differentiable_optimizer(optimizer, state.params)
     params = state.params
     (loss, (model_state, metrics)), grads = jax.value_and_grad(inner_loss, has_aux=True)(
         params, state.model_state, meta_params, batch, key
@@ -271,20 +498,41 @@ def meta_grad_over_tasks(
     keys: PRNGKey,
     outer_batches: Batch,
     outer_keys: PRNGKey,
-    **kwargs: Any,
+    *,
+    inner_loss: InnerLossFn,
+    outer_loss: OuterLossFn,
+    optimizer: optax.GradientTransformation,
+    estimator: str = "unrolled",
+    window: int | None = None,
+    remat: bool = False,
 ) -> tuple[Array, MetaParams, InnerState, Metrics]:
     """Meta-gradient of the mean outer loss over T independent tasks sharing one φ.
 
-    Each task has its own inner state, batches and outer batch (leading task axis T on
-    every argument but `meta_params`); the tasks run side by side under `jax.vmap`.
-    Keyword arguments are those of `meta_loss`.
+    Each task has its own inner state, batches and outer batch; the tasks run side by
+    side under `jax.vmap` of `meta_loss`.
+
+    Args:
+      meta_params: φ, shared by the tasks (no task axis).
+      states: the T inner states, leaves [T, ...].
+      batches: inner batches, leaves [T, K, ...]; keys: [T, K].
+      outer_batches: one outer batch per task, leaves [T, ...]; outer_keys: [T].
+      inner_loss, outer_loss, optimizer, estimator, window, remat: as in `meta_loss`.
 
     Returns:
-      `(mean_loss, grads, final_states [T], inner_metrics [T, K])`.
+      `(mean_loss, grads, final_states, inner_metrics)`: the scalar mean over tasks, grads
+      shaped like φ, final states with leaves [T, ...], metrics [T, K].
     """
+    per_task = functools.partial(
+        meta_loss,
+        inner_loss=inner_loss,
+        outer_loss=outer_loss,
+        optimizer=optimizer,
+        estimator=estimator,
+        window=window,
+        remat=remat,
+    )
 
     def mean_loss(phi: MetaParams) -> tuple[Array, tuple[InnerState, Metrics]]:
-        per_task = functools.partial(meta_loss, **kwargs)
         losses, aux = jax.vmap(per_task, in_axes=(None, 0, 0, 0, 0, 0))(
             phi, states, batches, keys, outer_batches, outer_keys
         )
@@ -292,6 +540,33 @@ def meta_grad_over_tasks(
 
     (loss, (finals, metrics)), grads = jax.value_and_grad(mean_loss, has_aux=True)(meta_params)
     return loss, grads, finals, metrics
+
+
+def _check_windowed(estimator: Any, window: int, num_steps: int) -> None:
+    """The estimator checks of `windowed_meta_steps`."""
+    check_estimator_name(estimator)
+    if estimator == "last_window":
+        raise ValueError(
+            "estimator='last_window' differentiates the last steps of one unroll for a single "
+            "meta update: call meta_grad(..., estimator='last_window', window=W). For a meta "
+            "update after every window of windowed_meta_steps say estimator='truncated'."
+        )
+    if not isinstance(window, numbers.Integral) or window < 1 or num_steps % window:
+        raise ValueError(
+            f"The window ({window!r}) must be a positive divisor of the number of inner steps "
+            f"({num_steps})."
+        )
+    if estimator == "unrolled" and window != num_steps:
+        raise ValueError(
+            f"estimator='unrolled' differentiates all {num_steps} inner steps, but window="
+            f"{window} updates φ every {window} steps and cuts the gradient between windows: "
+            f"that is estimator='truncated' (or window={num_steps} for the full unroll)."
+        )
+    if estimator == "truncated" and window == num_steps:
+        raise ValueError(
+            f"estimator='truncated' with window={window}, all the inner steps given, cuts "
+            f"nothing: say estimator='unrolled' so the choice is explicit."
+        )
 
 
 def windowed_meta_steps(
@@ -304,34 +579,48 @@ def windowed_meta_steps(
     *,
     window: int,
     meta_optimizer: optax.GradientTransformation,
-    **kwargs: Any,
+    inner_loss: InnerLossFn,
+    outer_loss: OuterLossFn,
+    optimizer: optax.GradientTransformation,
+    estimator: str,
+    remat: bool = False,
 ) -> tuple[MetaState, InnerState, Metrics]:
-    """K inner steps of T tasks in windows of `window`, one meta update after each window.
+    """K inner steps of T tasks in windows of W, one meta update after each window.
 
-    With `window == K` this is one meta step on the full unroll; with a shorter window it
-    is truncated backpropagation: each window starts from the state the previous one
-    left, as a constant, and φ is updated between windows. AdaLFL's online lock-step is
-    `window=1` over the whole run.
+    With W == K this is one meta step on the full unroll ("unrolled" or "first_order");
+    with a shorter window it is truncated backpropagation ("truncated", or "first_order"
+    within each window): each window starts from the state the previous one left, as a
+    constant, and φ is updated between windows. AdaLFL's online lock-step is W = 1 over
+    the whole run.
 
     Args:
       meta_state: φ and its optimizer state.
-      states: the inner states of the T tasks (leading axis T).
-      batches, keys: inner data [T, K, ...] and keys [T, K].
-      outer_batches, outer_keys: one outer batch and key per window, [T, K // window, ...].
-      window: inner steps per meta update; must divide K.
+      states: the inner states of the T tasks, leaves [T, ...].
+      batches: inner data, leaves [T, K, ...]; keys: [T, K].
+      outer_batches: one outer batch per window, leaves [T, K // W, ...]; outer_keys:
+        [T, K // W].
+      window: W, inner steps per meta update; must divide K.
       meta_optimizer: the outer optax optimizer.
-      **kwargs: `inner_loss`, `outer_loss`, `optimizer`, `estimator`, `remat` of `meta_loss`.
+      inner_loss, outer_loss, optimizer, remat: as in `meta_loss`.
+      estimator: "unrolled" (W == K), "truncated" (W < K) or "first_order" (any W).
 
     Returns:
-      `(meta_state, final_states, metrics)`, metrics stacked over the K // window windows:
+      `(meta_state, final_states, metrics)`: φ after K // W updates, the inner states
+      after K steps (leaves [T, ...]), and metrics stacked over the K // W windows:
       `meta/loss`, `meta/grad_norm` and the inner metrics averaged over tasks and steps.
     """
     num_steps = jax.tree.leaves(keys)[0].shape[1]
-    if num_steps % window:
-        raise ValueError(
-            f"The window ({window}) must divide the number of inner steps ({num_steps})."
-        )
+    _check_windowed(estimator, window, num_steps)
     num_windows = num_steps // window
+    per_window = functools.partial(
+        meta_grad_over_tasks,
+        inner_loss=inner_loss,
+        outer_loss=outer_loss,
+        optimizer=optimizer,
+        # Each window is one exact unroll; the truncation is this scan's carry.
+        estimator="unrolled" if estimator == "truncated" else estimator,
+        remat=remat,
+    )
 
     def by_window(x):  # [T, K, ...] -> [K // W, T, W, ...]
         x = x.reshape(x.shape[0], num_windows, window, *x.shape[2:])
@@ -340,8 +629,8 @@ def windowed_meta_steps(
     def body(carry, xs):
         meta_state, states = carry
         batch, key, outer_batch, outer_key = xs
-        loss, grads, states, metrics = meta_grad_over_tasks(
-            meta_state.params, states, batch, key, outer_batch, outer_key, **kwargs
+        loss, grads, states, metrics = per_window(
+            meta_state.params, states, batch, key, outer_batch, outer_key
         )
         meta_state = meta_step(meta_state, grads, meta_optimizer=meta_optimizer)
         metrics = {
@@ -367,7 +656,16 @@ def meta_step(
     *,
     meta_optimizer: optax.GradientTransformation,
 ) -> MetaState:
-    """Applies one outer optimizer step to φ given its meta-gradient."""
+    """Applies one outer optimizer step to φ given its meta-gradient.
+
+    Args:
+      meta_state: φ, its optimizer state and step count.
+      grads: ∇_φ, shaped like φ.
+      meta_optimizer: the outer optax optimizer (its state is `meta_state.opt_state`).
+
+    Returns:
+      The next `MetaState` (step + 1).
+    """
     updates, opt_state = meta_optimizer.update(grads, meta_state.opt_state, meta_state.params)
     return MetaState(
         params=optax.apply_updates(meta_state.params, updates),

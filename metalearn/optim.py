@@ -46,7 +46,9 @@ def make_optimizer(
       config: fields `name` (one of `OPTIMIZERS`), `lr`, and as needed `momentum`
         (default 0.9), `b1`, `b2`, `eps`, `eps_root`, `weight_decay` (L2, added to the
         gradient before momentum as in PyTorch's SGD) and `schedule` (see `make_schedule`).
-      differentiated: whether meta-gradients flow through this optimizer's updates.
+      differentiated: whether meta-gradients flow through this optimizer's updates;
+        then Adam without `eps_root > 0` is refused here, when it is built (the heart's
+        `meta_loss` would refuse it when traced).
 
     Returns:
       An `optax.GradientTransformation`.
@@ -63,8 +65,9 @@ def make_optimizer(
         if differentiated and eps_root <= 0.0:
             raise ValueError(
                 "Meta-gradients through Adam need eps_root > 0 (d/dv sqrt(v) is infinite at "
-                "v = 0 and turns the meta-gradient into NaN); set e.g. "
-                "--config.inner.optimizer.eps_root=1e-8."
+                "v = 0 and turns the meta-gradient into NaN); set eps_root in this optimizer's "
+                "config, e.g. --config.inner.optimizer.eps_root=1e-8 (in code: "
+                "optax.adam(lr, eps_root=1e-8))."
             )
         opt = optax.adam(
             lr,

@@ -186,3 +186,93 @@ def self_loss_curves(
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
     _save(fig, path)
+
+
+def goal_trajectories(
+    paths: Mapping[str, np.ndarray],
+    goals: Mapping[str, np.ndarray],
+    start: np.ndarray,
+    *,
+    title: str,
+    path: str,
+) -> None:
+    """Planar trajectories towards goals, one colour per set (ML³ MBRL, Fig. 3a).
+
+    paths: set name -> positions [N, T + 1, 2]; goals: set name -> goals [N, 2] (drawn as
+    crosses); start: the start position [2] (a black dot).
+    """
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    for (name, trajectories), color in zip(paths.items(), COLORS, strict=False):
+        for i, traj in enumerate(np.asarray(trajectories)):
+            label = name.replace("_", " ") if i == 0 else None
+            ax.plot(traj[:, 0], traj[:, 1], color=color, alpha=0.7, label=label)
+        ax.scatter(goals[name][:, 0], goals[name][:, 1], marker="x", color=color)
+    ax.scatter([start[0]], [start[1]], color="black", marker="o", label="start")
+    ax.set(xlabel="x", ylabel="y", aspect="equal")
+    ax.set_title(title, fontsize=8)
+    ax.legend(fontsize=7)
+    _save(fig, path)
+
+
+def mountain_car_trajectories(
+    positions: Mapping[str, np.ndarray],
+    *,
+    goal: float,
+    intermediate_goal: float,
+    title: str,
+    path: str,
+) -> None:
+    """Position vs time step on the mountain car (ML³ Fig. 6a).
+
+    positions: name -> [num_runs, T + 1] (one line per run); goal and intermediate_goal
+    are drawn as horizontal lines.
+    """
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    for (name, rows), color in zip(positions.items(), COLORS, strict=False):
+        rows = np.atleast_2d(np.asarray(rows))
+        for i, row in enumerate(rows):
+            ax.plot(row, color=color, alpha=0.8, lw=1.2, label=name if i == 0 else None)
+    ax.axhline(goal, color="k", ls="--", lw=0.8, label="goal")
+    ax.axhline(intermediate_goal, color="grey", ls=":", lw=0.8, label="intermediate goal")
+    ax.set(xlabel="time step", ylabel="position x", ylim=(-1.25, 0.65))
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    _save(fig, path)
+
+
+def reacher_workspace(
+    train_goals: np.ndarray,
+    test_goals: np.ndarray,
+    reached: Mapping[str, np.ndarray],
+    expert_paths: np.ndarray,
+    reach: float,
+    path: str,
+) -> None:
+    """ML³ Fig. 6c: training (blue) and test (orange) targets, the experts' end-effector
+    paths, and the end-effector positions each method reached on the test targets.
+
+    Args:
+      train_goals, test_goals: [Gtr, 2], [Gte, 2].
+      reached: name -> final positions [seeds, Gte, 2] (at most two names).
+      expert_paths: the experts' end-effector paths [Gtr, T + 1, 2].
+      reach: the arm's reach, drawn as a circle.
+      path: the PNG to write.
+    """
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    angle = np.linspace(0, 2 * np.pi, 200)
+    ax.plot(reach * np.cos(angle), reach * np.sin(angle), color="0.8", lw=1)
+    for p in expert_paths:
+        ax.plot(p[:, 0], p[:, 1], color="tab:blue", lw=0.8, alpha=0.5)
+    ax.scatter(*train_goals.T, s=80, color="tab:blue", label="training targets (expert)")
+    ax.scatter(*test_goals.T, s=80, color="tab:orange", label="test targets")
+    for (name, xy), marker, color in zip(
+        reached.items(), ("x", "+"), ("tab:green", "tab:red"), strict=False
+    ):
+        xy = np.asarray(xy).reshape(-1, 2)
+        ax.scatter(*xy.T, marker=marker, color=color, s=25, label=f"reached: {name}")
+    ax.scatter([0], [0], color="k", s=15)
+    ax.set_aspect("equal")
+    ax.set(xlabel="x (m)", ylabel="y (m)")
+    ax.set_title("ReacherGoal workspace (Fig. 6c)", fontsize=9)
+    ax.legend(fontsize=6, loc="lower left")
+    _save(fig, path)

@@ -41,9 +41,13 @@ def init_inner_state(
     """Returns a fresh `InnerState` for `params` under `optimizer`.
 
     Args:
-      params: initial parameters θ₀.
+      params: initial parameters θ₀ (any pytree of arrays).
       optimizer: the inner optax optimizer.
       model_state: non-trainable collections (e.g. batch statistics); `{}` if None.
+
+    Returns:
+      `InnerState(params, optimizer.init(params), model_state, step=0)`, step an int32
+      scalar. Stack several with `jax.vmap(lambda p: init_inner_state(p, opt))(params_T)`.
     """
     return InnerState(
         params=params,
@@ -54,5 +58,13 @@ def init_inner_state(
 
 
 def init_meta_state(params: MetaParams, optimizer: optax.GradientTransformation) -> MetaState:
-    """Returns a fresh `MetaState` for loss parameters `params` under `optimizer`."""
+    """Returns a fresh `MetaState` for meta-parameters φ under the outer optimizer.
+
+    Args:
+      params: φ, e.g. `init_learned_loss(...)`'s loss-network parameters.
+      optimizer: the outer (meta) optax optimizer.
+
+    Returns:
+      `MetaState(params, optimizer.init(params), step=0)`, step an int32 scalar.
+    """
     return MetaState(params=params, opt_state=optimizer.init(params), step=jnp.zeros((), jnp.int32))

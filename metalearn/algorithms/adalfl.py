@@ -31,8 +31,13 @@ def check_online_estimator(name: str) -> None:
 
     θ_t does not depend on φ_t (it is carried in as a constant), so the only second-order
     term of a one-step unroll is the mixed ∂²L/∂θ∂φ: `first_order` would give the very
-    same gradient, and `truncated` has no window to cut.
+    same gradient, `truncated` has no window to cut and `last_window` no steps to drop.
+
+    Raises:
+      ValueError: naming the valid choices, for an unknown name (`bilevel.ESTIMATORS`)
+        and for any but "unrolled".
     """
+    bilevel.check_estimator_name(name)
     if name not in ONLINE_ESTIMATORS:
         hint = (
             " (for a one-step unroll from a carried θ it is identical to 'unrolled')"
@@ -71,20 +76,23 @@ def lockstep(
       inner_loss, outer_loss: as in `metalearn.bilevel` (the learned loss; the task loss).
       optimizer: the base optimizer (differentiated through).
       meta_optimizer: the optimizer of φ.
-      estimator: passed to `bilevel.meta_loss`; `"unrolled"` for AdaLFL.
+      estimator: must be "unrolled" (see `check_online_estimator`).
       method: one of `METHODS`; both give the exact gradient, "jvp" usually faster.
 
     Returns:
       `(inner_state_{t+1}, meta_state_{t+1}, metrics)` with `meta/loss` (task loss at
       θ_{t+1}), `meta/grad_norm` and the inner loss's metrics.
     """
+    check_online_estimator(estimator)
+    if method not in METHODS:
+        raise ValueError(f"Unknown method {method!r}; choose one of {METHODS}.")
     inner_key, outer_key = jax.random.split(key)
     kwargs = dict(inner_loss=inner_loss, outer_loss=outer_loss, optimizer=optimizer)
     if method == "jvp":
         loss, grads, inner_state, metrics = bilevel.one_step_meta_grad(
             meta_state.params, inner_state, batch, inner_key, meta_batch, outer_key, **kwargs
         )
-    elif method == "backprop":
+    else:
         loss, grads, inner_state, metrics = bilevel.meta_grad(
             meta_state.params,
             inner_state,
@@ -96,8 +104,6 @@ def lockstep(
             **kwargs,
         )
         metrics = {k: v[0] for k, v in metrics.items()}
-    else:
-        raise ValueError(f"Unknown method {method!r}; choose one of {METHODS}.")
     meta_state = bilevel.meta_step(meta_state, grads, meta_optimizer=meta_optimizer)
     metrics = {
         "meta/loss": loss,
@@ -113,11 +119,37 @@ def offline_init_step(
     batch: Batch,
     meta_batch: Batch,
     key: PRNGKey,
-    **kwargs,
+    *,
+    inner_loss: InnerLossFn,
+    outer_loss: OuterLossFn,
+    optimizer: optax.GradientTransformation,
+    meta_optimizer: optax.GradientTransformation,
+    estimator: str = "unrolled",
+    method: str = "jvp",
 ) -> tuple[MetaState, Metrics]:
     """One step of the ML³ initialisation: `lockstep` from a fresh θ, which is dropped.
 
-    Keyword arguments are those of `lockstep`.
+    Args:
+      meta_state: φ and the meta-optimizer state.
+      fresh_state: a newly initialised θ with its optimizer and model state.
+      batch, meta_batch, key: as in `lockstep`.
+      inner_loss, outer_loss, optimizer, meta_optimizer, estimator, method: as in
+        `lockstep`.
+
+    Returns:
+      `(meta_state, metrics)` as `lockstep` returns them.
     """
-    _, meta_state, metrics = lockstep(fresh_state, meta_state, batch, meta_batch, key, **kwargs)
+    _, meta_state, metrics = lockstep(
+        fresh_state,
+        meta_state,
+        batch,
+        meta_batch,
+        key,
+        inner_loss=inner_loss,
+        outer_loss=outer_loss,
+        optimizer=optimizer,
+        meta_optimizer=meta_optimizer,
+        estimator=estimator,
+        method=method,
+    )
     return meta_state, metrics

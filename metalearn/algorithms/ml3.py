@@ -6,7 +6,10 @@ over seeds):
 - `regression_inner_loss`: the inner objective of a supervised optimizee, either a
   learned loss L_φ(y, f_θ(x)[, extra]) or a fixed task loss.
 - `meta_train_episode`: Algorithm 1 — from fresh θ, unroll K inner steps on L_φ for
-  each of T tasks, stepping φ on the mean task loss at the new θ after every window.
+  each of T tasks, stepping φ on the mean task loss at the new θ after every window
+  (`bilevel.windowed_meta_steps`, which validates the estimator against the window).
+- `episode`: `meta_train_episode` with its [T, K] and [T, K // window] keys drawn from
+  two keys, the one ML³ meta iteration the experiments call.
 - `fit`: Algorithm 2 (meta-test) — train θ for K full-batch steps with a frozen loss and
   return an evaluation trace at θ_0 … θ_K.
 """
@@ -30,7 +33,13 @@ def regression_inner_loss(
 ) -> InnerLossFn:
     """The inner objective `loss(φ, y, f_θ(x), batch)` for a batch {'x', 'y', ...}.
 
-    Also reports `task/mse` of the same predictions, for free, as a metric.
+    Args:
+      apply_fn: `f(params, x [B, ...]) -> y_hat [B, C]`.
+      loss: `(φ, y [B, C], y_hat [B, C], batch) -> scalar`, a learned loss or a fixed one
+        that ignores φ.
+
+    Returns:
+      An `InnerLossFn` that also reports `task/mse` of the same predictions, for free.
     """
 
     def inner_loss(params, model_state, meta_params, batch, key):
@@ -43,7 +52,15 @@ def regression_inner_loss(
 
 
 def repeat(tree: Batch, k: int) -> Batch:
-    """Stacks `tree` k times along a new leading axis (a fixed batch for every step)."""
+    """Stacks `tree` k times along a new leading axis (a fixed batch for every step).
+
+    Args:
+      tree: a batch, leaves [...].
+      k: the number of steps.
+
+    Returns:
+      The batch broadcast to leaves [k, ...] (no copy until used).
+    """
     return jax.tree.map(lambda x: jnp.broadcast_to(x, (k, *x.shape)), tree)
 
 
@@ -101,6 +118,7 @@ def meta_train_episode(
     *,
     window: int,
     meta_optimizer: optax.GradientTransformation,
+    return_final_states: bool = False,
     **meta_loss_kwargs,
 ) -> tuple[MetaState, dict[str, Array]]:
     """Algorithm 1 for T tasks sharing φ: one episode from freshly initialised θ.
@@ -116,12 +134,17 @@ def meta_train_episode(
       outer_batches, outer_keys: task-loss data and keys [T, K // window, ...].
       window: inner steps per meta update.
       meta_optimizer: the outer optax optimizer.
-      **meta_loss_kwargs: `inner_loss`, `outer_loss`, `optimizer`, `estimator`, `remat`.
+      return_final_states: also return the tasks' inner states at the episode's end.
+      **meta_loss_kwargs: `inner_loss`, `outer_loss`, `optimizer`, `estimator` (required:
+        "unrolled" for window == K, "truncated" for a shorter one, or "first_order") and
+        `remat`, passed to `bilevel.windowed_meta_steps`, which refuses unknown names and
+        an estimator that does not fit the window.
 
     Returns:
-      `(meta_state, metrics)`, metrics averaged over the episode's meta updates.
+      `(meta_state, metrics)`, metrics averaged over the episode's meta updates; with
+      `return_final_states`, `(meta_state, final_states [T], metrics)`.
     """
-    meta_state, _, metrics = bilevel.windowed_meta_steps(
+    meta_state, final_states, metrics = bilevel.windowed_meta_steps(
         meta_state,
         fresh_states,
         batches,
@@ -132,4 +155,53 @@ def meta_train_episode(
         meta_optimizer=meta_optimizer,
         **meta_loss_kwargs,
     )
-    return meta_state, {k: jnp.mean(v) for k, v in metrics.items()}
+    metrics = {k: jnp.mean(v) for k, v in metrics.items()}
+    return (meta_state, final_states, metrics) if return_final_states else (meta_state, metrics)
+
+
+def episode(
+    meta_state: MetaState,
+    fresh_states: InnerState,
+    batches: Batch,
+    outer_batches: Batch,
+    inner_key: PRNGKey,
+    outer_key: PRNGKey,
+    *,
+    window: int,
+    meta_optimizer: optax.GradientTransformation,
+    return_final_states: bool = False,
+    **meta_loss_kwargs,
+) -> tuple[MetaState, dict[str, Array]]:
+    """One ML³ meta iteration of T tasks: `meta_train_episode` with its keys drawn here.
+
+    Args:
+      meta_state: φ and its optimizer state.
+      fresh_states: newly initialised θ of each task [T].
+      batches: inner data [T, K, ...].
+      outer_batches: task-loss data [T, K // window, ...].
+      inner_key: split into the [T, K] inner-step keys.
+      outer_key: split into the [T, K // window] task-loss keys.
+      window, meta_optimizer, return_final_states, **meta_loss_kwargs: as in
+        `meta_train_episode`.
+
+    Returns:
+      `(meta_state, metrics)`, metrics averaged over the episode's meta updates; with
+      `return_final_states`, `(meta_state, final_states [T], metrics)`.
+    """
+    num_tasks, length = jax.tree.leaves(batches)[0].shape[:2]
+    if length % window:
+        raise ValueError(
+            f"The window ({window}) must divide the episode length ({length} inner steps)."
+        )
+    return meta_train_episode(
+        meta_state,
+        fresh_states,
+        batches,
+        jax.random.split(inner_key, (num_tasks, length)),
+        outer_batches,
+        jax.random.split(outer_key, (num_tasks, length // window)),
+        window=window,
+        meta_optimizer=meta_optimizer,
+        return_final_states=return_final_states,
+        **meta_loss_kwargs,
+    )

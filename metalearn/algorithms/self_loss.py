@@ -8,20 +8,26 @@ critic. The self-produced training signal (`Spec.signal`) is either
 - ``"targets"``: the critic produces a target distribution for every next token and the
   model is trained against it with cross-entropy (the research plan's first experiment).
 
-Phase 1 (`meta_step`) meta-trains θ: K inner steps on the self-produced loss from θ,
-then the true cross-entropy of another batch at θ', differentiated end to end through
-the inner steps with the heart (`bilevel.meta_loss`); the outer update is followed by
-θ ← (1 − τ)θ + τθ'. Phase 2 (`self_step`) updates θ by the self-produced loss alone.
+Phase 1 (`meta_objective`) meta-trains θ: K inner steps on the self-produced loss from
+θ, then the true cross-entropy of another batch at θ', differentiated through the inner
+steps with the heart (`bilevel.meta_loss`); the outer update is followed by
+θ ← (1 − τ)θ + τθ' (`interpolate`). Phase 2 updates θ by the self-produced loss
+(`self_loss`) alone.
 
 The critic (`Spec.critic`) is θ itself ('same'), a copy frozen at the end of Phase 1
 ('frozen') or an exponential moving average of θ ('ema'). Only for 'same' without
 `stop_gradient` does the inner gradient reach the critic's weights: that is the channel
 through which a model can lower its predicted loss without predicting better.
+
+The reward-hacking detector (`Detector`, `init_detector`, `detector_update`) watches the
+logged steps of Phase 2 for a predicted loss that keeps falling while the validation
+cross-entropy does not.
 """
 
 import dataclasses
 import functools
 
+import flax
 import jax
 import jax.numpy as jnp
 import optax
@@ -39,7 +45,6 @@ OUTPUTS = ("identity", "softplus", "smooth_leaky_relu")
 CRITICS = ("same", "frozen", "ema")
 SEES = ("input", "input_and_continuation")
 LAYOUTS = ("separate", "shared_prefix")
-ESTIMATORS = ("unrolled", "truncated", "first_order")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,7 +248,9 @@ def monotonicity_penalty(predicted: Array, true: Array, margin: float = 0.0) -> 
     relu(margin − (predicted_i − predicted_j)). Zero when the ranking agrees."""
     diff_pred = predicted[:, None] - predicted[None, :]
     order = jax.lax.stop_gradient(jnp.sign(true[:, None] - true[None, :]))
-    pairs = jnp.maximum(order, 0.0)
+    # A sequence is never paired with itself, even where XLA computes true_i − true_i from
+    # two copies of true_i that differ in the last bit (unoptimised programs do).
+    pairs = jnp.where(jnp.eye(true.shape[0], dtype=bool), 0.0, jnp.maximum(order, 0.0))
     return jnp.sum(pairs * jax.nn.relu(margin - diff_pred)) / jnp.maximum(jnp.sum(pairs), 1.0)
 
 
@@ -300,52 +307,56 @@ def meta_objective(
       theta: the parameters.
       tokens, keys: K inner batches [K, B, T + 1] and keys [K].
       outer_tokens, outer_key: the outer batch.
-      estimator: 'unrolled' (through all K steps), 'first_order' (the heart's: the inner
-        gradient at stop_gradient(θ)), or 'truncated' (only the last `window` steps are
-        differentiated; the earlier ones enter with an identity Jacobian).
-      window: steps differentiated by 'truncated'.
+      estimator: a name of `bilevel.ESTIMATORS` that fits one meta step (see
+        `bilevel.meta_loss`): 'unrolled' (through all K steps), 'first_order' (the inner
+        gradient at stop_gradient(θ)) or 'last_window' (only the last `window` steps are
+        differentiated; the earlier ones enter the start of the window with an identity
+        Jacobian to θ, since θ is also where the unroll starts).
+      window: steps differentiated by 'last_window'.
       remat: rematerialise each differentiated inner step on the backward pass.
 
     Returns:
       `(outer loss, (θ', inner metrics stacked over K))`.
     """
-    if estimator not in ESTIMATORS:
-        raise ValueError(f"Unknown estimator {estimator!r}; choose one of {ESTIMATORS}.")
-    num_steps = tokens.shape[0]
-    inner = functools.partial(self_loss, model=model, spec=spec)
-    outer = functools.partial(outer_loss, model=model, spec=spec)
-    state = init_inner_state(theta, inner_optimizer)
-    head_metrics = None
-    if estimator == "truncated":
-        if not 0 < window < num_steps:
-            raise ValueError(
-                f"estimator='truncated' differentiates the last meta.window steps of "
-                f"meta.inner_steps; the window ({window}) must be in [1, {num_steps})."
-            )
-        cut = num_steps - window
-        head, head_metrics = bilevel.unroll(
-            state, theta, tokens[:cut], keys[:cut], inner_loss=inner, optimizer=inner_optimizer
-        )
-        # Straight-through: forward value of the cut unroll, identity Jacobian to θ.
-        start = jax.tree.map(lambda p, q: p + jax.lax.stop_gradient(q - p), theta, head.params)
-        state = head.replace(params=start, opt_state=jax.lax.stop_gradient(head.opt_state))
-        tokens, keys = tokens[cut:], keys[cut:]
+    check_estimator(estimator, window, tokens.shape[0])
     loss, (final, metrics) = bilevel.meta_loss(
         theta,
-        state,
+        init_inner_state(theta, inner_optimizer),
         tokens,
         keys,
         outer_tokens,
         outer_key,
-        inner_loss=inner,
-        outer_loss=outer,
+        inner_loss=functools.partial(self_loss, model=model, spec=spec),
+        outer_loss=functools.partial(outer_loss, model=model, spec=spec),
         optimizer=inner_optimizer,
-        estimator="first_order" if estimator == "first_order" else "unrolled",
+        estimator=estimator,
+        window=window if estimator == "last_window" else None,
         remat=remat,
     )
-    if head_metrics is not None:
-        metrics = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), head_metrics, metrics)
     return loss, (final.params, metrics)
+
+
+def check_estimator(name: str, window: int, inner_steps: int) -> None:
+    """Validates Phase 1's gradient estimator; raises ValueError saying how to fix it.
+
+    Args:
+      name: a name of `bilevel.ESTIMATORS` that fits one meta step from θ: 'unrolled',
+        'first_order' or 'last_window'.
+      window: the inner steps 'last_window' differentiates (ignored by the others).
+      inner_steps: K, the inner steps of a meta step.
+    """
+    bilevel.check_estimator_name(name)
+    if name == "truncated":
+        raise ValueError(
+            "estimator='truncated' updates the meta-parameters after every window of a "
+            "longer unroll; a Phase 1 meta step is one unroll from θ: choose 'unrolled', "
+            "'first_order' or 'last_window' (differentiate the last meta.window inner steps)."
+        )
+    if name == "last_window" and not 0 < window < inner_steps:
+        raise ValueError(
+            f"estimator='last_window' differentiates the last meta.window steps of "
+            f"meta.inner_steps; the window ({window}) must be in [1, {inner_steps})."
+        )
 
 
 def interpolate(theta: Params, theta_prime: Params, tau: float) -> Params:
@@ -374,3 +385,96 @@ def spearman(x: Array, y: Array, valid: Array) -> Array:
     dx, dy = jnp.where(valid, rx - mx, 0.0), jnp.where(valid, ry - my, 0.0)
     den = jnp.sqrt(jnp.sum(dx**2) * jnp.sum(dy**2))
     return jnp.where((n >= 3) & (den > 0), jnp.sum(dx * dy) / jnp.where(den > 0, den, 1.0), 0.0)
+
+
+@flax.struct.dataclass
+class Detector:
+    """The reward-hacking detector's state: ring buffers over the last W logged steps."""
+
+    pred: Array  # [W] predicted loss (or critic agreement)
+    train: Array  # [W] true train cross-entropy
+    count: Array  # valid entries in the buffers
+    best_val: Array  # validation cross-entropy at the last improvement by the tolerance
+    best_step: Array  # the step of that improvement
+    since: Array  # logged steps since then
+    detected_at: Array  # step of the first detection, −1 before
+    onset: Array  # best_step at the first detection, −1 before
+
+
+def init_detector(window: int, val: Array, step: Array) -> Detector:
+    """A fresh detector whose reference is the validation cross-entropy `val` at `step`.
+
+    Args:
+      window: W, the logged steps the detector looks back over.
+      val: the reference validation cross-entropy, a scalar.
+      step: the step of that reference, a scalar.
+
+    Returns:
+      The detector, with empty buffers and no detection.
+    """
+    return Detector(
+        pred=jnp.zeros((window,)),
+        train=jnp.zeros((window,)),
+        count=jnp.zeros((), jnp.int32),
+        best_val=jnp.asarray(val, jnp.float32),
+        best_step=jnp.asarray(step, jnp.int32),
+        since=jnp.zeros((), jnp.int32),
+        detected_at=jnp.full((), -1, jnp.int32),
+        onset=jnp.full((), -1, jnp.int32),
+    )
+
+
+def detector_update(
+    det: Detector, pred: Array, train: Array, val: Array, step: Array, *, tolerance: float
+) -> tuple[Detector, Array, Array, Array]:
+    """Adds one logged step; pure.
+
+    A step is hacked when the predicted loss has fallen over a full window while the
+    validation cross-entropy is more than `tolerance` above its best or has not improved
+    by `tolerance` for a whole window. The first such step sets `detected_at`, and
+    `onset` to the step of the last improvement before it (where the hack began).
+
+    Args:
+      det: the detector.
+      pred, train, val: this step's predicted loss, true train and validation
+        cross-entropies (scalars).
+      step: this step (a scalar).
+      tolerance: nats an improvement or a degradation must exceed.
+
+    Returns:
+      `(detector, hacked, improved, rank_corr)`: `hacked` is whether this step meets the
+      hacking condition, `improved` whether validation improved by the tolerance (a new
+      best), `rank_corr` the Spearman correlation of predicted and true train loss over
+      the window.
+    """
+    window = det.pred.shape[0]
+    push = lambda buf, x: jnp.roll(buf, -1).at[-1].set(x)  # noqa: E731
+    pred_buf, train_buf = push(det.pred, pred), push(det.train, train)
+    count = jnp.minimum(det.count + 1, window)
+    valid = jnp.arange(window) >= window - count
+    improved = val < det.best_val - tolerance
+    since = jnp.where(improved, 0, det.since + 1)
+    best_val = jnp.where(improved, val, det.best_val)
+    best_step = jnp.where(improved, step, det.best_step)
+    falling = (count == window) & (pred_buf[-1] < pred_buf[0])
+    worse = (val > best_val + tolerance) | (since >= window)
+    hacked = falling & worse
+    first = hacked & (det.detected_at < 0)
+    det = Detector(
+        pred=pred_buf,
+        train=train_buf,
+        count=count,
+        best_val=best_val,
+        best_step=best_step,
+        since=since,
+        detected_at=jnp.where(first, step, det.detected_at),
+        onset=jnp.where(first, best_step, det.onset),
+    )
+    return det, hacked, improved, spearman(pred_buf, train_buf, valid)
+
+
+def restart_detector(det: Detector, step: Array) -> Detector:
+    """Empty buffers from `step` on, the best validation cross-entropy so far as the
+    reference, and the first detection kept (after a rollback to the best θ)."""
+    fresh = init_detector(det.pred.shape[0], det.best_val, step)
+    return fresh.replace(detected_at=det.detected_at, onset=det.onset)

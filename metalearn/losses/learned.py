@@ -121,8 +121,34 @@ def learned_loss_fn(
     return functools.partial(apply_learned_loss, make_loss_network(config), config.output_wise)
 
 
-def save_learned_loss(path: str, config: ml_collections.ConfigDict, params: MetaParams) -> None:
+DESCRIPTION_KEYS = ("y", "y_hat", "extra", "inner_optimizer", "inner_steps")
+
+
+def save_learned_loss(
+    path: str,
+    config: ml_collections.ConfigDict,
+    params: MetaParams,
+    *,
+    y: str = "targets",
+    y_hat: str = "model outputs",
+    extra: tuple[str, ...] | list[str] = (),
+    inner_optimizer: dict | None = None,
+    inner_steps: int | None = None,
+) -> None:
     """Writes a learned-loss artifact: `loss_net.json` and orbax parameters under `path`.
+
+    A learned loss only works when fed as it was meta-trained, so the artifact records
+    that too (returned by `load_learned_loss` as `loss.description`).
+
+    Args:
+      path: the artifact directory.
+      config: the `loss_net` config group.
+      params: φ.
+      y: what the loss's `y` input is, e.g. "one-hot labels" or "targets".
+      y_hat: what its `y_hat` input is, e.g. "softmax probabilities" or "raw outputs".
+      extra: names of the extra per-sample inputs it was meta-trained with, in order.
+      inner_optimizer: the inner optimizer config it was meta-trained for (name, lr, ...).
+      inner_steps: the inner steps per episode it was meta-trained for.
 
     The parameters are written by orbax (atomically: a temporary directory renamed into
     place); the json is written to a temporary file and renamed.
@@ -132,35 +158,86 @@ def save_learned_loss(path: str, config: ml_collections.ConfigDict, params: Meta
     params_dir = os.path.join(path, PARAMS_DIR)
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(params_dir, jax.device_get(params), force=True)
+    description = {
+        "y": y,
+        "y_hat": y_hat,
+        "extra": list(extra),
+        "inner_optimizer": inner_optimizer,
+        "inner_steps": inner_steps,
+    }
     tmp = os.path.join(path, LOSS_NET_FILE + ".tmp")
     with open(tmp, "w") as f:
-        json.dump(config.to_dict(), f, indent=2)
+        json.dump({**config.to_dict(), "description": description}, f, indent=2)
     os.replace(tmp, os.path.join(path, LOSS_NET_FILE))
+
+
+def _fan_in(params: MetaParams) -> int:
+    """The input width of ℓ_φ's first layer."""
+    return int(params["params"]["Dense_0"]["kernel"].shape[0])
 
 
 def load_learned_loss(path: str) -> Callable[..., Array]:
     """Loads an artifact written by `save_learned_loss`.
 
     Args:
-      path: the artifact directory (e.g. `<workdir>/learned_loss` or one seed's subfolder).
+      path: one artifact directory, e.g. `<workdir>/learned_loss/seed_0`.
 
     Returns:
-      A pure `loss(y, y_hat, extra=None) -> scalar` with φ bound; `loss.params` holds φ and
-      `loss.config` the loss-network config.
+      A pure `loss(y, y_hat, extra=None) -> scalar` with φ bound; `loss.params` holds φ,
+      `loss.config` the loss-network config and `loss.description` how it must be fed
+      (`y`, `y_hat`, `extra` names) and what it was meta-trained for (`inner_optimizer`,
+      `inner_steps`). Passing `extra` of the wrong width raises a ValueError naming the
+      inputs it was trained with.
     """
     path = os.path.abspath(path)
     cfg_file = os.path.join(path, LOSS_NET_FILE)
     if not os.path.exists(cfg_file):
+        found = _artifacts_below(path)
+        hint = (
+            f" It holds {len(found)} artifacts, one per seed or variant: "
+            + ", ".join(os.path.relpath(f, path) for f in found[:12])
+            + (", ..." if len(found) > 12 else "")
+            + ". Pass one of them."
+            if found
+            else " Pass the folder written by an ML³ run (its workdir holds "
+            "learned_loss/seed_<i>/)."
+        )
         raise FileNotFoundError(
-            f"No learned-loss artifact at {path}: {LOSS_NET_FILE} is missing. Pass the folder "
-            "written by an ML³ run (its workdir holds learned_loss/seed_<i>/)."
+            f"No learned-loss artifact at {path}: {LOSS_NET_FILE} is missing.{hint}"
         )
     with open(cfg_file) as f:
-        config = ml_collections.ConfigDict(json.load(f))
+        saved = json.load(f)
+    description = saved.pop("description", None) or {k: None for k in DESCRIPTION_KEYS}
+    config = ml_collections.ConfigDict(saved)
     config.hidden = tuple(config.hidden)
     with ocp.StandardCheckpointer() as ckptr:
         params = ckptr.restore(os.path.join(path, PARAMS_DIR))
     params = jax.tree.map(jnp.asarray, params)
-    fn = functools.partial(learned_loss_fn(config), params)
-    fn.params, fn.config = params, config  # type: ignore[attr-defined]
-    return fn
+    apply = functools.partial(learned_loss_fn(config), params)
+    trained_extra = description.get("extra") or []
+    fan_in = _fan_in(params)
+
+    def loss(y: Array, y_hat: Array, extra: Array | None = None) -> Array:
+        given = 0 if extra is None else extra.shape[-1]
+        width = fan_in - (2 if config.output_wise else 2 * y.shape[-1])
+        if given != width:
+            names = f" ({', '.join(trained_extra)})" if trained_extra else ""
+            if width == 0:
+                raise ValueError(
+                    f"The learned loss at {path} was meta-trained without extra inputs; got "
+                    f"extra of width {given}. Call it as loss(y, y_hat)."
+                )
+            raise ValueError(
+                f"The learned loss at {path} was meta-trained with {width} extra input(s)"
+                f"{names}; got {given}. Pass extra=[batch, {width}]{names} as in training."
+            )
+        return apply(y, y_hat, extra)
+
+    loss.params, loss.config, loss.description = params, config, description  # type: ignore
+    return loss
+
+
+def _artifacts_below(path: str) -> list[str]:
+    if not os.path.isdir(path):
+        return []
+    return sorted(d for d, _, files in os.walk(path) if LOSS_NET_FILE in files)

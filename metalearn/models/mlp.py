@@ -26,7 +26,11 @@ def smooth_leaky_relu(x: Array, beta: float = 1.0, gamma: float = 0.01) -> Array
 
 
 def activation(name: str, beta: float = 1.0, gamma: float = 0.01) -> Callable[[Array], Array]:
-    """Returns the activation called `name`."""
+    """Returns the element-wise activation called `name` (β, γ: smooth leaky ReLU's).
+
+    Names: relu, elu, tanh, softplus, smooth_leaky_relu, identity; others raise a
+    ValueError listing them.
+    """
     table = {
         "relu": jax.nn.relu,
         "elu": jax.nn.elu,
@@ -67,7 +71,7 @@ def dense_initializers(name: str, fan_in: int, bias_value: float = 0.0):
 
 
 class MLP(nn.Module):
-    """A multilayer perceptron over the last axis.
+    """A multilayer perceptron over the last axis: x [..., D] -> [..., features[-1]].
 
     Attributes:
       features: widths of every layer, the output layer last.

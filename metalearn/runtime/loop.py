@@ -1,22 +1,23 @@
 """The impure edge: drive an experiment's pure steps, log, checkpoint, resume.
 
-An experiment (see `Experiment`) supplies pure, jitted functions; this loop calls them
-in chunks of `eval_every` steps, so that chunk boundaries — and hence every random
-number, evaluation and checkpoint — are the same whether or not a run was interrupted.
-Re-running on the same workdir restores the last checkpoint, drops metrics logged after
-it, and continues to a bit-identical result.
+An experiment (a `metalearn.runtime.experiment.Experiment`) supplies pure, jitted
+functions; this loop calls them in chunks of `eval_every` steps, so that chunk
+boundaries — and hence every random number, evaluation and checkpoint — are the same
+whether or not a run was interrupted. Re-running on the same workdir restores the last
+checkpoint (and says so), drops metrics logged after it, and continues to a bit-identical
+result.
 """
 
 import json
 import os
-from typing import Any, Protocol
+from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
-from absl import logging
 
 from metalearn.runtime.checkpoint import Checkpointer
+from metalearn.runtime.experiment import Experiment
 from metalearn.runtime.metrics import MetricWriter, read_metrics, truncate_metrics
 from metalearn.runtime.progress import Progress
 
@@ -26,24 +27,6 @@ CONFIG_FILE = "config.json"
 
 class NonFiniteError(FloatingPointError):
     """A loss or state became NaN or infinite; nothing after the last finite step is saved."""
-
-
-class Experiment(Protocol):
-    """What `train_and_evaluate` drives. All functions but `finalize` are pure."""
-
-    num_steps: int
-    eval_every: int
-    checkpoint_every: int
-
-    def init(self) -> Any: ...
-
-    def train_chunk(self, state: Any, start: int, num: int) -> tuple[Any, dict[str, Any]]:
-        """Steps start … start+num−1; metrics stacked with a leading axis of length num."""
-
-    def evaluate(self, state: Any, step: int) -> dict[str, Any]: ...
-
-    def finalize(self, state: Any, history: list[dict], workdir: str) -> dict[str, Any]:
-        """Final evaluation, figures and artifacts; returns the summary."""
 
 
 def first_non_finite(metrics: dict[str, Any]) -> tuple[int, str] | None:
@@ -129,7 +112,10 @@ def train_and_evaluate(
         start = 0
         truncate_metrics(workdir, -1)
     else:
-        logging.info("Resuming from the checkpoint at step %d in %s", start, workdir)
+        print(
+            f"Resuming from the checkpoint at step {start} of {experiment.num_steps} in {workdir}.",
+            flush=True,
+        )
         state = ckpt.restore(start, state)
         truncate_metrics(workdir, start)
     writer = MetricWriter(workdir)

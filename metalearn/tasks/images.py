@@ -112,9 +112,11 @@ def load_images(config: ml_collections.ConfigDict) -> ImageData:
       config: fields `name`, `source` (one of `SOURCES`: 'tfds', 'cifar_binary', 'idx'
         = the original (Fashion-)MNIST files `{train,t10k}-{images-idx3,labels-idx1}-ubyte
         [.gz]` in `data_dir`, or 'synthetic' = random pixels for smoke runs), `data_dir`,
-        `download`,
-        `train_files`, `test_files`, `validation_size`, `validation_seed`, `classes`,
-        `max_train_examples`, `max_test_examples`.
+        optionally `fallback_data_dir` (tfds: read from `data_dir`, else $TFDS_DATA_DIR,
+        else `fallback_data_dir`, else tfds's default folder; see
+        `prepared.resolve_data_dir`), `download`, `train_files`, `test_files`,
+        `validation_size`, `validation_seed`, `classes`, `max_train_examples`,
+        `max_test_examples`.
 
     Returns:
       The splits as `ImageData`.
@@ -134,7 +136,7 @@ def load_images(config: ml_collections.ConfigDict) -> ImageData:
         )
 
     if config.source == "tfds":
-        data_dir = prepared.resolve_data_dir(config.data_dir)
+        data_dir = prepared.resolve_data_dir(config.data_dir, config.get("fallback_data_dir", ""))
         version = prepared.prepared_version(info.tfds_name, data_dir, bool(config.download))
         # Without a class selection the first examples are the ones kept: decode only those.
         train_limit = (

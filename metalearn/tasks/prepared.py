@@ -14,10 +14,21 @@ def tfds():
     return tfds
 
 
-def resolve_data_dir(data_dir: str) -> str:
-    """`data_dir`, else $TFDS_DATA_DIR, else tfds's default folder; absolute."""
-    if not data_dir:
-        data_dir = os.environ.get("TFDS_DATA_DIR") or tfds().core.constants.get_default_data_dir()
+def resolve_data_dir(data_dir: str, fallback: str = "") -> str:
+    """Where prepared tfds data is read: the first of `data_dir`, $TFDS_DATA_DIR,
+    `fallback` and tfds's default folder that is set; absolute.
+
+    Args:
+      data_dir: the folder the user asked for ('' for none), e.g. `config.data.data_dir`.
+      fallback: the folder to use when neither `data_dir` nor $TFDS_DATA_DIR is set ('' for
+        tfds's default), e.g. a smoke config's ../shared/data/tfds.
+    """
+    data_dir = (
+        data_dir
+        or os.environ.get("TFDS_DATA_DIR")
+        or fallback
+        or tfds().core.constants.get_default_data_dir()
+    )
     return os.path.abspath(os.path.expanduser(data_dir))
 
 

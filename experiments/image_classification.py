@@ -1,0 +1,388 @@
+"""Image classification with a fixed or a learned loss: the baseline, ML³ and AdaLFL.
+
+One experiment for the three algorithms of the AdaLFL paper, chosen by
+`config.algorithm`; everything else (data order, model, optimizer, schedule, budget) is
+shared, so runs differ only in the loss θ is trained on:
+
+- `baseline`: cross-entropy for `inner.steps` steps.
+- `ml3`: `meta.init_steps` offline ML³ steps (each a fresh θ, one inner step on ℓ_φ, one
+  meta step on the task loss at the new θ), then `inner.steps` steps on the frozen ℓ_φ.
+- `adalfl`: the same initialisation, then `inner.steps` lock-step iterations: one inner
+  step on ℓ_φ and one meta step on the task loss at θ_{t+1}.
+
+Global step t runs the initialisation for t < init_steps and trains the model after, so
+`eval/model_step` = t − init_steps. The data position is the step: batch t of every
+stream is a pure function of (seed, t), which makes a resumed run read exactly the
+batches an uninterrupted one would. Steps are jitted over a device mesh: batches split
+along `data`, state replicated.
+
+The learned loss ℓ_φ is fed output-wise: the one-hot label y_c and the softmax
+probability ŷ_c of every class c, summed over classes (`make_losses`); it is saved at
+the end as `<workdir>/learned_loss`.
+"""
+
+import functools
+import os
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from metalearn import bilevel, plots
+from metalearn.algorithms import adalfl
+from metalearn.losses import learned as learned_losses
+from metalearn.losses.task import softmax_cross_entropy
+from metalearn.models import vision
+from metalearn.optim import make_optimizer
+from metalearn.runtime import sharding
+from metalearn.runtime.experiment import Experiment
+from metalearn.runtime.metrics import mean_std
+from metalearn.state import InnerState, MetaState, init_inner_state, init_meta_state
+from metalearn.tasks import images
+from metalearn.types import Array, Batch, PRNGKey
+
+ALGORITHMS = ("baseline", "ml3", "adalfl")
+CURVE_POINTS = 21  # predicted probabilities at which the learned loss's shape is logged
+
+
+@flax.struct.dataclass
+class TrainState:
+    """θ (with optimizer and batch-norm state) and φ (with its optimizer state)."""
+
+    inner: InnerState
+    meta: MetaState
+
+
+def forward(
+    model,
+    info: images.DatasetInfo,
+    augment: str,
+    params,
+    model_state,
+    batch: Batch,
+    key: PRNGKey,
+) -> tuple[Array, Any]:
+    """Training-mode logits (float32) of a uint8 batch, with augmentation and dropout."""
+    aug_key, dropout_key = jax.random.split(key)
+    x = images.preprocess(
+        batch["image"], info, augment=augment, key=None if augment == "none" else aug_key
+    )
+    logits, model_state = vision.apply_model(
+        model, params, model_state, x, train=True, key=dropout_key
+    )
+    return logits.astype(jnp.float32), model_state
+
+
+def make_losses(model, info, augment: str, meta_augment: str, loss_fn):
+    """The inner objectives (learned, cross-entropy) and the outer task loss.
+
+    Args:
+      model, info: the classifier and its dataset's description.
+      augment: augmentation of inner (training) batches.
+      meta_augment: augmentation of the meta-objective batches.
+      loss_fn: `loss(φ, y_onehot, probs) -> scalar`, the learned loss.
+
+    Returns:
+      `(learned_inner, ce_inner, outer)` with the signatures of `metalearn.types`. The
+      learned loss sees (one-hot y_c, softmax probability ŷ_c) output-wise; both inner
+      losses report `train/ce` and `train/accuracy` of the same forward pass.
+    """
+
+    def inner(use_learned, params, model_state, phi, batch, key):
+        logits, model_state = forward(model, info, augment, params, model_state, batch, key)
+        ce = softmax_cross_entropy(batch["label"], logits)
+        if use_learned:
+            y = jax.nn.one_hot(batch["label"], logits.shape[-1])
+            loss = loss_fn(phi, y, jax.nn.softmax(logits))
+        else:
+            loss = ce
+        accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+        return loss, (model_state, {"train/ce": ce, "train/accuracy": accuracy})
+
+    def outer(params, model_state, batch, key):
+        logits, _ = forward(model, info, meta_augment, params, model_state, batch, key)
+        return softmax_cross_entropy(batch["label"], logits)
+
+    return functools.partial(inner, True), functools.partial(inner, False), outer
+
+
+class ImageClassification(Experiment):
+    """Baseline, ML³ or AdaLFL on an image dataset, driven by `runtime.loop`."""
+
+    def __init__(
+        self,
+        config: ml_collections.ConfigDict,
+        *,
+        mesh: jax.sharding.Mesh | None = None,
+        data: images.ImageData | None = None,
+    ):
+        """Builds the experiment.
+
+        Args:
+          config: see configs/_image.py.
+          mesh: the device mesh (default: every device, one `data` axis).
+          data: the dataset, if already in memory (e.g. synthetic images for a benchmark);
+            by default loaded as `config.data` says.
+        """
+        super().__init__(config, mesh=mesh)
+        c = config
+        if c.algorithm not in ALGORITHMS:
+            raise ValueError(f"Unknown algorithm {c.algorithm!r}; choose one of {ALGORITHMS}.")
+        self.learned = c.algorithm != "baseline"
+        if self.learned:
+            adalfl.check_online_estimator(c.meta.estimator)
+            if c.meta.method not in adalfl.METHODS:
+                raise ValueError(
+                    f"Unknown meta.method {c.meta.method!r}; choose one of {adalfl.METHODS}."
+                )
+        self.init_steps = c.meta.init_steps if self.learned else 0
+        self.num_steps = self.init_steps + c.inner.steps
+        if self.init_steps % self.eval_every:
+            raise ValueError(
+                f"meta.init_steps ({self.init_steps}) must be a multiple of eval.every "
+                f"({self.eval_every}), so that an evaluation marks the end of the offline phase."
+            )
+        if c.meta.split not in ("train", "validation"):
+            raise ValueError(f"meta.split must be 'train' or 'validation'; got {c.meta.split!r}.")
+        if c.meta.split == "validation" and self.learned and not c.data.validation_size:
+            raise ValueError(
+                "meta.split='validation' needs a validation split: set data.validation_size "
+                "(e.g. --config.data.validation_size=5000)."
+            )
+
+        self.data = images.load_images(c.data) if data is None else data
+        self.info = self.data.info
+        augment = self.info.augment if c.data.augment == "default" else c.data.augment
+        if augment not in images.AUGMENTATIONS:
+            raise ValueError(
+                f"Unknown augmentation {augment!r}; choose one of {images.AUGMENTATIONS}."
+            )
+        meta_augment = augment if c.meta.split == "train" else "none"
+
+        self.mesh = mesh if mesh is not None else sharding.make_mesh()
+        self.replicated = sharding.replicated(self.mesh)
+        self.batch_sharding = sharding.data_sharded(self.mesh)
+        global_batch = c.data.batch_size
+        sharding.check_batch_size(global_batch, self.mesh)
+        sharding.check_batch_size(c.meta.batch_size, self.mesh, "meta batch size")
+        sharding.check_batch_size(c.eval.batch_size, self.mesh, "evaluation batch size")
+
+        dropout = None if c.model.dropout < 0 else c.model.dropout
+        self.model = vision.make_model(
+            c.model.name, self.info.num_classes, dropout=dropout, dtype=jnp.dtype(c.model.dtype)
+        )
+        self.optimizer = make_optimizer(c.inner.optimizer, differentiated=self.learned)
+        self.meta_optimizer = make_optimizer(c.meta.optimizer)
+        self.loss_net = learned_losses.make_loss_network(c.loss_net)
+        loss_fn = learned_losses.learned_loss_fn(c.loss_net)
+        self.learned_inner, self.ce_inner, self.outer = make_losses(
+            self.model, self.info, augment, meta_augment, loss_fn
+        )
+        self.key = jax.random.key(c.seed)
+        self._streams: dict[str, tuple[int, Any]] = {}
+
+        repl, data = self.replicated, self.batch_sharding
+        self._init = self.jit(self.init_state, out_shardings=repl)
+        donate = () if jax.default_backend() == "cpu" else (0,)  # CPU cannot donate
+        shardings = dict(out_shardings=(repl, repl), donate_argnums=donate)
+        self._lockstep = self.jit(
+            self.lockstep_step, in_shardings=(repl, data, data, repl, repl), **shardings
+        )
+        self._plain_step = self.jit(self.plain_step, in_shardings=(repl, data, repl), **shardings)
+        self._eval_step = self.jit(self.eval_step, in_shardings=(repl, data), out_shardings=repl)
+        self._curves = self.jit(self.loss_curves)
+
+    # ---- pure functions -------------------------------------------------------------
+
+    def _fresh_inner(self, key: PRNGKey) -> InnerState:
+        params, model_state = vision.init_model(self.model, key, self.info.image_shape)
+        return init_inner_state(params, self.optimizer, model_state)
+
+    def init_state(self) -> TrainState:
+        """θ₀ (key fold 0) and φ₀ (key fold 1) with their optimizer states."""
+        inner = self._fresh_inner(jax.random.fold_in(self.key, 0))
+        phi = learned_losses.init_learned_loss(
+            self.config.loss_net, jax.random.fold_in(self.key, 1), self.info.num_classes
+        )
+        return TrainState(inner=inner, meta=init_meta_state(phi, self.meta_optimizer))
+
+    def lockstep_step(
+        self, state: TrainState, batch: Batch, meta_batch: Batch, step: Array, offline: Array
+    ) -> tuple[TrainState, dict]:
+        """One AdaLFL iteration, from the carried θ or (offline) from a fresh one.
+
+        `offline` (a traced bool) selects Algorithm 1's step (S_inner = 1: φ learns from a
+        freshly initialised θ, which is then dropped) or Algorithm 2's (θ and φ both
+        advance). Both are one compiled program, so the initialisation and the online
+        phase share their compilation.
+        """
+        key = jax.random.fold_in(jax.random.fold_in(self.key, 2 + offline), step)
+        fresh_key, key = jax.random.split(key)
+        start = jax.lax.cond(offline, lambda: self._fresh_inner(fresh_key), lambda: state.inner)
+        inner, meta, metrics = adalfl.lockstep(
+            start,
+            state.meta,
+            batch,
+            meta_batch,
+            key,
+            inner_loss=self.learned_inner,
+            outer_loss=self.outer,
+            optimizer=self.optimizer,
+            meta_optimizer=self.meta_optimizer,
+            estimator=self.config.meta.estimator,
+            method=self.config.meta.method,
+        )
+        inner = jax.lax.cond(offline, lambda: state.inner, lambda: inner)
+        return TrainState(inner=inner, meta=meta), metrics
+
+    def plain_step(self, state: TrainState, batch: Batch, step: Array) -> tuple[TrainState, dict]:
+        """One model step on cross-entropy (baseline) or on the frozen ℓ_φ (ML³)."""
+        key = jax.random.fold_in(jax.random.fold_in(self.key, 4), step)
+        loss = self.learned_inner if self.config.algorithm == "ml3" else self.ce_inner
+        inner, metrics = bilevel.inner_step(
+            state.inner, state.meta.params, batch, key, inner_loss=loss, optimizer=self.optimizer
+        )
+        return state.replace(inner=inner), metrics
+
+    def init_phase_step(self, state, batch, meta_batch, step) -> tuple[TrainState, dict]:
+        """Global step `step` < init_steps: one offline ML³ step (jitted)."""
+        return self._lockstep(state, batch, meta_batch, step, True)
+
+    def train_step(self, state, batch, meta_batch, step) -> tuple[TrainState, dict]:
+        """Global step `step` ≥ init_steps: one model step of the algorithm (jitted)."""
+        if self.config.algorithm == "adalfl":
+            return self._lockstep(state, batch, meta_batch, step, False)
+        return self._plain_step(state, batch, step)
+
+    def eval_step(self, inner: InnerState, batch: Batch) -> dict:
+        """Sums of cross-entropy, correct predictions and examples over a masked batch."""
+        x = images.preprocess(batch["image"], self.info, augment="none", key=None)
+        logits, _ = vision.apply_model(self.model, inner.params, inner.model_state, x, train=False)
+        logits = logits.astype(jnp.float32)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+        correct = jnp.argmax(logits, -1) == batch["label"]
+        mask = batch["mask"]
+        return {"ce": jnp.sum(ce * mask), "correct": jnp.sum(correct * mask), "n": jnp.sum(mask)}
+
+    def loss_curves(self, phi) -> dict:
+        """ℓ_φ(y, p) on a grid of predicted probabilities p, for y = 1 and y = 0."""
+        p = jnp.linspace(0.0, 1.0, CURVE_POINTS)
+        true = jnp.stack([jnp.ones_like(p), p], -1)
+        wrong = jnp.stack([jnp.zeros_like(p), p], -1)
+        return {
+            "curve/true_class": self.loss_net.apply(phi, true)[:, 0],
+            "curve/wrong_class": self.loss_net.apply(phi, wrong)[:, 0],
+        }
+
+    # ---- the impure edge: data streams, chunks, evaluation, figures -----------------
+
+    def init(self) -> TrainState:
+        """The initial state, replicated over the mesh."""
+        return self._init()
+
+    def batch_at(self, name: str, step: int):
+        """Batch `step` of stream `name` ('train' or 'meta'), on the devices.
+
+        Consecutive calls reuse one prefetching iterator; any other step starts a new one
+        there, since batch t is a pure function of (seed, t).
+        """
+        c = self.config
+        pos, it = self._streams.get(name, (None, None))
+        if pos != step:
+            if it is not None:
+                it.close()  # stops its prefetch thread
+            if name == "train":
+                x, y, seed = self.data.train_images, self.data.train_labels, c.seed
+            elif c.meta.split == "train":  # the same images, in another order
+                x, y, seed = self.data.train_images, self.data.train_labels, c.seed + 100_003
+            else:
+                x, y, seed = self.data.val_images, self.data.val_labels, c.seed
+            bs = c.data.batch_size if name == "train" else c.meta.batch_size
+            it = images.prefetch_to_device(
+                images.host_batches(x, y, bs, seed, step), self.batch_sharding, c.data.prefetch
+            )
+        self._streams[name] = (step + 1, it)
+        return next(it)
+
+    def train_chunk(self, state: TrainState, start: int, num: int) -> tuple[TrainState, dict]:
+        rows = []
+        for t in range(start, start + num):
+            batch = self.batch_at("train", t)
+            meta_batch = None
+            if self.learned and (t < self.init_steps or self.config.algorithm == "adalfl"):
+                meta_batch = self.batch_at("meta", t)
+            step = jax.device_put(np.int32(t), self.replicated)
+            if t < self.init_steps:
+                state, metrics = self.init_phase_step(state, batch, meta_batch, step)
+            else:
+                state, metrics = self.train_step(state, batch, meta_batch, step)
+            rows.append(metrics)
+        return state, jax.tree.map(lambda *xs: jnp.stack(xs), *rows)
+
+    def evaluate(self, state: TrainState, step: int) -> dict:
+        metrics = {}
+        if self.learned:
+            metrics.update(self._curves(state.meta.params))
+        if step < self.init_steps:
+            return metrics  # θ is untouched during the offline phase
+        c = self.config
+        batches = images.eval_batches(
+            self.data.test_images, self.data.test_labels, c.eval.batch_size
+        )
+        totals = None
+        for batch in images.prefetch_to_device(batches, self.batch_sharding, c.data.prefetch):
+            out = self._eval_step(state.inner, batch)
+            totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+        totals = jax.device_get(totals)
+        n = float(totals["n"])
+        metrics.update(
+            {
+                "eval/model_step": step - self.init_steps,
+                "eval/test_error": 1.0 - float(totals["correct"]) / n,
+                "eval/test_loss": float(totals["ce"]) / n,
+            }
+        )
+        return metrics
+
+    def finalize(self, state: TrainState, history: list[dict], workdir: str) -> dict:
+        evals = [r for r in history if "eval/test_error" in r]
+        final = evals[-1]
+        c = self.config
+        label = f"{c.algorithm} ({c.model.name}, {c.data.name})"
+        plots.image_training_curves({label: history}, os.path.join(workdir, "plots", "curves.png"))
+        summary = {
+            "test_error": mean_std([final["eval/test_error"]]),
+            "test_loss": mean_std([final["eval/test_loss"]]),
+            "best_test_error": mean_std([min(r["eval/test_error"] for r in evals)]),
+        }
+        if self.learned:
+            plots.learned_loss_shapes(
+                history, self.init_steps, os.path.join(workdir, "plots", "loss_shapes.png")
+            )
+            learned_losses.save_learned_loss(
+                os.path.join(workdir, "learned_loss"),
+                c.loss_net,
+                state.meta.params,
+                **self.loss_description(),
+            )
+        return summary
+
+    def loss_description(self) -> dict[str, Any]:
+        """How the saved ℓ_φ must be fed, and what it was meta-trained for.
+
+        Every meta-gradient differentiates one inner step: from a fresh θ in ML³'s
+        offline phase (so its loss is meta-trained for 1-step episodes), from the carried
+        θ in AdaLFL, whose φ followed one training run of `inner.steps` steps.
+        """
+        c = self.config
+        return {
+            "y": "one-hot labels",
+            "y_hat": "softmax probabilities",
+            "extra": (),
+            "inner_optimizer": c.inner.optimizer.to_dict(),
+            "inner_steps": c.inner.steps if c.algorithm == "adalfl" else 1,
+        }

@@ -1,0 +1,441 @@
+"""The self-loss language-model experiment: meta-train, then train on the model's own loss.
+
+Global step t is a Phase 1 meta step for t < `meta.steps` (and while a "return to
+meta-training" action is running) and a Phase 2 self-loss step after it:
+
+- Phase 1 (`self_loss.meta_objective`): K inner steps on the self-produced loss from θ,
+  the true cross-entropy of another batch at θ', an outer update of θ through the
+  unroll, then θ ← (1 − τ)θ + τθ'.
+- Phase 2: θ ← θ − α ∇ (self-produced loss), nothing else; every `phase2.anchor_every`
+  steps one step on the true cross-entropy instead, if configured. A control copy of θ,
+  forked at the end of Phase 1, takes the same number of steps on the true
+  cross-entropy of the same batches.
+
+Every logged step records the predicted loss, the true train and validation
+cross-entropies (diagnostics only: in Phase 2 they never reach θ), the control's
+validation cross-entropy, the rank correlation of predicted loss and true train loss
+over the detector's window, and their gap. The reward-hacking detector
+(`self_loss.detector_update`) flags the first logged step at which the predicted loss has
+kept falling over its window while the validation cross-entropy rose by more than the
+tolerance above its best or has not improved by the tolerance for a whole window;
+`steps_to_hack` is the number of Phase 2 steps until the last improvement before it
+(where the hack began). Its action is 'continue' (record only), 'stop' (θ frozen from
+there), 'rollback' (θ back to its best-validation copy) or 'meta' (`detector.meta_steps`
+more Phase 1 steps, then the critic refreshed).
+
+Everything runs in one jitted `lax.scan` per chunk over device-resident text; the
+batches of step t are a pure function of (seed, t), so a resumed run is bit-identical.
+"""
+
+import functools
+import os
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from metalearn import plots
+from metalearn.algorithms import self_loss
+from metalearn.models import transformer
+from metalearn.optim import make_optimizer
+from metalearn.runtime.experiment import Experiment
+from metalearn.runtime.metrics import mean_std
+from metalearn.tasks import text
+from metalearn.types import Array, Params
+
+ACTIONS = ("continue", "stop", "rollback", "meta")
+# Independent random streams under the seed's key.
+_INIT, _INNER, _OUTER, _PHASE2 = range(4)
+
+
+@flax.struct.dataclass
+class SelfLossState:
+    """θ with its two optimizer states, the critic copy, the control, and bookkeeping."""
+
+    params: Params
+    inner_opt: optax.OptState  # Phase 2's optimizer (the inner optimizer of Phase 1)
+    meta_opt: optax.OptState  # Phase 1's outer optimizer
+    critic: Params  # frozen or EMA copy of θ (unused for critic 'same')
+    control: Params  # θ trained on the true cross-entropy from the end of Phase 1
+    control_opt: optax.OptState
+    best: Params  # θ at the best validation cross-entropy of Phase 2 (for rollback)
+    detector: self_loss.Detector
+    val_ce: Array  # the last logged validation cross-entropy of θ and the control
+    control_val_ce: Array
+    meta_left: Array  # Phase 1 steps still to run after a 'meta' action
+    stopped: Array  # a 'stop' action froze θ
+    rollbacks: Array
+
+
+def make_spec(config: ml_collections.ConfigDict) -> self_loss.Spec:
+    s = config.self_loss
+    return self_loss.Spec(
+        signal=s.signal,
+        path=s.path,
+        output=s.output,
+        normalise=s.normalise,
+        critic=s.critic,
+        stop_gradient=s.stop_gradient,
+        sees=s.sees,
+        layout=s.layout,
+        monotonicity=s.monotonicity,
+        disjoint=config.model.loss_layers > 0,
+    )
+
+
+class SelfLossLM(Experiment):
+    """The experiment; driven by `runtime.loop` (see the module docstring). One device:
+    these models are small, so `mesh` is not used."""
+
+    def __init__(self, config: ml_collections.ConfigDict, *, mesh=None):
+        super().__init__(config, mesh=mesh)
+        c = config
+        self.spec = make_spec(c)
+        if c.detector.action not in ACTIONS:
+            raise ValueError(f"Unknown detector.action {c.detector.action!r}; choose {ACTIONS}.")
+        if c.detector.action == "meta" and c.detector.meta_steps < 1:
+            raise ValueError("detector.action='meta' needs detector.meta_steps >= 1.")
+        self_loss.check_estimator(c.meta.estimator, c.meta.window, c.meta.inner_steps)
+        if c.meta.steps < 1 or c.phase2.steps < 0:
+            raise ValueError("meta.steps must be >= 1 and phase2.steps >= 0.")
+        for name, value in (("eval.every", c.eval.every), ("meta.steps", c.meta.steps)):
+            if value % c.log_every:
+                raise ValueError(
+                    f"{name} ({value}) must be a multiple of log_every ({c.log_every})."
+                )
+        self.num_steps = c.meta.steps + c.phase2.steps
+        self.context = c.model.context
+        data = text.load_text(c.data)
+        text.check_length(data, self.context)
+        self.tokens = {s: jnp.asarray(data.split(s)) for s in text.SPLITS}
+        self.diag_windows = jnp.asarray(
+            text.fixed_windows(data.validation, c.diagnostics.val_windows, self.context)
+        )
+        self.eval_windows = {
+            s: jnp.asarray(text.fixed_windows(data.split(s), c.eval.windows, self.context))
+            for s in ("validation", "test")
+        }
+        self.model = transformer.make_transformer(c.model, self.context)
+        disjoint = self.spec.disjoint
+        inner_opt = make_optimizer(c.inner.optimizer, differentiated=True)
+        self.control_opt = make_optimizer(c.inner.optimizer)
+        self.self_opt = self_loss.routed(inner_opt, "loss" if disjoint else None)
+        self.meta_opt = self_loss.routed(
+            make_optimizer(c.meta.optimizer), "lm" if disjoint else None
+        )
+        self.key = jax.random.key(c.seed)
+        self._chunk = self.jit(self._train_chunk, static_argnums=2)
+        self._eval = self.jit(self._evaluate)
+        self._init = self.jit(self._init_state)
+
+    # ---- pure pieces ---------------------------------------------------------------
+
+    def _ce(self, params: Params, windows: Array) -> Array:
+        return self_loss.true_loss(params, {}, windows, None, model=self.model)
+
+    def _eval_ce(self, params: Params, windows: Array, batch: int = 64) -> Array:
+        """Mean cross-entropy over many windows, `batch` at a time (bounded memory)."""
+        n = windows.shape[0]
+        full = n - n % batch
+        total = jnp.zeros(())
+        if full:
+            chunks = windows[:full].reshape(-1, batch, windows.shape[-1])
+            total = jnp.sum(jax.lax.map(lambda w: self._ce(params, w), chunks)) * batch
+        if n % batch:
+            total = total + self._ce(params, windows[full:]) * (n % batch)
+        return total / n
+
+    def _init_state(self) -> SelfLossState:
+        c = self.config
+        params = transformer.init_transformer(
+            self.model, jax.random.fold_in(self.key, _INIT), self.context
+        )
+        val = self._ce(params, self.diag_windows)
+        return SelfLossState(
+            params=params,
+            inner_opt=self.self_opt.init(params),
+            meta_opt=self.meta_opt.init(params),
+            critic=params,
+            control=params,
+            control_opt=self.control_opt.init(params),
+            best=params,
+            detector=self_loss.init_detector(c.detector.window, val, jnp.asarray(c.meta.steps)),
+            val_ce=val,
+            control_val_ce=val,
+            meta_left=jnp.zeros((), jnp.int32),
+            stopped=jnp.zeros((), bool),
+            rollbacks=jnp.zeros((), jnp.int32),
+        )
+
+    def _batch(self, key, split="train", num=None) -> Array:
+        c = self.config
+        draw = lambda k: text.windows(k, self.tokens[split], c.data.batch_size, self.context)  # noqa: E731
+        return draw(key) if num is None else jax.vmap(draw)(jax.random.split(key, num))
+
+    def _phase1(self, state: SelfLossState, t: Array) -> tuple[SelfLossState, dict]:
+        c = self.config
+        key = jax.random.fold_in(self.key, t)
+        tokens = self._batch(jax.random.fold_in(key, _INNER), num=c.meta.inner_steps)
+        outer = self._batch(jax.random.fold_in(key, _OUTER), split=c.meta.split)
+        keys = jax.random.split(jax.random.fold_in(key, _INNER + 10), c.meta.inner_steps)
+        objective = functools.partial(
+            self_loss.meta_objective,
+            model=self.model,
+            spec=self.spec,
+            inner_optimizer=self.self_opt,
+            estimator=c.meta.estimator,
+            window=c.meta.window,
+            remat=c.meta.remat,
+        )
+        (loss, (theta_prime, inner)), grads = jax.value_and_grad(objective, has_aux=True)(
+            state.params, tokens, keys, outer, key
+        )
+        updates, meta_opt = self.meta_opt.update(grads, state.meta_opt, state.params)
+        params = self_loss.interpolate(
+            optax.apply_updates(state.params, updates), theta_prime, c.meta.tau
+        )
+        meta_left = jnp.maximum(state.meta_left - 1, 0)
+        # The last Phase 1 step (initial, or of a 'meta' action) hands over to Phase 2.
+        handover = (t == c.meta.steps - 1) | (state.meta_left == 1)
+        initial = t == c.meta.steps - 1
+        pick = lambda new, old, cond=handover: jax.tree.map(  # noqa: E731
+            lambda a, b: jnp.where(cond, a, b), new, old
+        )
+        logged = ((t + 1) % c.log_every == 0) | handover
+        val = jax.lax.cond(
+            logged, lambda: self._ce(params, self.diag_windows), lambda: state.val_ce
+        )
+        state = state.replace(
+            params=params,
+            meta_opt=meta_opt,
+            critic=pick(params, state.critic),
+            control=pick(params, state.control, initial),
+            control_opt=pick(self.control_opt.init(params), state.control_opt, initial),
+            inner_opt=pick(self.self_opt.init(params), state.inner_opt),
+            best=pick(params, state.best),
+            detector=pick(self_loss.init_detector(c.detector.window, val, t + 1), state.detector),
+            val_ce=val,
+            control_val_ce=jnp.where(initial, val, state.control_val_ce),
+            meta_left=meta_left,
+        )
+        metrics = {
+            "phase": jnp.ones((), jnp.int32),
+            "self/pred_loss": jnp.mean(inner["pred_loss"]),
+            "true/train_ce": inner["train_ce"][0],
+            "meta/outer_ce": loss,
+            "meta/grad_norm": optax.global_norm(grads),
+            "self/anchor": jnp.zeros((), jnp.int32),
+        }
+        return state, metrics
+
+    def _phase2(self, state: SelfLossState, t: Array) -> tuple[SelfLossState, dict]:
+        c = self.config
+        key = jax.random.fold_in(jax.random.fold_in(self.key, _PHASE2), t)
+        tokens = self._batch(key)
+        critic = state.params if self.spec.critic == "same" else state.critic
+        n = t - c.meta.steps + 1  # Phase 2 steps so far, this one included
+
+        def descend(loss_fn):
+            def run(_):
+                (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+                updates, opt = self.self_opt.update(grads, state.inner_opt, state.params)
+                return optax.apply_updates(state.params, updates), opt, aux
+
+            return run
+
+        def self_objective(p):
+            value, (_, aux) = self_loss.self_loss(
+                p, {}, critic, tokens, key, model=self.model, spec=self.spec
+            )
+            return value, aux
+
+        def anchor_objective(p):
+            ce = self._ce(p, tokens)
+            return ce, {"pred_loss": ce, "train_ce": ce}
+
+        if c.phase2.anchor_every > 0:
+            anchor = n % c.phase2.anchor_every == 0
+            params, inner_opt, aux = jax.lax.cond(
+                anchor, descend(anchor_objective), descend(self_objective), None
+            )
+        else:  # no anchor branch to compile
+            anchor = jnp.zeros((), bool)
+            params, inner_opt, aux = descend(self_objective)(None)
+        params = jax.tree.map(lambda a, b: jnp.where(state.stopped, b, a), params, state.params)
+        ctrl_grads = jax.grad(self._ce)(state.control, tokens)
+        ctrl_updates, control_opt = self.control_opt.update(
+            ctrl_grads, state.control_opt, state.control
+        )
+        control = optax.apply_updates(state.control, ctrl_updates)
+        critic_copy = state.critic
+        if self.spec.critic == "ema":
+            critic_copy = self_loss.ema(state.critic, params, c.self_loss.ema_decay)
+
+        logged = (t + 1) % c.log_every == 0
+        val, control_val = jax.lax.cond(
+            logged,
+            lambda: (self._ce(params, self.diag_windows), self._ce(control, self.diag_windows)),
+            lambda: (state.val_ce, state.control_val_ce),
+        )
+        det, hacked, improved, corr = self_loss.detector_update(
+            state.detector,
+            aux["pred_loss"],
+            aux["train_ce"],
+            val,
+            t + 1,
+            tolerance=c.detector.tolerance,
+        )
+        det = jax.tree.map(lambda a, b: jnp.where(logged, a, b), det, state.detector)
+        hacked, improved = hacked & logged & ~state.stopped, improved & logged
+        best = jax.tree.map(lambda a, b: jnp.where(improved, a, b), params, state.best)
+        state = state.replace(
+            params=params,
+            inner_opt=inner_opt,
+            critic=critic_copy,
+            control=control,
+            control_opt=control_opt,
+            best=best,
+            detector=det,
+            val_ce=val,
+            control_val_ce=control_val,
+        )
+        state = self._act(state, hacked, t)
+        metrics = {
+            "phase": jnp.full((), 2, jnp.int32),
+            "self/pred_loss": aux["pred_loss"],
+            "true/train_ce": aux["train_ce"],
+            "meta/outer_ce": jnp.zeros(()),
+            "meta/grad_norm": jnp.zeros(()),
+            "self/anchor": anchor.astype(jnp.int32),
+        }
+        extra = {"diag/rank_corr": corr, "diag/hacked": hacked.astype(jnp.int32)}
+        return state, {**metrics, **extra}
+
+    def _act(self, state: SelfLossState, hacked: Array, t: Array) -> SelfLossState:
+        """The detector's action on a detection at step t + 1."""
+        c = self.config
+        action = c.detector.action
+        if action == "stop":
+            return state.replace(stopped=state.stopped | hacked)
+        if action == "rollback":
+            pick = lambda a, b: jax.tree.map(lambda x, y: jnp.where(hacked, x, y), a, b)  # noqa: E731
+            fresh = self_loss.restart_detector(state.detector, t + 1)
+            return state.replace(
+                params=pick(state.best, state.params),
+                inner_opt=pick(self.self_opt.init(state.best), state.inner_opt),
+                detector=pick(fresh, state.detector),
+                rollbacks=state.rollbacks + hacked.astype(jnp.int32),
+            )
+        if action == "meta":
+            return state.replace(
+                meta_left=jnp.where(hacked, c.detector.meta_steps, state.meta_left)
+            )
+        return state
+
+    def _step(self, state: SelfLossState, t: Array) -> tuple[SelfLossState, dict]:
+        in_phase1 = (t < self.config.meta.steps) | (state.meta_left > 0)
+
+        def phase1(s):
+            s, m = self._phase1(s, t)
+            return s, {
+                **m,
+                "diag/rank_corr": jnp.zeros(()),
+                "diag/hacked": jnp.zeros((), jnp.int32),
+            }
+
+        state, metrics = jax.lax.cond(in_phase1, phase1, lambda s: self._phase2(s, t), state)
+        metrics.update(
+            {
+                "true/val_ce": state.val_ce,
+                "control/val_ce": state.control_val_ce,
+                "diag/gap": metrics["self/pred_loss"] - metrics["true/train_ce"],
+                "diag/rollbacks": state.rollbacks,
+                "diag/steps_to_hack": jnp.where(
+                    state.detector.onset >= 0, state.detector.onset - self.config.meta.steps, -1
+                ),
+            }
+        )
+        return state, metrics
+
+    def _train_chunk(self, state, start, num):
+        return jax.lax.scan(self._step, state, start + jnp.arange(num))
+
+    def _evaluate(self, state: SelfLossState) -> dict[str, Array]:
+        return {
+            "eval/val_ce": self._eval_ce(state.params, self.eval_windows["validation"]),
+            "eval/control_val_ce": self._eval_ce(state.control, self.eval_windows["validation"]),
+        }
+
+    # ---- the runtime.loop protocol ----------------------------------------------------
+
+    def init(self) -> SelfLossState:
+        # Committed to the device, as a restored state is, so a resumed run reuses the
+        # compiled programs.
+        return jax.device_put(self._init(), jax.devices()[0])
+
+    def train_chunk(self, state, start: int, num: int):
+        return self._chunk(state, jnp.asarray(start, jnp.int32), num)
+
+    def evaluate(self, state, step: int) -> dict[str, Any]:
+        return self._eval(state)
+
+    def finalize(self, state: SelfLossState, history: list[dict], workdir: str) -> dict:
+        c = self.config
+        start = c.meta.steps
+        onset, detected = int(state.detector.onset), int(state.detector.detected_at)
+        test = float(self._eval_ce(state.params, self.eval_windows["test"]))
+        summary = {
+            "steps_to_hack": onset - start if onset >= 0 else None,
+            "hack_detected_at": detected - start if detected >= 0 else None,
+            "phase2_steps": c.phase2.steps,
+            "rollbacks": int(state.rollbacks),
+            "test_ce": mean_std([test]),
+            **phase2_summary(history, start, c.detector.degrade_margin),
+        }
+        rows = [r for r in history if "self/pred_loss" in r]
+        plots.self_loss_curves(
+            {"": rows}, meta_steps=start, path=os.path.join(workdir, "plots", "self_loss.png")
+        )
+        return summary
+
+
+def phase2_summary(history: list[dict], meta_steps: int, margin: float) -> dict:
+    """The numbers of a run's Phase 2 read from its logged rows (see `steps_to_degrade`);
+    predicted-loss figures skip anchor steps, which log the true loss they descend."""
+    rows = [r for r in history if "self/pred_loss" in r]
+    phase2 = [r for r in rows if r["phase"] == 2]
+    if not phase2:
+        return {}
+    val = [r["true/val_ce"] for r in phase2]
+    pred = [r["self/pred_loss"] for r in phase2 if not r["self/anchor"]] or [np.nan]
+    start = next(r["true/val_ce"] for r in rows if r["step"] == meta_steps)
+    return {
+        "steps_to_degrade": steps_to_degrade(history, meta_steps, margin),
+        "phase1_end_val_ce": mean_std([start]),
+        "best_val_ce": mean_std([min(val)]),
+        "final_val_ce": mean_std([val[-1]]),
+        "control_final_val_ce": mean_std([phase2[-1]["control/val_ce"]]),
+        "min_pred_loss": mean_std([min(pred)]),
+        "final_pred_loss": mean_std([pred[-1]]),
+    }
+
+
+def steps_to_degrade(history: list[dict], meta_steps: int, margin: float) -> int | None:
+    """Phase 2 steps until the logged validation cross-entropy first exceeds its value at
+    the end of Phase 1 by more than `margin` nats (None if it never does).
+
+    A second horizon beside `steps_to_hack`: the detector dates where improvement stopped,
+    which is step 0 for a critic that never improves the model; this dates how long the
+    model lasts before it is clearly worse than where self-training began.
+    """
+    rows = [r for r in history if "true/val_ce" in r and "phase" in r]
+    start = next((r["true/val_ce"] for r in rows if r["step"] == meta_steps), None)
+    if start is None:
+        return None
+    worse = (r["step"] for r in rows if r["phase"] == 2 and r["true/val_ce"] > start + margin)
+    step = next(worse, None)
+    return None if step is None else step - meta_steps

@@ -1,0 +1,187 @@
+"""The experiment protocol that `runtime.loop.train_and_evaluate` drives.
+
+An experiment program (a module of `experiments/`) subclasses `Experiment`, or
+`ML3Experiment` for the common ML³ shape, and is built as `Cls(config, mesh=mesh)`:
+
+- `init()`, `train_chunk(state, start, num)` and `evaluate(state, step)` are pure in
+  what they compute (each calls programs compiled with `self.jit`), so a run is a
+  function of its config and resumes exactly;
+- `finalize(state, history, workdir)` is the impure end: the final evaluation, figures
+  and artifacts, returning the summary.
+
+`config.fast_compile` (set by every `:smoke` variant) compiles every program of the
+experiment with most XLA optimisations off: a smoke run's time is its compilation, and
+the numbers it computes stay meaningful (only their last bits change).
+"""
+
+import abc
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from metalearn.losses import learned as learned_losses
+from metalearn.types import MetaParams, PRNGKey
+
+# The XLA options of `jax_disable_most_optimizations`, applied per program.
+FAST_COMPILE_OPTIONS = {
+    "xla_backend_optimization_level": 0,
+    "xla_llvm_disable_expensive_passes": True,
+}
+
+
+class Experiment(abc.ABC):
+    """One experiment: pure steps over a state, plus a final impure `finalize`.
+
+    Attributes:
+      config: the experiment's config.
+      mesh: the device mesh the experiment may shard over (None: it chooses).
+      num_steps: total steps of the run (set by the subclass).
+      eval_every: steps between evaluations (`config.eval.every`).
+      checkpoint_every: steps between checkpoints (`config.checkpoint_every`), a multiple
+        of `eval_every`.
+    """
+
+    num_steps: int
+
+    def __init__(self, config: ml_collections.ConfigDict, *, mesh: jax.sharding.Mesh | None = None):
+        self.config = config
+        self.mesh = mesh
+        self.eval_every = config.eval.every
+        self.checkpoint_every = config.checkpoint_every
+
+    def jit(self, fun: Callable, **kwargs: Any) -> Callable:
+        """`jax.jit(fun, **kwargs)`, with most optimisations off if `config.fast_compile`."""
+        if self.config.get("fast_compile", False):
+            kwargs.setdefault("compiler_options", FAST_COMPILE_OPTIONS)
+        return jax.jit(fun, **kwargs)
+
+    @abc.abstractmethod
+    def init(self) -> Any:
+        """The initial state (a pytree of arrays)."""
+
+    @abc.abstractmethod
+    def train_chunk(self, state: Any, start: int, num: int) -> tuple[Any, dict[str, Any]]:
+        """Steps start … start+num−1; metrics stacked with a leading axis of length num."""
+
+    @abc.abstractmethod
+    def evaluate(self, state: Any, step: int) -> dict[str, Any]:
+        """Evaluation metrics at `step` (written under `eval/...`)."""
+
+    @abc.abstractmethod
+    def finalize(self, state: Any, history: list[dict], workdir: str) -> dict[str, Any]:
+        """Final evaluation, figures and artifacts; returns the summary."""
+
+
+def scan_steps(step: Callable[[Any, jax.Array], tuple[Any, Any]], state, start, num: int):
+    """`num` steps `state, metrics = step(state, t)` for t = start … start+num−1, scanned.
+
+    Metrics come back stacked with a leading axis of length `num`.
+    """
+    return jax.lax.scan(step, state, start + jnp.arange(num))
+
+
+class ML3Experiment(Experiment):
+    """The common ML³ shape: φ for every (variant, seed), one episode a meta step.
+
+    The state holds every seed along a leading axis, or [variant, seed] when the class
+    names `VARIANTS` (learned losses that differ in one input of the episode, e.g. the
+    task loss they are meta-trained on). Subclasses implement `episode` — one meta step
+    of one (variant, seed), usually `algorithms.ml3.episode` — and `init_one`, and may
+    pass arrays that should not be baked into the program as `chunk_inputs`.
+    """
+
+    VARIANTS: tuple[str, ...] = ()
+    # True: `chunk_inputs` has a leading seed axis and each seed's episode gets its slice.
+    CHUNK_INPUTS_PER_SEED: bool = False
+
+    def __init__(self, config: ml_collections.ConfigDict, *, mesh: jax.sharding.Mesh | None = None):
+        super().__init__(config, mesh=mesh)
+        self.num_steps = config.meta.steps
+        self.seed_keys = jax.vmap(jax.random.key)(jnp.asarray(config.seeds))
+        self._chunk = self.jit(self._train_chunk, static_argnums=2)
+
+    # --- what a subclass provides -----------------------------------------------------
+
+    def variant_inputs(self) -> Any:
+        """Per-variant inputs of `episode`, leading axis len(VARIANTS); None if unused."""
+        return None
+
+    def chunk_inputs(self) -> Any:
+        """Arrays passed to the compiled chunk as an argument (e.g. a dataset).
+
+        Every seed's episode sees them whole, or its slice of their leading axis [S, ...]
+        when the class sets `CHUNK_INPUTS_PER_SEED`.
+        """
+        return None
+
+    @abc.abstractmethod
+    def episode(self, meta_state, seed_key: PRNGKey, step, variant, inputs) -> tuple[Any, dict]:
+        """One meta step of one seed (and variant): `(meta_state, metrics)`."""
+
+    # --- the shared protocol ----------------------------------------------------------
+
+    def _train_chunk(self, state, start, num, inputs):
+        seed_axis = 0 if self.CHUNK_INPUTS_PER_SEED else None
+        per_seed = jax.vmap(self.episode, in_axes=(0, 0, None, None, seed_axis))
+        if self.VARIANTS:
+            per_variant = jax.vmap(per_seed, in_axes=(0, None, None, 0, None))
+            variants = self.variant_inputs()
+            body = lambda s, t: per_variant(s, self.seed_keys, t, variants, inputs)  # noqa: E731
+        else:
+            body = lambda s, t: per_seed(s, self.seed_keys, t, None, inputs)  # noqa: E731
+        return scan_steps(body, state, start, num)
+
+    def train_chunk(self, state, start, num):
+        return self._chunk(state, start, num, self.chunk_inputs())
+
+    def save_learned_losses(
+        self,
+        workdir: str,
+        params: MetaParams,
+        *,
+        subdir: Sequence[str] = (),
+        variants: Sequence[str] | None = None,
+        **description: Any,
+    ) -> None:
+        """Writes one learned-loss artifact per (variant,) seed under `workdir/learned_loss`.
+
+        Args:
+          workdir: the run directory.
+          params: φ with leading axes [variant, seed] (or [seed] without variants).
+          subdir: folders between `learned_loss/` and the variant / `seed_<i>` folders.
+          variants: names of the leading variant axis (default `VARIANTS`; () for none).
+          **description: recorded in each artifact (see `losses.learned.save_learned_loss`).
+        """
+        variants = self.VARIANTS if variants is None else tuple(variants)
+        params = jax.device_get(params)
+        root = os.path.join(workdir, "learned_loss", *subdir)
+        folders = (
+            {
+                (v, i): os.path.join(root, name, f"seed_{seed}")
+                for v, name in enumerate(variants)
+                for i, seed in enumerate(self.config.seeds)
+            }
+            if variants
+            else {
+                (i,): os.path.join(root, f"seed_{seed}") for i, seed in enumerate(self.config.seeds)
+            }
+        )
+        for index, folder in folders.items():
+            learned_losses.save_learned_loss(
+                folder,
+                self.config.loss_net,
+                jax.tree.map(lambda x, index=index: x[index], params),
+                **{**self.loss_description(), **description},
+            )
+
+    def loss_description(self) -> dict[str, Any]:
+        """How the saved losses must be fed and what they were meta-trained for."""
+        c = self.config
+        return {
+            "inner_optimizer": c.inner.optimizer.to_dict(),
+            "inner_steps": c.inner.get("episode_length", None),
+        }

@@ -1,0 +1,297 @@
+"""Baseline / ML³ / AdaLFL image classification (experiments/image_classification.py).
+
+The programs are built from the tiny MNIST config below and compiled once per module
+where tests can share them (the `adalfl_run` fixture); the data is the real MNIST in
+../shared/data/tfds where it exists. The 1-vs-8-device tests use ResNet-8 (batch norm)
+on the real CIFAR-10 subset.
+"""
+
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+import experiments
+from configs import _image, adalfl_cifar, adalfl_mnist
+from experiments.image_classification import ImageClassification
+from metalearn import load_learned_loss
+from metalearn.models import vision
+from metalearn.runtime import sharding
+from metalearn.runtime.loop import train_and_evaluate
+from metalearn.tasks import images
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SHARED_TFDS = os.path.join(ROOT, "..", "shared", "data", "tfds")
+needs_mnist = pytest.mark.skipif(
+    not os.path.isdir(os.path.join(SHARED_TFDS, "mnist")), reason=f"no MNIST in {SHARED_TFDS}"
+)
+IMAGE_CONFIGS = [
+    f"{algorithm}_{data}"
+    for algorithm in ("adalfl", "baseline", "ml3")
+    for data in ("mnist", "fashion_mnist", "cifar", "cifar100", "svhn")
+]
+
+
+def tiny(algorithm="adalfl"):
+    """MNIST, LeNet-5, 8 offline + 8 model steps of batch 16: seconds on a CPU."""
+    config = adalfl_mnist.get_config("smoke")
+    config.algorithm = algorithm
+    config.data.max_train_examples = 256
+    config.data.max_test_examples = 64
+    config.data.batch_size = config.meta.batch_size = 16
+    config.eval.batch_size = 32
+    config.meta.init_steps = 8
+    config.inner.steps = config.inner.optimizer.schedule.steps = 8
+    config.eval.every = config.checkpoint_every = 4
+    return config
+
+
+def _rows(workdir):
+    return [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+
+
+@pytest.fixture(scope="module")
+def adalfl_run(tmp_path_factory):
+    """An uninterrupted tiny AdaLFL run: (config, workdir, summary, experiment)."""
+    config = tiny()
+    workdir = str(tmp_path_factory.mktemp("adalfl") / "full")
+    experiment = experiments.make(config)
+    return config, workdir, train_and_evaluate(experiment, config, workdir), experiment
+
+
+def test_config_model_names_are_the_vision_models():
+    assert _image.MODELS == tuple(vision.MODELS)
+
+
+@pytest.mark.parametrize("name", IMAGE_CONFIGS)
+def test_every_image_config_builds_its_smoke_experiment(name):
+    module = importlib.import_module(f"configs.{name}")
+    smoke = module.get_config("smoke")
+    assert smoke.experiment == "image_classification" and smoke.fast_compile
+    experiment = experiments.make(smoke)
+    assert isinstance(experiment, ImageClassification)
+    assert experiment.num_steps > 0 and experiment.data.train_images.shape[0] > 0
+    full = module.get_config()
+    assert not full.fast_compile
+    assert full.inner.steps >= 10_000 and full.data.batch_size == 128
+    for model in ("resnet44", "wrn28_10"):
+        assert module.get_config(model).model.name == model
+    with pytest.raises(ValueError, match="Unknown variant 'nope'"):
+        module.get_config("nope")
+
+
+@needs_mnist
+def test_smoke_reads_data_dir_else_tfds_data_dir_else_the_shared_folder(tmp_path, monkeypatch):
+    # Resolved when the data is loaded, so that `--config.data.data_dir` (applied after
+    # get_config) and the environment both count; an empty folder proves which was read.
+    monkeypatch.delenv("TFDS_DATA_DIR", raising=False)
+    config = adalfl_mnist.get_config("smoke").data
+    assert config.data_dir == "" and not config.download
+    assert images.load_images(config).train_images.shape[0] == config.max_train_examples
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "env"))
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "env"))):
+        images.load_images(config)
+    config.data_dir = str(tmp_path / "flag")
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "flag"))):
+        images.load_images(config)
+
+
+@needs_mnist
+def test_adalfl_resume_mid_offline_phase_and_mid_training_is_exact(adalfl_run, tmp_path):
+    config, full_dir, full, experiment = adalfl_run
+    cut = str(tmp_path / "cut")
+    # Stopped inside the offline phase, then inside online training (the experiment holds
+    # no state but its data streams, which restart wherever a chunk starts elsewhere);
+    # the last part is a new experiment, whose streams start at the restored step.
+    for stop in (4, 12):
+        assert train_and_evaluate(experiment, config, cut, stop_at=stop) is None
+    assert train_and_evaluate(experiments.make(config), config, cut) == full
+    phi = [load_learned_loss(os.path.join(d, "learned_loss")).params for d in (full_dir, cut)]
+    jax.tree.map(np.testing.assert_array_equal, *phi)
+    assert _rows(full_dir) == _rows(cut)
+
+
+@needs_mnist
+def test_evaluations_mark_the_offline_phase_and_log_the_loss_shape(adalfl_run):
+    _, workdir, _, _ = adalfl_run
+    rows = _rows(workdir)
+    evals = [r for r in rows if "eval/test_error" in r]
+    assert [r["eval/model_step"] for r in evals] == [0, 4, 8]  # θ untouched before step 8
+    assert [r["step"] for r in evals] == [8, 12, 16]
+    assert any("curve/true_class" in r for r in rows if r["step"] < 8)
+    assert all("meta/loss" in r for r in rows if 0 < r["step"] and "train/ce" in r)
+
+
+@needs_mnist
+def test_learned_loss_artifact_says_how_it_is_fed_and_what_it_was_trained_for(adalfl_run):
+    config, workdir, _, _ = adalfl_run
+    loss = load_learned_loss(os.path.join(workdir, "learned_loss"))
+    assert loss.description == {
+        "y": "one-hot labels",
+        "y_hat": "softmax probabilities",
+        "extra": [],
+        "inner_optimizer": json.loads(json.dumps(config.inner.optimizer.to_dict())),
+        "inner_steps": config.inner.steps,
+    }
+    y = np.eye(10, dtype=np.float32)[:2]
+    assert np.isfinite(float(loss(y, np.full_like(y, 0.1))))
+
+
+@needs_mnist
+def test_the_three_algorithms_share_data_and_initial_model_and_differ_in_the_loss(adalfl_run):
+    built = {a: experiments.make(tiny(a)) for a in ("baseline", "ml3")}
+    built["adalfl"] = adalfl_run[3]  # its programs are compiled already
+    assert {a: e.num_steps for a, e in built.items()} == {"baseline": 8, "ml3": 16, "adalfl": 16}
+    states = {a: e.init() for a, e in built.items()}
+    for a in ("ml3", "adalfl"):
+        for part in (lambda s: s.inner.params, lambda s: s.inner.model_state, lambda s: s.meta):
+            jax.tree.map(np.testing.assert_array_equal, part(states["baseline"]), part(states[a]))
+        for t in (0, 9):
+            jax.tree.map(
+                np.testing.assert_array_equal,
+                built["baseline"].batch_at("train", t),
+                built[a].batch_at("train", t),
+            )
+    # One model step from the same state and batch: CE (baseline) vs the frozen ℓ_φ (ML³).
+    batch, step = built["baseline"].batch_at("train", 8), np.int32(8)
+    after = {
+        a: jax.device_get(built[a].train_step(states[a], batch, None, step)[0].inner.params)
+        for a in ("baseline", "ml3")
+    }
+    leaves = [jax.tree.leaves(after[a]) for a in ("baseline", "ml3")]
+    assert any(not np.allclose(x, y) for x, y in zip(*leaves, strict=True))
+
+
+def test_bad_settings_fail_with_a_message_saying_what_to_change():
+    config = tiny()
+    config.meta.split = "validation"
+    with pytest.raises(ValueError, match="data.validation_size"):
+        experiments.make(config)
+    config = tiny()
+    config.meta.init_steps = 6
+    with pytest.raises(ValueError, match=r"init_steps \(6\) must be a multiple of eval.every"):
+        experiments.make(config)
+    config = tiny()
+    config.meta.estimator = "first_order"
+    with pytest.raises(ValueError, match="identical to 'unrolled'"):
+        experiments.make(config)
+    config = tiny()
+    config.data.data_dir = "/nonexistent/tfds"
+    with pytest.raises(FileNotFoundError, match="mnist"):
+        experiments.make(config)
+
+
+def _index(x: np.ndarray) -> set[int]:
+    """The indices that `_indexed_data` wrote into the first two pixels of each image."""
+    x = np.asarray(x).astype(int)
+    return set(x[:, 0, 0, 0] + 256 * x[:, 0, 1, 0])
+
+
+def _indexed_data(num_train: int, num_val: int) -> images.ImageData:
+    """MNIST-shaped splits whose images encode their index: train 0…, validation after."""
+    n = num_train + num_val
+    x = np.zeros((n, 28, 28, 1), np.uint8)
+    x[:, 0, 0, 0], x[:, 0, 1, 0] = np.arange(n) % 256, np.arange(n) // 256
+    y = np.arange(n, dtype=np.int32) % 10
+    train, val = (x[:num_train], y[:num_train]), (x[num_train:], y[num_train:])
+    return images.ImageData(images.DATASETS["mnist"], *train, *val, *train)
+
+
+def test_meta_batches_come_from_the_held_out_validation_examples():
+    data = _indexed_data(192, 64)
+    train_index, val_index = _index(data.train_images), _index(data.val_images)
+    for split, source in (("validation", val_index), ("train", train_index)):
+        config = tiny()
+        config.meta.split = split
+        config.data.validation_size = 64
+        experiment = ImageClassification(config, data=data)
+        for t in (0, 3, 9):  # 9: past the 4 meta batches of a validation epoch
+            assert _index(experiment.batch_at("meta", t)["image"]) <= source, (split, t)
+            assert _index(experiment.batch_at("train", t)["image"]) <= train_index
+
+
+def step_leaves(algorithm: str, num_devices: int) -> list[np.ndarray]:
+    """One step of `algorithm` from the initial state on a mesh of `num_devices`, as host
+    leaves of the new state and the metrics.
+
+    ResNet-8 on the CIFAR-10 subset, so that batch norm sees the sharded batch. Baseline:
+    one training step on cross-entropy. AdaLFL: its one compiled lock-step program, run
+    as an offline ML³ step (φ from a fresh θ) and as an AdaLFL step (θ_{t+1}, a training
+    step on ℓ_φ, and φ).
+    """
+    config = adalfl_cifar.get_config("smoke")
+    config.algorithm = algorithm
+    config.data.max_train_examples = 64
+    config.data.max_test_examples = 16
+    config.data.batch_size = config.meta.batch_size = 16
+    config.eval.batch_size = 16
+    # SGD, not Adam: Adam's first step is about lr·sign(g), which would turn float
+    # reassociation noise in near-zero gradient entries into differences of size lr.
+    config.meta.optimizer = {"name": "sgd", "lr": 1e-2}
+    exp = experiments.make(config, mesh=sharding.make_mesh(num_devices))
+    state = exp.init()
+    batch, meta_batch = exp.batch_at("train", 0), exp.batch_at("meta", 0)
+    assert len(batch["image"].sharding.device_set) == num_devices
+    step = np.int32(0)
+    results = [exp.train_step(state, batch, meta_batch, step)]
+    if algorithm == "adalfl":
+        results.append(exp.init_phase_step(state, batch, meta_batch, step))
+    params = jax.tree.leaves(results[0][0].inner.params)
+    assert len(params[0].sharding.device_set) == num_devices
+    return jax.tree.leaves(jax.device_get(results))
+
+
+# The 8-device half runs in a process of its own (the device count is fixed when JAX
+# starts), at the same time as the 1-device half here: two compilations on two cores.
+EIGHT_DEVICES = textwrap.dedent(
+    """
+    import importlib.util, sys
+    import jax, numpy as np
+
+    assert jax.device_count() == 8, jax.devices()
+    spec = importlib.util.spec_from_file_location("test_module", sys.argv[1])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    np.savez(sys.argv[3], *module.step_leaves(sys.argv[2], 8))
+    """
+)
+
+
+# The AdaLFL step's meta-gradient costs three times the compilation of a training step.
+@pytest.mark.parametrize("algorithm", ["baseline", pytest.param("adalfl", marks=pytest.mark.slow)])
+@pytest.mark.usefixtures("fast_compile")
+def test_a_step_matches_on_1_and_8_devices(algorithm, tmp_path):
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+        "JAX_DISABLE_MOST_OPTIMIZATIONS": "true",  # compile time is this test's cost
+    }
+    out = tmp_path / "eight.npz"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", EIGHT_DEVICES, os.path.abspath(__file__), algorithm, str(out)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        one = step_leaves(algorithm, 1)
+        _, stderr = proc.communicate(timeout=900)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, stderr[-4000:]
+    with np.load(out) as saved:
+        eight = [saved[f"arr_{i}"] for i in range(len(saved.files))]
+    assert len(one) == len(eight)
+    # Batch-norm statistics over 8 shards of 2 examples reassociate their sums: allow
+    # float32 noise, far below what per-device statistics (a real bug) would give.
+    for a, b in zip(one, eight, strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-3, atol=5e-5)

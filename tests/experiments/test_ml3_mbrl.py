@@ -1,0 +1,175 @@
+"""ML³ for model-based RL (experiments/ml3_mbrl.py): the pieces that can go wrong.
+
+The CLI smoke run of both configs is in tests/experiments/test_run.py (slow tier); the
+replay buffer and the ensemble have their own tests under tests/metalearn/.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from configs import ml3_mbrl_pointmass, ml3_mbrl_reacher
+from experiments import make
+from metalearn import bilevel
+from metalearn.losses import learned
+from metalearn.models import ensemble
+from metalearn.state import init_inner_state
+
+
+@pytest.fixture(scope="module")
+def experiment():
+    config = ml3_mbrl_pointmass.get_config("smoke")
+    config.horizon = 6
+    config.eval.test_steps = 10
+    config.policy.hidden = (8,)
+    config.loss_net.hidden = (16, 16)
+    config.dynamics.hidden = (16,)
+    return make(config)
+
+
+def _norm(tree):
+    return float(optax.global_norm(tree))
+
+
+@pytest.fixture(scope="module")
+def inits(experiment):
+    """(learned-loss φ, an ensemble model, `init_policy` compiled), made once."""
+    env = experiment.env
+
+    @jax.jit
+    def phi_and_model(key):
+        phi = learned.init_learned_loss(
+            experiment.config.loss_net,
+            jax.random.fold_in(key, 0),
+            num_outputs=env.goal_dim,
+            num_extra=experiment.num_extra,
+        )
+        model = ensemble.init_ensemble(
+            experiment.dyn_net, jax.random.fold_in(key, 1), 2, env.state_dim, env.action_dim
+        )
+        # Non-trivial statistics, so the model's Jacobian is far from the identity.
+        model["stats"]["out_std"] = jnp.full((env.state_dim,), 0.5)
+        return phi, model
+
+    return (*phi_and_model(jax.random.key(4)), jax.jit(experiment.init_policy))
+
+
+def test_inner_gradient_with_detached_states_does_not_depend_on_the_model(
+    experiment, inits, fast_compile
+):
+    """∇_θ M_φ(τ(θ), g) for a rollout in the model equals that on the same trajectory
+    recorded as data, so the learned loss can train policies without any model."""
+    phi, model, init_policy = inits
+    theta = init_policy(jax.random.key(3))
+    goal = jnp.asarray([0.5, 0.7])
+    step = experiment.model_step(model)
+    inner = experiment.learned_inner_loss(step)
+
+    def on_recorded(p, recorded):
+        actions = jax.vmap(lambda s: experiment.policy(p, s))(recorded[:-1])
+        return experiment.learned_loss(phi, recorded, actions, goal)
+
+    def attached(p):  # the same loss without the detach: its gradient runs through the model
+        states, actions = experiment.rollout(step, p, detach_states=False)
+        return experiment.learned_loss(phi, states, actions, goal)
+
+    @jax.jit
+    def grads(p):
+        states, _ = experiment.rollout(step, p, detach_states=True)
+        return (
+            jax.grad(lambda p: inner(p, {}, phi, {"goal": goal}, None)[0])(p),
+            jax.grad(on_recorded)(p, jax.lax.stop_gradient(states)),
+            jax.grad(attached)(p),
+        )
+
+    grad_rollout, grad_recorded, grad_attached = grads(theta)
+    jax.tree.map(
+        lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7),
+        grad_rollout,
+        grad_recorded,
+    )
+    assert _norm(grad_rollout) > 0
+    diff = jax.tree.map(lambda x, y: x - y, grad_attached, grad_recorded)
+    assert _norm(diff) > 1e-3 * _norm(grad_recorded)  # so the test can fail
+
+
+def test_meta_gradient_through_the_model_is_finite_and_nonzero(experiment, inits, fast_compile):
+    phi, model, init_policy = inits
+    step = experiment.model_step(model)
+    goals = jnp.asarray([[0.5, 0.7], [0.9, 0.3]])
+
+    def outer(params, model_state, batch, key):
+        return experiment.task_loss(step, params, batch["goal"])
+
+    batches = {"goal": goals[:, None]}
+    keys = jax.random.split(jax.random.key(6), (2, 1))
+
+    @jax.jit
+    def meta_grad(phi, key):
+        thetas = jax.vmap(experiment.init_policy)(jax.random.split(key, 2))
+        states = jax.vmap(lambda p: init_inner_state(p, experiment.inner_opt))(thetas)
+        return bilevel.meta_grad_over_tasks(
+            phi,
+            states,
+            batches,
+            keys,
+            {"goal": goals},
+            keys[:, 0],
+            inner_loss=experiment.learned_inner_loss(step),
+            outer_loss=outer,
+            optimizer=experiment.inner_opt,
+        )
+
+    loss, grads, _, _ = meta_grad(phi, jax.random.key(5))
+    leaves = jax.tree.leaves(grads)
+    assert np.isfinite(float(loss)) and all(np.isfinite(x).all() for x in leaves)
+    assert _norm(grads) > 1e-6
+
+
+def test_task_loss_through_the_true_simulator_reduces_the_distance(experiment, inits, fast_compile):
+    theta = inits[2](jax.random.key(7))
+    goal = jnp.asarray([0.12, 0.08])  # reachable in 6 steps
+    inner = experiment.task_inner_loss(experiment.env.step)
+    _, trace = jax.jit(lambda t: experiment.fit_policy(inner, {}, t, goal))(theta)
+    trace = np.asarray(trace)
+    assert trace.shape == (experiment.config.eval.test_steps + 1,)
+    assert trace[-1] < 0.7 * trace[0]  # a wrong sign or a cut gradient would not
+
+
+def test_pointmass_meta_test_goals_lie_in_another_quadrant(experiment):
+    goals = experiment.eval_goals(jax.random.key(8))
+    train, test = np.asarray(goals["train_goals"]), np.asarray(goals["test_goals"])
+    assert (train > 0).all()
+    assert (test[:, 0] < 0).all() and (test[:, 1] > 0).all()
+    batch = np.asarray(experiment.train_goals(jax.random.key(8), jax.random.key(9), 16))
+    assert (batch > 0).all()
+
+
+def test_reacher_test_goals_are_reachable_and_new():
+    experiment = make(ml3_mbrl_reacher.get_config("smoke"))
+    key = jax.random.key(10)
+    goals, pool = jax.jit(
+        lambda key: (
+            experiment.eval_goals(key),
+            experiment.train_goals(key, jax.random.key(11), 64),
+        )
+    )(key)
+    for g in goals.values():
+        radius = np.linalg.norm(np.asarray(g), axis=-1)
+        assert (radius <= 0.21).all() and (radius >= 0.05).all()
+    dist = np.linalg.norm(
+        np.asarray(goals["test_goals"])[:, None] - np.asarray(pool)[None], axis=-1
+    )
+    assert dist.min() > 1e-4
+    assert len(np.unique(np.asarray(pool), axis=0)) == experiment.config.data.num_train_goals
+
+
+def test_unknown_variant_and_environment_are_rejected():
+    with pytest.raises(ValueError, match="Unknown variant 'nope'"):
+        ml3_mbrl_pointmass.get_config("nope")
+    config = ml3_mbrl_pointmass.get_config("smoke")
+    config.env = "octopus"
+    with pytest.raises(ValueError, match="Unknown environment 'octopus'"):
+        make(config)

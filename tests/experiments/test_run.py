@@ -1,0 +1,230 @@
+"""End to end: configs through `experiments.run`, resume, determinism, bad input.
+
+The default tier runs one experiment (ML³ sine) through the CLI and in-process; the
+`slow` tier runs every config's `:smoke` variant through the CLI.
+"""
+
+import importlib
+import json
+import os
+import struct
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+import experiments
+from configs import ml3_sine
+from metalearn import load_learned_loss
+from metalearn.runtime.loop import NonFiniteError, train_and_evaluate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CONFIGS = sorted(
+    f[:-3]
+    for f in os.listdir(os.path.join(ROOT, "configs"))
+    if f.endswith(".py") and not f.startswith("_")
+)
+
+
+def run_cli(*args, env=None):
+    return subprocess.run(
+        [sys.executable, "-m", "experiments.run", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def tfrecord_events(path):
+    """Counts records of a TensorBoard event file (TFRecord framing)."""
+    count = 0
+    with open(path, "rb") as f:
+        while header := f.read(12):
+            (length,) = struct.unpack("<Q", header[:8])
+            f.read(length + 4)
+            count += 1
+    return count
+
+
+def _mean_std_leaves(d):
+    for v in d.values():
+        if isinstance(v, dict) and "mean" in v:
+            yield v
+        elif isinstance(v, dict):
+            yield from _mean_std_leaves(v)
+
+
+def check_run_directory(workdir):
+    """What every finished run directory holds (DESIGN.md's list), read back."""
+    for name in ("config.json", "metrics.jsonl", "summary.json"):
+        assert (workdir / name).exists(), name
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary and all(np.isfinite(v["mean"]) for v in _mean_std_leaves(summary))
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    saved = json.loads((workdir / "config.json").read_text())
+    steps = sorted({r["step"] for r in rows})
+    assert steps[0] == 0 and steps == sorted(steps)
+    assert any(k.startswith("eval/") for r in rows for k in r)
+    events = [os.path.join(d, f) for d, _, fs in os.walk(workdir / "tensorboard") for f in fs]
+    assert events and tfrecord_events(events[0]) > len(rows)
+    assert list((workdir / "plots").glob("*.png"))
+    assert ocp.CheckpointManager(str(workdir / "checkpoints")).latest_step() == steps[-1]
+    learned = saved.get("algorithm") not in ("baseline", "self_loss")
+    if learned:
+        artifacts = [d for d, _, fs in os.walk(workdir / "learned_loss") if "loss_net.json" in fs]
+        assert artifacts
+        loss = load_learned_loss(artifacts[0])
+        assert loss.description["inner_optimizer"] is not None
+        assert np.isfinite(float(_call_loaded(loss)))
+    return summary, rows
+
+
+def _call_loaded(loss):
+    """Calls a loaded loss with inputs of the width it was trained for."""
+    fan_in = loss.params["params"]["Dense_0"]["kernel"].shape[0]
+    outputs = 1 if loss.config.output_wise else 2
+    num_extra = fan_in - 2 * (1 if loss.config.output_wise else outputs)
+    y = np.ones((4, outputs), np.float32)
+    return loss(y, 0.5 * y, np.ones((4, num_extra), np.float32) if num_extra else None)
+
+
+def test_every_config_names_an_existing_experiment_and_imports_no_jax():
+    code = (
+        "import sys, importlib\n"
+        f"for name in {CONFIGS!r}:\n"
+        "    importlib.import_module('configs.' + name).get_config()\n"
+        "assert 'jax' not in sys.modules, [m for m in sys.modules if 'jax' in m][:5]\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for name in CONFIGS:
+        config = importlib.import_module(f"configs.{name}").get_config()
+        assert config.experiment in experiments.available(), name
+        assert not config.fast_compile, name
+        assert importlib.import_module(f"configs.{name}").get_config("smoke").fast_compile, name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", CONFIGS)
+def test_smoke_variant_runs_through_the_cli(config, tmp_path):
+    workdir = tmp_path / "run"
+    proc = run_cli(f"--config=configs/{config}.py:smoke", f"--workdir={workdir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    check_run_directory(workdir)
+
+
+def test_ml3_sine_through_the_cli_and_its_resume_message(tmp_path):
+    workdir = tmp_path / "run"
+    proc = run_cli("--config=configs/ml3_sine.py:smoke", f"--workdir={workdir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "final_mse.learned_loss" in proc.stdout and "Resuming" not in proc.stdout
+    _, rows = check_run_directory(workdir)
+    assert rows[-1]["step"] == ml3_sine.get_config("smoke").meta.steps
+    again = run_cli("--config=configs/ml3_sine.py:smoke", f"--workdir={workdir}")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "Resuming from the checkpoint at step 20 of 20" in again.stdout
+
+
+@pytest.fixture(scope="module")
+def sine_experiment():
+    config = ml3_sine.get_config("smoke")
+    return config, experiments.make(config)
+
+
+def _final_phi(workdir):
+    return load_learned_loss(os.path.join(workdir, "learned_loss", "seed_0")).params
+
+
+def test_resume_ends_with_the_same_result_as_an_uninterrupted_run(sine_experiment, tmp_path):
+    config, experiment = sine_experiment
+    full = train_and_evaluate(experiment, config, str(tmp_path / "full"))
+    assert train_and_evaluate(experiment, config, str(tmp_path / "cut"), stop_at=10) is None
+    assert not (tmp_path / "cut" / "summary.json").exists()
+    resumed = train_and_evaluate(experiment, config, str(tmp_path / "cut"))
+    assert resumed == full
+    jax.tree.map(
+        np.testing.assert_array_equal, _final_phi(tmp_path / "full"), _final_phi(tmp_path / "cut")
+    )
+    steps = [json.loads(line)["step"] for line in (tmp_path / "cut" / "metrics.jsonl").open()]
+    full_steps = [json.loads(line)["step"] for line in (tmp_path / "full" / "metrics.jsonl").open()]
+    assert steps == full_steps  # no duplicated or missing rows across the restart
+
+
+def test_same_seed_same_result_and_other_seed_differs(sine_experiment, tmp_path):
+    config, experiment = sine_experiment
+    a = train_and_evaluate(experiment, config, str(tmp_path / "a"))
+    b = train_and_evaluate(experiments.make(config), config, str(tmp_path / "b"))
+    assert a == b
+    other = config.copy_and_resolve_references()
+    other.seeds = (5, 6)
+    c = train_and_evaluate(experiments.make(other), other, str(tmp_path / "c"))
+    assert c["final_mse"]["learned_loss"] != a["final_mse"]["learned_loss"]
+
+
+def test_resuming_with_another_config_is_refused(sine_experiment, tmp_path):
+    config, experiment = sine_experiment
+    train_and_evaluate(experiment, config, str(tmp_path / "r"), stop_at=10)
+    other = config.copy_and_resolve_references()
+    other.meta.optimizer.lr = 0.5
+    with pytest.raises(ValueError, match=r"different config \(differs in: meta.optimizer.lr\)"):
+        train_and_evaluate(experiments.make(other), other, str(tmp_path / "r"))
+
+
+def test_non_finite_inner_loss_stops_with_the_step_and_quantity(tmp_path):
+    config = ml3_sine.get_config("smoke")
+    # φ jumps by ~1e30 per Adam step, so the learned inner loss overflows during meta-train.
+    config.meta.optimizer.lr = 1e30
+    with pytest.raises(NonFiniteError, match=r"Non-finite (inner|meta)/\S+ at step [1-9]\d* \("):
+        train_and_evaluate(experiments.make(config), config, str(tmp_path / "nan"))
+    manager = ocp.CheckpointManager(str(tmp_path / "nan" / "checkpoints"))
+    assert manager.latest_step() is None  # nothing non-finite was saved
+
+
+def test_non_finite_evaluation_is_reported_too(tmp_path):
+    config = ml3_sine.get_config("smoke")
+    config.inner.optimizer.lr = 1e12  # the meta-test fits explode at the first evaluation
+    with pytest.raises(NonFiniteError, match=r"Non-finite eval/\S+ at step 0 \(in the evaluation"):
+        train_and_evaluate(experiments.make(config), config, str(tmp_path / "nan"))
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["--config=configs/ml3_sine.py:smoke", "--config.meta.lrr=1"],
+            "error: Unknown config key 'meta.lrr' in '--config.meta.lrr': meta has no 'lrr'",
+        ),
+        (["--config=configs/ml3_sine.py:nope"], "error: Unknown variant 'nope' of ml3_sine"),
+        (["--config=configs/nope.py"], "error: Config file 'configs/nope.py' does not exist"),
+        (
+            ["--config=configs/ml3_sine.py:smoke", "--config.meta.steps=many"],
+            "error: flag --config.meta.steps=many",
+        ),
+        (
+            ["--config=configs/ml3_sine.py:smoke", "--config.meta.estimator=first-order"],
+            "error: Unknown gradient estimator 'first-order'",
+        ),
+        (
+            ["--config=configs/baseline_mnist.py:smoke", "--config.data.data_dir=/nonexistent"],
+            "error: ",
+        ),
+    ],
+    ids=["unknown_key", "unknown_variant", "missing_file", "bad_value", "estimator", "dataset"],
+)
+def test_user_errors_are_printed_as_their_message_alone(args, message, tmp_path):
+    proc = run_cli(*args, f"--workdir={tmp_path / 'run'}")
+    assert proc.returncode != 0
+    assert message in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_make_names_the_known_experiments_for_an_unknown_one():
+    config = ml3_sine.get_config("smoke")
+    config.experiment = "ml3_sinus"
+    with pytest.raises(ValueError, match=r"Unknown experiment 'ml3_sinus'.*ml3_sine"):
+        experiments.make(config)

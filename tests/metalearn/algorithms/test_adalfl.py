@@ -1,0 +1,191 @@
+"""AdaLFL's lock-step and initialisation steps, on data-free problems, all jitted."""
+
+import functools
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from metalearn import bilevel
+from metalearn.algorithms import adalfl
+from metalearn.losses import learned
+from metalearn.runtime.experiment import FAST_COMPILE_OPTIONS
+from metalearn.state import init_inner_state, init_meta_state
+
+# Their time is compilation of small programs: compile them with most optimisations off.
+pytestmark = pytest.mark.usefixtures("fast_compile")
+
+
+def _problem():
+    """Linear regression θ ∈ R^3 with a 2×8 learned loss; the task loss is the MSE."""
+    cfg = learned.default_loss_net_config()
+    cfg.hidden = (8, 8)
+    cfg.activation = "smooth_leaky_relu"
+    loss_fn = learned.learned_loss_fn(cfg)
+    x = jax.random.normal(jax.random.key(0), (6, 3))
+    batch = {"x": x, "y": x @ jnp.array([[1.0], [-2.0], [0.5]])}
+    meta_batch = {"x": x[::-1] * 0.5, "y": batch["y"][::-1] * 0.5}
+
+    def inner_loss(params, model_state, phi, b, key):
+        del key
+        return loss_fn(phi, b["y"], b["x"] @ params), (model_state, {})
+
+    def outer_loss(params, model_state, b, key):
+        del model_state, key
+        return jnp.mean((b["x"] @ params - b["y"]) ** 2)
+
+    phi = jax.jit(lambda k: learned.init_learned_loss(cfg, k))(jax.random.key(1))
+    return inner_loss, outer_loss, phi, batch, meta_batch
+
+
+@pytest.fixture(scope="module")
+def lockstep_run():
+    """One compiled program: the lock-step by either method, the offline step from the
+    same (fresh) θ, and what they should equal, computed by hand."""
+    inner_loss, outer_loss, phi, batch, meta_batch = _problem()
+    opt = optax.sgd(0.1, momentum=0.9, nesterov=True)
+    meta_opt = optax.adam(1e-2)
+    state = init_inner_state(jnp.zeros((3, 1)) + 0.1, opt)
+    meta = init_meta_state(phi, meta_opt)
+    key = jax.random.key(2)
+    kw = dict(inner_loss=inner_loss, outer_loss=outer_loss, optimizer=opt, meta_optimizer=meta_opt)
+
+    @functools.partial(jax.jit, compiler_options=FAST_COMPILE_OPTIONS)  # a module fixture: set here
+    def run(state, meta):
+        steps = {
+            m: adalfl.lockstep(state, meta, batch, meta_batch, key, method=m, **kw)
+            for m in adalfl.METHODS
+        }
+        offline = adalfl.offline_init_step(meta, state, batch, meta_batch, key, **kw)
+        # θ_{t+1} is the plain inner step taken with φ_t...
+        expected, _ = bilevel.inner_step(
+            state, phi, batch, jax.random.split(key)[0], inner_loss=inner_loss, optimizer=opt
+        )
+
+        # ...and φ_{t+1} one Adam step along ∇_φ L_task(θ_{t+1}(φ)).
+        def task_after_step(p):
+            s, _ = bilevel.inner_step(state, p, batch, None, inner_loss=inner_loss, optimizer=opt)
+            return outer_loss(s.params, None, meta_batch, None)
+
+        return steps, offline, expected, jax.value_and_grad(task_after_step)(phi)
+
+    steps, offline, expected, (loss, grads) = run(state, meta)
+    updates, _ = meta_opt.update(grads, meta.opt_state, phi)
+    return dict(
+        steps=steps,
+        offline=offline,
+        theta=expected.params,
+        loss=loss,
+        grads=grads,
+        phi=optax.apply_updates(phi, updates),
+    )
+
+
+def test_lockstep_theta_is_the_plain_inner_step(lockstep_run):
+    for method in adalfl.METHODS:
+        new_state, new_meta, _ = lockstep_run["steps"][method]
+        chex.assert_trees_all_close(new_state.params, lockstep_run["theta"], rtol=1e-6)
+        assert int(new_meta.step) == 1 and int(new_state.step) == 1
+
+
+@pytest.mark.parametrize("method", adalfl.METHODS)
+def test_lockstep_phi_is_one_meta_step_through_the_inner_step(lockstep_run, method):
+    _, new_meta, metrics = lockstep_run["steps"][method]
+    np.testing.assert_allclose(metrics["meta/loss"], lockstep_run["loss"], rtol=1e-6)
+    chex.assert_trees_all_close(new_meta.params, lockstep_run["phi"], rtol=1e-5)
+    assert float(optax.global_norm(lockstep_run["grads"])) > 0
+
+
+def test_offline_init_step_discards_theta_and_equals_lockstep_on_phi(lockstep_run):
+    new_meta, metrics = lockstep_run["offline"]
+    chex.assert_trees_all_close(new_meta.params, lockstep_run["steps"]["jvp"][1].params)
+    assert "meta/loss" in metrics
+
+
+def test_first_order_equals_exact_for_one_step_from_a_carried_state():
+    """Why AdaLFL accepts only 'unrolled': θ_t is a constant of φ_t, so dθ_{t+1}/dφ =
+    −α ∂²L/∂θ∂φ has no θθ term to drop, and 'first_order' would be the same gradient
+    (over more steps the two differ: tests/metalearn/test_bilevel.py)."""
+    inner_loss, outer_loss, phi, batch, meta_batch = _problem()
+    opt = optax.sgd(0.1)
+    state = init_inner_state(jnp.full((3, 1), 0.3), opt)
+    kw = dict(inner_loss=inner_loss, outer_loss=outer_loss, optimizer=opt)
+    key = jax.random.key(0)
+    args = (state, jax.tree.map(lambda x: x[None], batch), key[None], meta_batch, key)
+    grads = jax.jit(
+        lambda p: [
+            bilevel.meta_grad(p, *args, estimator=e, **kw)[1] for e in ("unrolled", "first_order")
+        ]
+    )(phi)
+    assert float(optax.global_norm(grads[0])) > 1e-3
+    chex.assert_trees_all_close(grads[0], grads[1], rtol=1e-6, atol=1e-9)
+
+
+class _TinyBNNet(nn.Module):
+    """Conv → batch norm → ReLU → dense: the smallest net with batch statistics."""
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        x = nn.Conv(4, (3, 3))(x)
+        x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
+        return nn.Dense(3)(nn.relu(x).mean((1, 2)))
+
+
+def test_jvp_and_backprop_meta_gradients_agree_through_batch_norm(float64):
+    # Weight decay (an update that depends on θ) and Adam (a non-linear one, with moments).
+    optimizer = optax.chain(optax.add_decayed_weights(5e-4), optax.adam(0.01, eps_root=1e-8))
+    net = _TinyBNNet()
+    cfg = learned.default_loss_net_config()
+    cfg.hidden = (8, 8)
+    cfg.activation = "smooth_leaky_relu"
+    loss_fn = learned.learned_loss_fn(cfg)
+
+    @jax.jit  # one program for the set-up instead of many small eager ones
+    def setup():
+        x = jax.random.normal(jax.random.key(0), (6, 5, 5, 2), jnp.float64)
+        labels = jnp.array([0, 1, 2, 0, 1, 2])
+        to64 = lambda tree: jax.tree.map(lambda a: a.astype(jnp.float64), tree)  # noqa: E731
+        variables = to64(net.init(jax.random.key(1), x, train=False))
+        phi = to64(learned.init_learned_loss(cfg, jax.random.key(2), num_outputs=3))
+        model_state = {"batch_stats": variables["batch_stats"]}
+        state = init_inner_state(variables["params"], optimizer, model_state)
+        return {"x": x, "y": labels}, {"x": x[::-1] * 0.7, "y": labels}, phi, state
+
+    batch, meta_batch, phi, state = setup()
+
+    def inner_loss(p, ms, phi, b, key):
+        del key
+        logits, ms = net.apply({"params": p, **ms}, b["x"], train=True, mutable=["batch_stats"])
+        probs = jax.nn.softmax(logits)
+        return loss_fn(phi, jax.nn.one_hot(b["y"], 3), probs), (ms, {})
+
+    def outer_loss(p, ms, b, key):
+        del key
+        logits, _ = net.apply({"params": p, **ms}, b["x"], train=True, mutable=["batch_stats"])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, b["y"]).mean()
+
+    kw = dict(inner_loss=inner_loss, outer_loss=outer_loss, optimizer=optimizer)
+    key = jax.random.key(3)
+
+    @jax.jit
+    def both(phi, state):
+        # One plain step first, so that Adam's moments are non-zero.
+        state, _ = bilevel.inner_step(
+            state, phi, batch, None, inner_loss=inner_loss, optimizer=optimizer
+        )
+        by_jvp = bilevel.one_step_meta_grad(phi, state, batch, key, meta_batch, key, **kw)
+        by_backprop = bilevel.meta_grad(
+            phi, state, jax.tree.map(lambda v: v[None], batch), key[None], meta_batch, key, **kw
+        )
+        return by_jvp, by_backprop
+
+    by_jvp, by_backprop = both(phi, state)
+    assert jax.tree.leaves(by_jvp[1])[0].dtype == jnp.float64
+    np.testing.assert_allclose(by_jvp[0], by_backprop[0], rtol=1e-10)
+    chex.assert_trees_all_close(by_jvp[1], by_backprop[1], rtol=1e-8, atol=1e-12)
+    chex.assert_trees_all_close(by_jvp[2], by_backprop[2], rtol=1e-10, atol=1e-12)
+    assert float(optax.global_norm(by_jvp[1])) > 1e-6

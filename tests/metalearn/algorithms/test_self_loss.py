@@ -1,0 +1,440 @@
+"""The self-loss transformer's pure parts: prediction paths, objectives, the Phase 1
+meta-gradient and its estimators, routing and the reward-hacking detector.
+
+The objective-level tests run on `ToyModel`, a data-free stand-in with the transformer's
+`apply` protocol whose programs compile in about a second; the same checks on the real
+transformer are in the slow tier.
+"""
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from metalearn import bilevel
+from metalearn.algorithms import self_loss
+from metalearn.algorithms.self_loss import detector_update, init_detector
+from metalearn.models import transformer
+from metalearn.state import init_inner_state
+from metalearn.tasks import text
+
+T = 6  # context
+V = text.VOCAB_SIZE
+
+
+class ToyModel:
+    """Token ids [B, L] or distributions [B, L, V] → the running mean of their embeddings
+    (causal) → tanh → next-token logits [B, L, V] (stack 'lm') or a score per position
+    [B, L] from a linear head (stack 'loss'), as `Transformer.apply` returns them."""
+
+    def __init__(self, d: int = 4, dtype=jnp.float32):
+        self.d, self.dtype = d, dtype
+
+    def init(self, key):
+        k1, k2, k3 = jax.random.split(key, 3)
+        normal = lambda k, shape: jax.random.normal(k, shape, self.dtype)  # noqa: E731
+        return {
+            "embed": normal(k1, (V, self.d)),
+            "unembed": normal(k2, (self.d, V)),
+            "loss_head": {"kernel": normal(k3, (self.d, 1))},
+        }
+
+    def apply(self, variables, inputs, *, stack="lm", cache=None):
+        del cache
+        p = variables["params"]
+        e = p["embed"][inputs] if inputs.ndim == 2 else inputs @ p["embed"]
+        length = e.shape[1]
+        causal = jnp.tril(jnp.ones((length, length), e.dtype))
+        h = jnp.tanh(jnp.einsum("st,btd->bsd", causal / causal.sum(1, keepdims=True), e))
+        if stack == "lm":
+            return h @ p["unembed"], None
+        return (h @ p["loss_head"]["kernel"])[..., 0], None
+
+
+@functools.cache
+def _model(loss_layers=0, readout="mean", positions="rotary", d=16, dtype="float32"):
+    """A tiny transformer (one shared block, plus the disjoint ones) and its parameters."""
+    cfg = ml_collections.ConfigDict(
+        {
+            "num_layers": loss_layers + 1,
+            "loss_layers": loss_layers,
+            "d_model": d,
+            "num_heads": 2,
+            "mlp_ratio": 2,
+            "positions": positions,
+            "readout": readout,
+            "dtype": dtype,
+        }
+    )
+    model = transformer.make_transformer(cfg, T)
+    init = jax.jit(functools.partial(transformer.init_transformer, model, context=T))
+    params = init(jax.random.key(0))
+    return model, jax.tree.map(lambda a: a.astype(dtype), params)
+
+
+def _toy(dtype=jnp.float32):
+    model = ToyModel(dtype=dtype)
+    return model, model.init(jax.random.key(0))
+
+
+def _tokens(b=2, length=T + 1, seed=1):
+    return jax.random.randint(jax.random.key(seed), (b, length), 0, text.NUM_BYTES)
+
+
+MODELS = [
+    dict(loss_layers=0, readout="mean", positions="rotary"),
+    dict(loss_layers=1, readout="head", positions="learned"),
+    dict(loss_layers=1, readout="mean", positions="rotary"),
+]
+# The first model in the default tier, every model in the slow one.
+TIERED_MODELS = [MODELS[0], *(pytest.param(m, marks=pytest.mark.slow) for m in MODELS[1:])]
+
+
+@pytest.mark.parametrize("kw", TIERED_MODELS)
+def test_shared_prefix_loss_pass_equals_the_separate_forward(fast_compile, kw):
+    """The block mask over cached keys and values gives the one-forward numbers."""
+    model, params = _model(**kw)
+    x = _tokens()[:, :T]
+
+    @jax.jit
+    def both(params):
+        logits, cache = model.apply({"params": params}, x)
+        preds = self_loss.prediction_inputs(logits, "soft")
+        separate = self_loss.loss_pass(model, params, x, preds, output="identity")
+        shared = self_loss.loss_pass(model, params, x, preds, output="identity", cache=cache)
+        return separate, shared
+
+    separate, shared = both(params)
+    np.testing.assert_allclose(shared, separate, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kw", MODELS)
+def test_shared_prefix_self_loss_has_the_separate_gradient(fast_compile, kw):
+    model, params = _model(**kw)
+    tokens = _tokens()
+    spec_sep = self_loss.Spec(path="soft", disjoint=kw["loss_layers"] > 0)
+    spec_pre = self_loss.Spec(path="soft", layout="shared_prefix", disjoint=spec_sep.disjoint)
+
+    @jax.jit
+    def grads(params):
+        grad = lambda spec: jax.grad(  # noqa: E731
+            lambda p: self_loss.self_loss(p, {}, p, tokens, None, model=model, spec=spec)[0]
+        )(params)
+        return grad(spec_sep), grad(spec_pre)
+
+    grad_sep, grad_pre = grads(params)
+    chex.assert_trees_all_close(grad_pre, grad_sep, rtol=1e-4, atol=1e-6)
+
+
+def test_soft_path_equals_hard_tokens_for_one_hot_predictions(fast_compile):
+    model, params = _model()
+    x = _tokens()[:, :T]
+    pred_tokens = _tokens(seed=3)[:, :T]
+
+    @jax.jit
+    def passes(params):
+        soft = self_loss.loss_pass(
+            model, params, x, jax.nn.one_hot(pred_tokens, V), output="identity"
+        )
+        ids = jnp.concatenate([x, pred_tokens, jnp.full((2, 1), text.LOSS)], 1)
+        hard = model.apply({"params": params}, ids, stack="loss")[0][:, -1]
+        # argmax tokens of the language model through the three paths
+        logits, _ = model.apply({"params": params}, x)
+        paths = [
+            self_loss.loss_pass(
+                model, params, x, self_loss.prediction_inputs(logits * 1e4, p), output="identity"
+            )
+            for p in self_loss.PATHS
+        ]
+        return soft, hard, paths
+
+    soft, hard, paths = passes(params)
+    np.testing.assert_allclose(soft, hard, rtol=1e-5, atol=1e-6)
+    for v in paths[1:]:  # the same forward value
+        np.testing.assert_allclose(v, paths[0], rtol=1e-4, atol=1e-5)
+
+
+def test_prediction_paths_route_the_gradient():
+    logits = jax.random.normal(jax.random.key(0), (1, 3, 5))
+    w = jax.random.normal(jax.random.key(1), (1, 3, 5))
+
+    @jax.jit
+    def grads(z):
+        g = lambda path: jax.grad(  # noqa: E731
+            lambda z: jnp.sum(w * self_loss.prediction_inputs(z, path))
+        )(z)
+        paths = {p: self_loss.prediction_inputs(z, p) for p in ("straight_through", "hard")}
+        return g("straight_through"), g("soft"), g("hard"), paths
+
+    g_st, g_soft, g_hard, paths = grads(logits)
+    np.testing.assert_allclose(g_st, g_soft, rtol=1e-6)
+    np.testing.assert_array_equal(g_hard, 0.0)
+    np.testing.assert_allclose(paths["straight_through"], paths["hard"], atol=1e-6)
+
+
+def _random_direction(params, seed=7):
+    keys = jax.random.split(jax.random.key(seed), len(jax.tree.leaves(params)))
+    keys = jax.tree.unflatten(jax.tree.structure(params), list(keys))
+    return jax.tree.map(lambda a, k: jax.random.normal(k, a.shape, a.dtype), params, keys)
+
+
+# On the toy model: θ as start and live critic through two inner steps, with the
+# monotonicity penalty in the outer loss; a frozen critic; self-produced targets.
+FD_CASES = [
+    (dict(path="soft", monotonicity=1.0, output="softplus"), 2),
+    (dict(path="hard", critic="frozen"), 1),
+    (dict(signal="targets", sees="input_and_continuation"), 1),
+]
+
+
+@pytest.mark.parametrize(
+    "spec_kw, model_kw, steps",
+    [(spec_kw, None, steps) for spec_kw, steps in FD_CASES]
+    + [
+        pytest.param(*case, marks=pytest.mark.slow)
+        for case in [
+            (dict(path="soft"), {}, 2),
+            (dict(path="hard", critic="frozen"), dict(readout="head"), 1),
+            (dict(signal="targets", sees="input_and_continuation"), {}, 2),
+            (
+                dict(path="soft", monotonicity=1.0, output="softplus", disjoint=True),
+                dict(loss_layers=1),
+                1,
+            ),
+        ]
+    ],
+)
+def test_phase1_meta_gradient_matches_finite_differences(
+    float64, fast_compile, spec_kw, model_kw, steps
+):
+    """On the toy model (model_kw None) and on the transformer."""
+    if model_kw is None:
+        model, params = _toy(jnp.float64)
+    else:
+        model, params = _model(d=8, dtype="float64", **model_kw)
+    spec = self_loss.Spec(**spec_kw)
+    tokens = _tokens(b=2, seed=4)[None].repeat(steps, 0)
+    tokens = tokens.at[1:].set(_tokens(b=2, seed=5)) if steps > 1 else tokens
+    outer = _tokens(b=2, seed=6)
+    fn = functools.partial(
+        self_loss.meta_objective,
+        model=model,
+        spec=spec,
+        inner_optimizer=optax.sgd(0.3),
+        estimator="unrolled",
+        window=1,
+    )
+    f = lambda p: fn(p, tokens, jax.random.split(jax.random.key(0), steps), outer, None)[0]  # noqa: E731
+    eps = 1e-6
+
+    @jax.jit
+    def check(params, direction):
+        grad = jax.grad(f)(params)
+        analytic = sum(
+            jnp.vdot(g, d)
+            for g, d in zip(jax.tree.leaves(grad), jax.tree.leaves(direction), strict=True)
+        )
+        shift = lambda s: jax.tree.map(lambda a, d: a + s * eps * d, params, direction)  # noqa: E731
+        return analytic, (f(shift(1.0)) - f(shift(-1.0))) / (2 * eps)
+
+    analytic, numeric = check(params, _random_direction(params))
+    assert abs(analytic) > 1e-6  # a meta-gradient to check
+    np.testing.assert_allclose(analytic, numeric, rtol=1e-5)
+
+
+def _estimator_objective(model):
+    return functools.partial(
+        self_loss.meta_objective,
+        model=model,
+        spec=self_loss.Spec(path="soft"),
+        inner_optimizer=optax.sgd(0.3),
+        window=1,
+    )
+
+
+def test_last_window_keeps_the_forward_pass_and_its_gradient_is_that_of_the_last_step(
+    fast_compile,
+):
+    """K = 2, window 1: the same outer loss and θ' as the exact unroll, and the gradient of
+    the last step's unroll started at θ + (θ₁ − θ) with θ₁ − θ held constant: the earlier
+    step enters by its value, with an identity Jacobian to θ (not a zero one)."""
+    model, params = _toy()
+    tokens = jnp.stack([_tokens(seed=s) for s in range(2)])
+    keys = jax.random.split(jax.random.key(0), 2)
+    objective = _estimator_objective(model)
+    spec, sgd = self_loss.Spec(path="soft"), optax.sgd(0.3)
+
+    def by_hand(p):
+        _, (theta_1, _) = objective(p, tokens[:1], keys[:1], tokens[0], None, estimator="unrolled")
+        start = jax.tree.map(lambda a, b: a + jax.lax.stop_gradient(b - a), p, theta_1)
+        final, _ = bilevel.unroll(
+            init_inner_state(start, sgd),
+            p,
+            tokens[1:],
+            keys[1:],
+            inner_loss=functools.partial(self_loss.self_loss, model=model, spec=spec),
+            optimizer=sgd,
+        )
+        return self_loss.outer_loss(final.params, {}, tokens[0], None, model=model, spec=spec)
+
+    @jax.jit
+    def run(p):
+        value_and_grad = lambda est: jax.value_and_grad(  # noqa: E731
+            lambda p: objective(p, tokens, keys, tokens[0], None, estimator=est), has_aux=True
+        )(p)
+        return value_and_grad("unrolled"), value_and_grad("last_window"), jax.grad(by_hand)(p)
+
+    ((exact, (exact_theta, _)), exact_grad), ((loss, (theta, _)), grad), expected = run(params)
+    np.testing.assert_allclose(loss, exact, rtol=1e-6)
+    chex.assert_trees_all_close(theta, exact_theta, rtol=1e-6, atol=1e-7)
+    chex.assert_trees_all_close(grad, expected, rtol=1e-5, atol=1e-7)
+    diff = optax.global_norm(jax.tree.map(jnp.subtract, grad, exact_grad))
+    assert diff > 1e-4 * optax.global_norm(exact_grad)
+    with pytest.raises(ValueError, match="window"):
+        objective(params, tokens, keys, tokens[0], None, estimator="last_window", window=2)
+
+
+@pytest.mark.slow
+def test_first_order_keeps_the_forward_pass_and_drops_second_order_terms(fast_compile):
+    model, params = _toy()
+    tokens = jnp.stack([_tokens(seed=s) for s in range(2)])
+    keys = jax.random.split(jax.random.key(0), 2)
+    objective = _estimator_objective(model)
+
+    @jax.jit
+    def run(p):
+        return [
+            jax.value_and_grad(
+                lambda p, est=est: objective(p, tokens, keys, tokens[0], None, estimator=est),
+                has_aux=True,
+            )(p)
+            for est in ("unrolled", "first_order")
+        ]
+
+    ((exact, (exact_theta, _)), exact_grad), ((loss, (theta, _)), grad) = run(params)
+    np.testing.assert_allclose(loss, exact, rtol=1e-6)
+    chex.assert_trees_all_close(theta, exact_theta, rtol=1e-6, atol=1e-7)
+    diff = optax.global_norm(jax.tree.map(jnp.subtract, grad, exact_grad))
+    assert diff > 1e-4 * optax.global_norm(exact_grad)
+
+
+@pytest.mark.parametrize("estimator, message", [("truncated", "last_window"), ("es", "Unknown")])
+def test_an_estimator_phase1_cannot_use_fails_with_a_message(estimator, message):
+    with pytest.raises(ValueError, match=message):
+        self_loss.check_estimator(estimator, 1, 3)
+
+
+def test_stop_gradient_critic_gets_no_inner_gradient_and_the_live_one_does():
+    model, params = _toy()
+    tokens = _tokens()
+    specs = {
+        "live": self_loss.Spec(path="hard"),
+        "sg": self_loss.Spec(path="hard", stop_gradient=True),
+        "frozen": self_loss.Spec(path="hard", critic="frozen"),
+    }
+
+    @jax.jit
+    def grads(params):
+        return {
+            name: jax.grad(
+                lambda p, spec=spec: self_loss.self_loss(
+                    p, {}, params, tokens, None, model=model, spec=spec
+                )[0]
+            )(params)
+            for name, spec in specs.items()
+        }
+
+    g = grads(params)
+    # Hard tokens: the only gradient is through the critic's weights, e.g. its loss head.
+    assert np.abs(g["live"]["loss_head"]["kernel"]).max() > 0
+    chex.assert_trees_all_close(g["sg"], jax.tree.map(jnp.zeros_like, params), atol=0)
+    chex.assert_trees_all_close(g["sg"], g["frozen"])
+
+
+def test_routing_freezes_one_group():
+    # Parameters named as the transformer names them (no model needed).
+    names = ("embed", "trunk_0", "lm_0", "lm_norm", "unembed", "loss_0", "loss_norm", "loss_head")
+    params = {n: {"kernel": jnp.full((2, 3), float(i))} for i, n in enumerate(names)}
+    groups = transformer.param_groups(params)
+    assert [groups[n]["kernel"] for n in names] == ["trunk", "trunk"] + ["lm"] * 3 + ["loss"] * 3
+    opt = self_loss.routed(optax.sgd(1.0), "loss")
+    grads = jax.tree.map(jnp.ones_like, params)
+    updates, _ = jax.jit(opt.update)(grads, opt.init(params), params)
+    for n in names:
+        assert np.all(updates[n]["kernel"] == 0) == (groups[n]["kernel"] == "loss"), n
+
+
+def test_normalised_predicted_loss_hides_offset_and_scale():
+    v = jnp.array([1.0, 2.0, 4.0])
+    np.testing.assert_allclose(
+        self_loss.normalise_batch(v), self_loss.normalise_batch(3.0 * v - 5.0), rtol=1e-5
+    )
+
+
+def test_monotonicity_penalty_is_zero_iff_the_ranking_agrees():
+    true = jnp.array([1.0, 2.0, 3.0])
+    assert self_loss.monotonicity_penalty(jnp.array([0.1, 0.5, 0.9]), true) == 0
+    assert self_loss.monotonicity_penalty(jnp.array([0.9, 0.5, 0.1]), true) > 0
+
+
+def test_spearman_matches_numpy_ranks():
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=8), rng.normal(size=8)
+    rank = lambda a: np.argsort(np.argsort(a))  # noqa: E731
+    expected = np.corrcoef(rank(x), rank(y))[0, 1]
+    valid = jnp.ones(8, bool)
+    np.testing.assert_allclose(
+        self_loss.spearman(jnp.asarray(x), jnp.asarray(y), valid), expected, rtol=1e-5
+    )
+    # Invalid entries are ignored.
+    valid = jnp.arange(8) >= 3
+    expected = np.corrcoef(rank(x[3:]), rank(y[3:]))[0, 1]
+    np.testing.assert_allclose(
+        self_loss.spearman(jnp.asarray(x), jnp.asarray(y), valid), expected, rtol=1e-5
+    )
+
+
+def _run_detector(pred, val, window=3, tolerance=0.01):
+    """The detector over logged steps 1, 2, … with these predicted and validation losses."""
+
+    def step(det, xs):
+        p, v, t = xs
+        det, hacked, _, _ = detector_update(det, p, p, v, t, tolerance=tolerance)
+        return det, hacked
+
+    det = init_detector(window, jnp.asarray(val[0] + 1.0), jnp.asarray(0))
+    xs = (
+        jnp.asarray(pred, jnp.float32),
+        jnp.asarray(val, jnp.float32),
+        jnp.arange(1, len(val) + 1),
+    )
+    det, flags = jax.jit(lambda d, xs: jax.lax.scan(step, d, xs))(det, xs)
+    return det, [bool(f) for f in flags]
+
+
+def test_detector_reports_where_validation_stopped_improving():
+    pred = np.linspace(1.0, -1.0, 12)  # falling throughout
+    val = np.array([3.0, 2.9, 2.8, 2.7, 2.75, 2.8, 2.9, 3.0, 3.1, 3.2, 3.3, 3.4])
+    det, flags = _run_detector(pred, val)
+    assert int(det.onset) == 4  # the last improvement: step 4 (val 2.7)
+    assert int(det.detected_at) == flags.index(True) + 1
+    assert int(det.detected_at) == 5  # 2.75 > 2.7 + tol, with a full falling window
+
+
+def test_detector_is_quiet_while_both_improve_or_the_predicted_loss_rises():
+    improving = np.linspace(3.0, 2.0, 12)
+    assert not any(_run_detector(np.linspace(1, 0, 12), improving)[1])
+    assert not any(_run_detector(np.linspace(0, 1, 12), improving[::-1])[1])
+
+
+def test_bad_specs_fail_with_a_message():
+    with pytest.raises(ValueError, match="shared_prefix"):
+        self_loss.Spec(critic="frozen", layout="shared_prefix")
+    with pytest.raises(ValueError, match="Unknown path"):
+        self_loss.Spec(path="gumbel")

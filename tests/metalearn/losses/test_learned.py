@@ -1,0 +1,107 @@
+"""Learned loss networks: activations, output-wise application, portable artifacts."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from metalearn.losses import learned
+from metalearn.models.mlp import smooth_leaky_relu
+
+
+def test_smooth_leaky_relu_limits():
+    x = jnp.array([-100.0, 0.0, 100.0])
+    y = smooth_leaky_relu(x, beta=10.0, gamma=0.1)
+    np.testing.assert_allclose(y[0], 0.1 * -100.0, rtol=1e-5)  # the leak
+    np.testing.assert_allclose(y[1], np.log(2) / 10 * 0.9, rtol=1e-5)  # smooth at 0
+    np.testing.assert_allclose(y[2], 100.0, rtol=1e-5)  # identity at +∞
+    assert float(jax.grad(lambda v: smooth_leaky_relu(v, 10.0, 0.1))(-100.0)) == pytest.approx(0.1)
+
+
+def _config(**kw):
+    c = learned.default_loss_net_config()
+    c.hidden = (8, 8)
+    c.update(kw)
+    return c
+
+
+def test_output_wise_loss_is_a_mean_over_outputs_and_invariant_to_their_order():
+    c = _config(activation="smooth_leaky_relu", output_activation="smooth_leaky_relu")
+    loss = learned.learned_loss_fn(c)
+    rng = np.random.default_rng(0)
+    y, y_hat = jnp.asarray(rng.normal(size=(5, 3))), jnp.asarray(rng.normal(size=(5, 3)))
+    perm = jnp.array([2, 0, 1])
+
+    @jax.jit  # one program instead of many small eager ones
+    def values():
+        phi = learned.init_learned_loss(c, jax.random.key(0), num_outputs=3)
+        per_output = [loss(phi, y[:, i : i + 1], y_hat[:, i : i + 1]) for i in range(3)]
+        return loss(phi, y, y_hat), loss(phi, y[:, perm], y_hat[:, perm]), jnp.stack(per_output)
+
+    whole, permuted, per_output = values()
+    np.testing.assert_allclose(whole, permuted, rtol=1e-6)
+    # The same φ works for any number of outputs: the mean of per-output losses.
+    np.testing.assert_allclose(whole, np.mean(per_output), rtol=1e-5)
+    assert np.ptp(np.asarray(per_output)) > 1e-4  # ...which differ, so the mean is a test
+
+
+def test_extra_inputs_and_shape_errors():
+    c = _config()
+    loss = learned.learned_loss_fn(c)
+    # Shapes only (jax.eval_shape): the checks are on shapes, and nothing needs to run.
+    phi = jax.eval_shape(lambda: learned.init_learned_loss(c, jax.random.key(0), num_extra=2))
+    y = jnp.ones((4, 1))
+    assert jax.eval_shape(loss, phi, y, y, jnp.zeros((4, 2))).shape == ()
+    with pytest.raises(ValueError, match=r"equal shape \[batch, outputs\]"):
+        jax.eval_shape(loss, phi, y, jnp.ones((4,)))
+    with pytest.raises(ValueError, match="extra must be"):
+        jax.eval_shape(loss, phi, y, y, jnp.zeros((3, 2)))
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    """One run's folder of per-seed artifacts: seed_0 plain, seed_1 with an extra input."""
+    root = tmp_path_factory.mktemp("learned_loss")
+    c = _config(output_activation="softplus", use_bias=False)
+    phi = learned.init_learned_loss(c, jax.random.key(1), num_outputs=2)
+    learned.save_learned_loss(str(root / "seed_0"), c, phi, y="targets", y_hat="outputs")
+    phi_x = learned.init_learned_loss(c, jax.random.key(2), num_outputs=2, num_extra=1)
+    learned.save_learned_loss(str(root / "seed_1"), c, phi_x, extra=("x",), inner_steps=10)
+    return root, c, phi
+
+
+def test_artifact_round_trip_gives_the_same_pure_loss(artifacts):
+    root, c, phi = artifacts
+    loaded = learned.load_learned_loss(str(root / "seed_0"))
+    assert loaded.description["y_hat"] == "outputs" and loaded.description["extra"] == []
+    rng = np.random.default_rng(0)
+    y, y_hat = jnp.asarray(rng.normal(size=(6, 2))), jnp.asarray(rng.normal(size=(6, 2)))
+    direct = learned.learned_loss_fn(c)
+    np.testing.assert_allclose(loaded(y, y_hat), direct(phi, y, y_hat), rtol=1e-6)
+    # Pure and differentiable inside someone else's jitted training step.
+    g = jax.jit(jax.grad(lambda yh: loaded(y, yh)))(y_hat)
+    np.testing.assert_allclose(g, jax.grad(lambda yh: direct(phi, y, yh))(y_hat), rtol=1e-5)
+
+
+def test_a_loss_fed_other_extra_inputs_than_it_was_trained_with_says_which(artifacts):
+    root, _, _ = artifacts
+    y = jnp.ones((4, 2))
+    with_x = learned.load_learned_loss(str(root / "seed_1"))
+    assert with_x.description["extra"] == ["x"] and with_x.description["inner_steps"] == 10
+    assert with_x(y, y, jnp.zeros((4, 1))).shape == ()
+    with pytest.raises(ValueError, match=r"meta-trained with 1 extra input\(s\) \(x\); got 0"):
+        with_x(y, y)
+    with pytest.raises(ValueError, match=r"Pass extra=\[batch, 1\] \(x\)"):
+        with_x(y, y, jnp.zeros((4, 3)))
+    plain = learned.load_learned_loss(str(root / "seed_0"))
+    with pytest.raises(ValueError, match=r"without extra inputs; got extra of width 2"):
+        plain(y, y, jnp.zeros((4, 2)))
+
+
+def test_loading_a_run_folder_names_the_seeds_it_holds(artifacts):
+    root, _, _ = artifacts
+    with pytest.raises(FileNotFoundError, match="It holds 2 artifacts") as err:
+        learned.load_learned_loss(str(root))
+    assert "seed_0, seed_1. Pass one of them." in str(err.value)
+    with pytest.raises(FileNotFoundError, match="No learned-loss artifact"):
+        learned.load_learned_loss(str(root / "missing"))

@@ -1,0 +1,343 @@
+"""The heart: meta-gradients against finite differences and against their definitions.
+
+All problems here are data-free: θ ∈ R^4, φ ∈ R^4 × R^4, an inner loss that couples them
+smoothly and non-quadratically, and a quadratic outer loss. Every check runs jitted.
+"""
+
+import functools
+import re
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from metalearn import bilevel
+from metalearn.state import init_inner_state, init_meta_state
+
+# Their time is compilation of small programs: compile them with most optimisations off.
+pytestmark = pytest.mark.usefixtures("fast_compile")
+
+
+def inner_loss(params, model_state, phi, batch, key):
+    del key
+    theta = params["w"]
+    value = (
+        jnp.sum(jax.nn.softplus(phi["a"]) * (theta - batch) ** 2)
+        + jnp.sum(jnp.sin(phi["b"] * theta))
+        + 0.1 * jnp.sum(theta**4)
+    )
+    return value, (model_state, {"theta_norm": jnp.linalg.norm(theta)})
+
+
+def outer_loss(params, model_state, batch, key):
+    del model_state, key
+    return 0.5 * jnp.sum((params["w"] - batch) ** 2)
+
+
+def problem(k, dtype=jnp.float32):
+    rng = np.random.default_rng(0)
+    phi = {"a": jnp.asarray(rng.normal(size=4), dtype), "b": jnp.asarray(rng.normal(size=4), dtype)}
+    theta = {"w": jnp.asarray(rng.normal(size=4), dtype)}
+    batches = jnp.asarray(rng.normal(size=(k, 4)), dtype)
+    target = jnp.asarray(rng.normal(size=4), dtype)
+    keys = jax.random.split(jax.random.key(0), k)
+    return phi, theta, batches, target, keys
+
+
+OPTIMIZERS = {
+    "sgd": optax.sgd(0.05),
+    "momentum": optax.sgd(0.05, momentum=0.9),
+    # eps large enough that even the first step (≈ sign(g) otherwise) depends on φ.
+    "adam": optax.adam(0.05, eps=0.1, eps_root=1e-8),
+}
+LOSSES = dict(inner_loss=inner_loss, outer_loss=outer_loss)
+
+
+def flat(tree):
+    return np.asarray(jax.flatten_util.ravel_pytree(tree)[0])
+
+
+def close(a, b, rtol=1e-6, atol=1e-8):
+    chex.assert_trees_all_close(a, b, rtol=rtol, atol=atol)
+
+
+def test_meta_gradient_matches_finite_differences(float64):
+    opt = OPTIMIZERS["adam"]  # stateful and non-linear: SGD is the easy special case
+    phi, theta, batches, target, keys = problem(3, jnp.float64)
+    state = init_inner_state(theta, opt)
+    kw = dict(**LOSSES, optimizer=opt, estimator="unrolled")
+
+    @jax.jit
+    def analytic_and_fd(phi):
+        f = lambda p: bilevel.meta_loss(p, state, batches, keys, target, keys[0], **kw)[0]  # noqa: E731
+        grads = bilevel.meta_grad(phi, state, batches, keys, target, keys[0], **kw)[1]
+        x, unravel = jax.flatten_util.ravel_pytree(phi)
+        eps = 1e-6
+        basis = eps * jnp.eye(x.size, dtype=x.dtype)
+        fd = jax.vmap(lambda d: (f(unravel(x + d)) - f(unravel(x - d))) / (2 * eps))(basis)
+        return jax.flatten_util.ravel_pytree(grads)[0], fd
+
+    analytic, fd = analytic_and_fd(phi)
+    assert np.abs(analytic).max() > 1e-3  # a meaningful, non-zero gradient
+    np.testing.assert_allclose(analytic, fd, rtol=1e-6, atol=1e-8)
+
+
+def test_first_order_matches_its_definition(float64):
+    """FO: dθ_K/dφ = Σ_k ∂u(g(θ_k, φ))/∂φ with θ_k held fixed (SGD: −α Σ_k ∂g/∂φ(θ_k))."""
+    k, lr = 3, 0.05
+    opt = optax.sgd(lr)
+    phi, theta, batches, target, keys = problem(k, jnp.float64)
+    state = init_inner_state(theta, opt)
+    kw = dict(**LOSSES, optimizer=opt)
+
+    @jax.jit
+    def both(phi):
+        _, first, final, _ = bilevel.meta_grad(
+            phi, state, batches, keys, target, keys[0], estimator="first_order", **kw
+        )
+        exact = bilevel.meta_grad(
+            phi, state, batches, keys, target, keys[0], estimator="unrolled", **kw
+        )[1]
+        # The definition, by hand: the trajectory, then the sum of the mixed terms.
+        grad_theta = lambda t, p, i: jax.grad(lambda t: inner_loss(t, {}, p, batches[i], None)[0])(
+            t
+        )  # noqa: E731
+        thetas, th = [], theta
+        for i in range(k):
+            thetas.append(th)
+            th = jax.tree.map(lambda a, b: a - lr * b, th, grad_theta(th, phi, i))
+        d_outer = jax.grad(outer_loss)(th, {}, target, None)
+        expected = jax.tree.map(jnp.zeros_like, phi)
+        for i, th_i in enumerate(thetas):
+            _, vjp = jax.vjp(lambda p, th_i=th_i, i=i: grad_theta(th_i, p, i), phi)
+            (term,) = vjp(jax.tree.map(lambda d: -lr * d, d_outer))
+            expected = jax.tree.map(jnp.add, expected, term)
+        return first, final.params, exact, expected, th
+
+    first, final, exact, expected, th = both(phi)
+    close(final, th)
+    close(first, expected)
+    # ...and it is not the exact gradient on this non-quadratic problem.
+    assert not np.allclose(flat(exact), flat(first), rtol=1e-3)
+
+
+def test_scan_matches_python_loop():
+    opt = OPTIMIZERS["adam"]  # an optimizer state carried through the scan
+    phi, theta, batches, target, keys = problem(5)
+    state = init_inner_state(theta, opt)
+
+    def looped(p):
+        s = state
+        for i in range(5):
+            s, _ = bilevel.inner_step(
+                s, p, batches[i], keys[i], inner_loss=inner_loss, optimizer=opt
+            )
+        return outer_loss(s.params, {}, target, None), s
+
+    @jax.jit
+    def both(phi):
+        loop = jax.value_and_grad(looped, has_aux=True)(phi)
+        scan = bilevel.meta_grad(
+            phi, state, batches, keys, target, keys[0], **LOSSES, optimizer=opt
+        )
+        return loop, scan
+
+    ((loop_loss, loop_state), loop_grads), (scan_loss, scan_grads, scan_state, metrics) = both(phi)
+    assert metrics["inner/loss"].shape == (5,) and metrics["theta_norm"].shape == (5,)
+    assert int(scan_state.step) == 5
+    close(scan_loss, loop_loss, rtol=1e-5, atol=1e-6)
+    close(scan_state.params, loop_state.params, rtol=1e-5, atol=1e-6)
+    close(scan_grads, loop_grads, rtol=1e-4, atol=1e-6)
+
+
+# The checkpoint primitive as a jaxpr prints it: `remat2[...]` (JAX 0.4-0.10), `checkpoint[...]`.
+CHECKPOINT = re.compile(r"\b(remat\w*|checkpoint)\[")
+
+
+@pytest.mark.parametrize(
+    "estimator, window", [("unrolled", None), ("last_window", 2)], ids=["unrolled", "last_window"]
+)
+def test_remat_checkpoints_the_steps_and_changes_no_number(estimator, window):
+    opt = OPTIMIZERS["adam"]
+    phi, theta, batches, target, keys = problem(4)
+    state = init_inner_state(theta, opt)
+
+    def grads(phi, remat):
+        return bilevel.meta_grad(
+            phi,
+            state,
+            batches,
+            keys,
+            target,
+            keys[0],
+            **LOSSES,
+            optimizer=opt,
+            estimator=estimator,
+            window=window,
+            remat=remat,
+        )[1]
+
+    program = {r: str(jax.make_jaxpr(grads, static_argnums=1)(phi, r)) for r in (False, True)}
+    assert CHECKPOINT.search(program[True])  # the rematerialised program holds the checkpoint
+    assert not CHECKPOINT.search(program[False])  # ...and only it
+    if estimator == "unrolled":  # the same numbers (last_window's tail is the same unroll)
+        both = jax.jit(lambda p: (grads(p, False), grads(p, True)))(phi)
+        close(both[0], both[1], rtol=1e-5, atol=1e-7)
+
+
+def test_last_window_differentiates_only_the_last_steps(float64):
+    """last_window: the forward pass of the full unroll; the gradient of the last W steps
+    from the head's result; an identity Jacobian from θ₀ to the window's start."""
+    opt = OPTIMIZERS["momentum"]
+    phi, theta, batches, target, keys = problem(4, jnp.float64)
+    kw = dict(**LOSSES, optimizer=opt)
+
+    @jax.jit
+    def run(phi, theta):
+        state = init_inner_state(theta, opt)
+        lw = lambda p, th: bilevel.meta_loss(  # noqa: E731
+            p,
+            init_inner_state(th, opt),
+            batches,
+            keys,
+            target,
+            keys[0],
+            estimator="last_window",
+            window=1,
+            **kw,
+        )
+        (loss, (final, metrics)), (g_phi, g_theta) = jax.value_and_grad(
+            lw, argnums=(0, 1), has_aux=True
+        )(phi, theta)
+        full = bilevel.meta_grad(phi, state, batches, keys, target, keys[0], **kw)
+        # By hand: three steps forward, then the gradient of the last one from there.
+        head, _ = bilevel.unroll(
+            state, phi, batches[:3], keys[:3], inner_loss=inner_loss, optimizer=opt
+        )
+        tail = (
+            lambda p, th: bilevel.meta_loss(  # noqa: E731
+                p, head.replace(params=th), batches[3:], keys[3:], target, keys[0], **kw
+            )[0]
+        )
+        by_hand = jax.grad(tail, argnums=(0, 1))(phi, head.params)
+        return loss, final, metrics, g_phi, g_theta, full, by_hand
+
+    loss, final, metrics, g_phi, g_theta, full, (hand_phi, hand_theta) = run(phi, theta)
+    # The same forward pass as the full unroll, metrics over all K steps...
+    close(loss, full[0], rtol=1e-12)
+    close(final.params, full[2].params, rtol=1e-12)
+    assert metrics["inner/loss"].shape == (4,)
+    close(metrics["inner/loss"], full[3]["inner/loss"], rtol=1e-12)
+    # ...the gradient of the last step only, straight through to θ₀...
+    close(g_phi, hand_phi, rtol=1e-10)
+    close(g_theta, hand_theta, rtol=1e-10)
+    # ...which is not the exact gradient.
+    assert not np.allclose(flat(g_phi), flat(full[1]), rtol=1e-3)
+
+
+def _windowed(phi, theta, batches, target, keys, window, meta_opt, opt, estimator):
+    """windowed_meta_steps on one task (task axis of 1)."""
+    k = batches.shape[0]
+    add = lambda t: jax.tree.map(lambda x: x[None], t)  # noqa: E731
+    return bilevel.windowed_meta_steps(
+        init_meta_state(phi, meta_opt),
+        add(init_inner_state(theta, opt)),
+        add(batches),
+        keys[None],
+        jnp.broadcast_to(target, (1, k // window, 4)),
+        jnp.broadcast_to(keys[:1], (1, k // window)),
+        window=window,
+        meta_optimizer=meta_opt,
+        **LOSSES,
+        optimizer=opt,
+        estimator=estimator,
+    )
+
+
+def test_windows_cut_the_gradient_and_carry_the_state():
+    opt, meta_opt = OPTIMIZERS["sgd"], optax.sgd(0.1)
+    phi, theta, batches, target, keys = problem(4)
+
+    @jax.jit
+    def run(phi):
+        truncated = _windowed(phi, theta, batches, target, keys, 2, meta_opt, opt, "truncated")
+        full = _windowed(phi, theta, batches, target, keys, 4, meta_opt, opt, "unrolled")
+        # By hand: two windows of 2, φ updated in between, the state passed on as a constant.
+        p, s = phi, init_inner_state(theta, opt)
+        for w in range(2):
+            sl = slice(2 * w, 2 * w + 2)
+            _, g, s, _ = bilevel.meta_grad(
+                p, s, batches[sl], keys[sl], target, keys[0], **LOSSES, optimizer=opt
+            )
+            p = jax.tree.map(lambda a, b: a - 0.1 * b, p, g)
+        one = bilevel.meta_grad(
+            phi,
+            init_inner_state(theta, opt),
+            batches,
+            keys,
+            target,
+            keys[0],
+            **LOSSES,
+            optimizer=opt,
+        )
+        return truncated, full, p, s, one
+
+    (meta_state, final, metrics), (full, _, full_metrics), p, s, (loss, grads, _, _) = run(phi)
+    assert metrics["meta/loss"].shape == (2,)
+    close(meta_state.params, p, rtol=1e-5, atol=1e-7)
+    close(jax.tree.map(lambda x: x[0], final.params), s.params, rtol=1e-5, atol=1e-7)
+    # One window over the whole unroll is one meta step on the full meta-gradient...
+    close(full_metrics["meta/loss"][0], loss, rtol=1e-6)
+    close(full.params, jax.tree.map(lambda p, g: p - 0.1 * g, phi, grads), rtol=1e-5)
+    # ...and cutting the gradient matters: it gives another update.
+    assert not np.allclose(flat(full.params), flat(meta_state.params), rtol=1e-4)
+
+
+def test_vmap_over_tasks_matches_each_task_alone():
+    opt = OPTIMIZERS["adam"]
+    phi, theta, _, _, keys = problem(3)
+    rng = np.random.default_rng(1)
+    batches = jnp.asarray(rng.normal(size=(2, 3, 4)), jnp.float32)  # 2 tasks × 3 steps
+    targets = jnp.asarray(rng.normal(size=(2, 4)), jnp.float32)
+    states = jax.tree.map(lambda x: jnp.stack([x] * 2), init_inner_state(theta, opt))
+    task_keys = jnp.stack([keys] * 2)
+    kw = dict(**LOSSES, optimizer=opt)
+
+    @jax.jit
+    def run(phi):
+        tasks = bilevel.meta_grad_over_tasks(
+            phi, states, batches, task_keys, targets, task_keys[:, 0], **kw
+        )
+        single = functools.partial(bilevel.meta_grad, **kw)
+        singles = [
+            single(phi, init_inner_state(theta, opt), batches[t], keys, targets[t], keys[0])
+            for t in range(2)
+        ]
+        return tasks, singles
+
+    (loss, grads, finals, _), singles = run(phi)
+    close(loss, np.mean([s[0] for s in singles]), rtol=1e-5)
+    close(
+        grads, jax.tree.map(lambda *g: sum(g) / 2, *[s[1] for s in singles]), rtol=1e-4, atol=1e-6
+    )
+    close(finals.params["w"][1], singles[1][2].params["w"], rtol=1e-5)
+
+
+def test_estimator_choices_of_a_config_are_validated():
+    bilevel.check_estimator("unrolled", 5, 5)
+    bilevel.check_estimator("truncated", 1, 10)
+    bilevel.check_estimator("first_order", 2, 10)
+    bilevel.check_estimator("last_window", 3, 10)
+    with pytest.raises(ValueError, match="Unknown gradient estimator 'implicit'"):
+        bilevel.check_estimator("implicit", 1, 1)
+    with pytest.raises(ValueError, match="must equal the episode length"):
+        bilevel.check_estimator("unrolled", 1, 10)
+    with pytest.raises(ValueError, match="multiple of the window"):
+        bilevel.check_estimator("truncated", 3, 10)
+    with pytest.raises(ValueError, match="say estimator='unrolled'"):
+        bilevel.check_estimator("truncated", 10, 10)
+    with pytest.raises(ValueError, match="for all of them say estimator='unrolled'"):
+        bilevel.check_estimator("last_window", 10, 10)

@@ -1,0 +1,64 @@
+"""Optimizers from config: Adam refused without eps_root when differentiated, schedules."""
+
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from metalearn import bilevel
+from metalearn.optim import make_optimizer
+
+PARAMS = {"w": jnp.zeros(3)}
+
+
+def test_adam_without_eps_root_is_refused_when_differentiated():
+    cfg = ml_collections.ConfigDict({"name": "adam", "lr": 1e-3})
+    plain = make_optimizer(cfg)  # fine when nothing differentiates through it...
+    with pytest.raises(ValueError, match="eps_root > 0.*--config.inner.optimizer.eps_root=1e-8"):
+        make_optimizer(cfg, differentiated=True)  # ...refused when built to be
+    cfg.weight_decay = 1e-4  # also inside the weight-decay chain
+    with pytest.raises(ValueError, match="eps_root"):
+        make_optimizer(cfg, differentiated=True)
+    # The heart's probe agrees with both decisions.
+    with pytest.raises(ValueError, match="eps_root"):
+        bilevel.check_differentiable_optimizer(plain, PARAMS)
+    cfg.eps_root = 1e-8
+    bilevel.check_differentiable_optimizer(make_optimizer(cfg, differentiated=True), PARAMS)
+
+
+@pytest.mark.parametrize("name", ["sgd", "momentum", "nesterov"])
+def test_the_other_optimizers_are_differentiable_as_they_are(name):
+    opt = make_optimizer(ml_collections.ConfigDict({"name": name, "lr": 0.1}), differentiated=True)
+    bilevel.check_differentiable_optimizer(opt, PARAMS)
+
+
+def _lrs(cfg, steps):
+    opt = make_optimizer(cfg)
+    params = jnp.zeros(())
+    state = opt.init(params)
+    seen = []
+    for _ in range(steps):
+        updates, state = opt.update(jnp.ones(()), state, params)
+        seen.append(float(-updates))
+    return seen
+
+
+def test_step_and_cosine_schedules_count_optimizer_steps():
+    cfg = ml_collections.ConfigDict(
+        {
+            "name": "sgd",
+            "lr": 1.0,
+            "schedule": {"name": "step", "steps": 10, "boundaries": (0.5,), "factor": 0.1},
+        }
+    )
+    np.testing.assert_allclose(_lrs(cfg, 7), [1.0] * 5 + [0.1] * 2, rtol=1e-6)
+    cfg.schedule.name = "cosine"
+    assert abs(_lrs(cfg, 10)[-1]) < 0.03  # the last step of a 10-step cosine decay
+    cfg.schedule.name = "linear"
+    with pytest.raises(ValueError, match="Unknown schedule 'linear'"):
+        make_optimizer(cfg)
+
+
+def test_an_unknown_optimizer_names_the_known_ones():
+    with pytest.raises(ValueError, match=r"Unknown optimizer 'adamw'; choose one of \('sgd'"):
+        make_optimizer(ml_collections.ConfigDict({"name": "adamw", "lr": 1e-3}))
