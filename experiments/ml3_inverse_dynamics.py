@@ -245,7 +245,6 @@ class InverseDynamics(ML3Experiment):
         self.test_data = {name: p.test_data for name, p in self.problems.items()}
         # One compiled program serves the evaluations and the final figures.
         self._all_traces_jit = self.jit(self.all_traces)
-        self._init = self.jit(self._init_all)
 
     def variant_inputs(self):
         """Whether each variant's task loss is the shaping loss [V]."""
@@ -279,18 +278,14 @@ class InverseDynamics(ML3Experiment):
 
     # Meta-train ---------------------------------------------------------------------------
 
-    def _init_one(self, seed_key):
+    def init_one(self, seed_key):
         phi = learned_losses.init_learned_loss(self.config.loss_net, seed_key)
         return init_meta_state(phi, self.meta_opt)
 
-    def _init_all(self):
-        one_variant = jax.vmap(self._init_one)(self.seed_keys)
-        stacked = jax.tree.map(lambda x: jnp.stack([x] * len(VARIANTS)), one_variant)
-        return {name: stacked for name in self.problems}
-
-    def init(self):
+    def _init_all(self, seed_keys):
         """{arm: φ and its optimizer state [V, S]}, the same φ for both variants of a seed."""
-        return self._init()
+        stacked = super()._init_all(seed_keys)
+        return {name: stacked for name in self.problems}
 
     def _fresh(self, problem: ArmProblem, key: PRNGKey, num: int):
         params = jax.vmap(problem.init_params)(jax.random.split(key, num))

@@ -140,7 +140,6 @@ class ModelBasedRL(ML3Experiment):
         # The seed keys are an argument of these programs, not a closed-over constant.
         self._meta_test_jit = self.jit(self._meta_test_all)
         self._model_error_jit = self.jit(self._model_errors)
-        self._init_jit = self.jit(jax.vmap(self._init_one))
 
     # -- policies, rollouts, losses --
 
@@ -306,7 +305,7 @@ class ModelBasedRL(ML3Experiment):
         pred = jax.vmap(self.model_step(model))(s, a)
         return jnp.sqrt(jnp.mean((pred - s2) ** 2) / jnp.mean((s2 - s) ** 2))
 
-    def _init_one(self, seed_key: PRNGKey) -> MBRLState:
+    def init_one(self, seed_key: PRNGKey) -> MBRLState:
         c, env = self.config, self.env
         phi = learned_losses.init_learned_loss(
             c.loss_net,
@@ -329,9 +328,6 @@ class ModelBasedRL(ML3Experiment):
             init_meta_state(phi, self.meta_opt), model, self.dyn_opt.init(model["params"]), buffer
         )
         return self.fit_model(state, jax.random.fold_in(seed_key, 4), c.dynamics.init_fit_steps)
-
-    def init(self) -> MBRLState:
-        return self._init_jit(self.seed_keys)
 
     # -- meta-training --
 

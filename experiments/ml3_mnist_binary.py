@@ -87,7 +87,6 @@ class MnistBinary(ML3Experiment):
         self.loss_fn = learned_losses.learned_loss_fn(c.loss_net)
         self._fit_task_jit = self.jit(self._fit_task)
         self._ce_traces = {}
-        self._init_jit = self.jit(lambda: jax.vmap(self._init_one)(self.seed_keys))
 
     def _logits(self, params, model_state, x_uint8, train, key=None):
         x = images.preprocess(x_uint8, self.info, augment="none", key=None)
@@ -121,7 +120,7 @@ class MnistBinary(ML3Experiment):
         params, model_state = vision.init_model(self.model, key, self.info.image_shape)
         return init_inner_state(params, self.inner_opt, model_state)
 
-    def _init_one(self, key):
+    def init_one(self, key):
         phi = learned_losses.init_learned_loss(
             self.config.loss_net, jax.random.fold_in(key, _PHI_INIT), num_outputs=2
         )
@@ -130,7 +129,7 @@ class MnistBinary(ML3Experiment):
     def init(self):
         # Committed to the device, as a state restored from a checkpoint is: otherwise a
         # resumed run would miss the compiled programs and compile them again.
-        return jax.device_put(self._init_jit(), jax.devices()[0])
+        return jax.device_put(super().init(), jax.devices()[0])
 
     def chunk_inputs(self):
         """The task samples of every seed, [S, ...] (see `digit_pairs.sample_tasks`)."""

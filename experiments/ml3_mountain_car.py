@@ -95,7 +95,6 @@ class MountainCar(ML3Experiment):
         self.ilqr_stage_cost = lambda s, a: c.ilqr.action_cost * jnp.sum(a**2)
         self.ilqr_final_cost = lambda s: control.mountain_car_goal_distance(s[0]) ** 2
         self._meta_test_jit = self.jit(self._meta_test)  # one program for evaluate and finalize
-        self._init = self.jit(self._init_all)
 
     # The policy and the learned loss.
 
@@ -158,16 +157,9 @@ class MountainCar(ML3Experiment):
 
     # Meta-training.
 
-    def _init_one(self, seed_key):
+    def init_one(self, seed_key):
         phi = learned_losses.init_learned_loss(self.config.loss_net, seed_key, num_extra=3)
         return init_meta_state(phi, self.meta_opt)
-
-    def _init_all(self):
-        one_variant = jax.vmap(self._init_one)(self.seed_keys)
-        return jax.tree.map(lambda x: jnp.stack([x] * len(self.VARIANTS)), one_variant)
-
-    def init(self):
-        return self._init()
 
     def variant_inputs(self):
         """The weight γ of the intermediate-goal term in each variant's task loss [V]."""

@@ -104,7 +104,6 @@ class ReacherDemos(ML3Experiment):
         self.oracle = jax.tree.map(lambda x: x[num_train:], experts)  # only for the oracle row
         self._ml3_meta_test_jit = self.jit(self._ml3_meta_test)
         self._bc_meta_test_jit = self.jit(self._bc_meta_test)
-        self._init = self.jit(lambda: jax.vmap(self._init_one)(self.seed_keys))
 
     def expert_demos(self, goals: Array) -> dict[str, Array]:
         """The iLQR experts for `goals` [G, 2] (see `control.expert_demos`)."""
@@ -221,14 +220,11 @@ class ReacherDemos(ML3Experiment):
             params, jax.vmap(self.inner_opt.init)(params), {}, jnp.zeros((num,), jnp.int32)
         )
 
-    def _init_one(self, seed_key):
+    def init_one(self, seed_key):
         phi = learned_losses.init_learned_loss(
             self.config.loss_net, jax.random.fold_in(seed_key, 1), 2, self.num_extra
         )
         return init_meta_state(phi, self.meta_opt)
-
-    def init(self):
-        return self._init()
 
     def episode(self, meta_state, seed_key, step, variant, inputs):
         """One meta iteration: an episode from fresh θ on every training target."""

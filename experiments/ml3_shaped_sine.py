@@ -53,7 +53,6 @@ class ShapedSine(ML3Experiment):
         self.mse_inner = ml3.regression_inner_loss(
             self.model.apply, lambda phi, y, y_hat, batch: mse(y, y_hat)
         )
-        self._init = self.jit(self._init_all)
         self._evaluate_jit = self.jit(self._evaluate)
 
     def _freq_tasks(self, key, num_tasks):
@@ -65,16 +64,9 @@ class ShapedSine(ML3Experiment):
         state = init_inner_state(params, self.inner_opt)
         return jax.tree.map(lambda x: jnp.broadcast_to(x, (num_tasks, *x.shape)), state)
 
-    def _init_one(self, seed_key):
+    def init_one(self, seed_key):
         phi = learned_losses.init_learned_loss(self.config.loss_net, seed_key, num_extra=1)
         return init_meta_state(phi, self.meta_opt)
-
-    def _init_all(self):
-        one_variant = jax.vmap(self._init_one)(self.seed_keys)
-        return jax.tree.map(lambda x: jnp.stack([x] * len(self.VARIANTS)), one_variant)
-
-    def init(self):
-        return self._init()
 
     def variant_inputs(self):
         """Whether each variant is meta-trained on the shaping loss: bool [V]."""

@@ -45,7 +45,6 @@ class SineRegression(ML3Experiment):
         self.loss_fn = learned_losses.learned_loss_fn(c.loss_net)
         self.learned_inner = self._inner_loss(True)
         self._fit_task_jit = self.jit(self._fit_task)
-        self._init = self.jit(jax.vmap(self._init_one))
 
     # Tasks are functions of the seed key, so the state needs not carry them.
     def _tasks(self, key):
@@ -63,12 +62,9 @@ class SineRegression(ML3Experiment):
         )
         return train, test
 
-    def _init_one(self, key):
+    def init_one(self, key):
         phi = learned_losses.init_learned_loss(self.config.loss_net, jax.random.fold_in(key, 3))
         return init_meta_state(phi, self.meta_opt)
-
-    def init(self):
-        return self._init(self.seed_keys)
 
     def episode(self, meta_state, seed_key, step, variant, inputs):
         """One episode of Algorithm 1 from a fresh θ on the training task."""

@@ -17,12 +17,11 @@ shows every variant's curves. `--variants` takes `+` inside a variant for its pa
 
 import json
 import os
-import subprocess
-import sys
 
 from absl import app, flags
 
 from configs import self_loss_lm
+from experiments import _runs
 
 _SUFFIX = flags.DEFINE_string("suffix", "", "Variant parts added to every variant, e.g. smoke.")
 _VARIANTS = flags.DEFINE_list(
@@ -45,22 +44,10 @@ COLUMNS = (
 
 
 def run_variant(variant: str, workdir: str, overrides: list[str]) -> dict:
-    """Runs one variant through `experiments.run` in a subprocess; returns its summary."""
-    summary = os.path.join(workdir, "summary.json")
-    if not os.path.exists(summary):
-        cmd = [
-            sys.executable,
-            "-m",
-            "experiments.run",
-            f"--config=configs/self_loss_lm.py:{variant}",
-            f"--workdir={workdir}",
-            *overrides,
-        ]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode:
-            raise RuntimeError(f"Variant {variant!r} failed:\n{proc.stderr[-3000:]}")
-    with open(summary) as f:
-        return json.load(f)
+    """Runs one variant through `experiments.run` unless it has finished; its summary."""
+    summary = _runs.run(f"configs/self_loss_lm.py:{variant}", workdir, overrides)
+    summary.pop("wall_s")
+    return summary
 
 
 def table(rows: dict[str, dict]) -> str:

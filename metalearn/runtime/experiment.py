@@ -103,6 +103,7 @@ class ML3Experiment(Experiment):
         self.num_steps = config.meta.steps
         self.seed_keys = jax.vmap(jax.random.key)(jnp.asarray(config.seeds))
         self._chunk = self.jit(self._train_chunk, static_argnums=2)
+        self._init = self.jit(self._init_all)
 
     # --- what a subclass provides -----------------------------------------------------
 
@@ -119,10 +120,24 @@ class ML3Experiment(Experiment):
         return None
 
     @abc.abstractmethod
+    def init_one(self, seed_key: PRNGKey) -> Any:
+        """The initial state of one seed (φ and its optimizer state), pure."""
+
+    @abc.abstractmethod
     def episode(self, meta_state, seed_key: PRNGKey, step, variant, inputs) -> tuple[Any, dict]:
         """One meta step of one seed (and variant): `(meta_state, metrics)`."""
 
     # --- the shared protocol ----------------------------------------------------------
+
+    def _init_all(self, seed_keys):
+        """`init_one` of every seed [S], the same for every variant: [V, S] with VARIANTS."""
+        one_variant = jax.vmap(self.init_one)(seed_keys)
+        if not self.VARIANTS:
+            return one_variant
+        return jax.tree.map(lambda x: jnp.stack([x] * len(self.VARIANTS)), one_variant)
+
+    def init(self):
+        return self._init(self.seed_keys)
 
     def _train_chunk(self, state, start, num, inputs):
         seed_axis = 0 if self.CHUNK_INPUTS_PER_SEED else None

@@ -1,4 +1,11 @@
-"""Task samplers and data sources."""
+"""Task samplers, data sources and environments.
+
+Submodules: `sine` (sine tasks), `images` and `prepared` (tfds image data), `digit_pairs`
+(binary MNIST tasks), `text` (byte tokens), `dynamics` (arms, point mass, mountain car),
+`trajectories` (arm trajectories), `control` (rollouts, iLQR, expert demonstrations,
+mountain-car losses), `replay` (replay buffers). The image and sine samplers are
+re-exported here; import the others from their modules.
+"""
 
 from metalearn.tasks.images import (
     AUGMENTATIONS,
