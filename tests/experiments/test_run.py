@@ -133,32 +133,38 @@ def sine_experiment():
     return config, experiments.make(config)
 
 
+@pytest.fixture(scope="module")
+def sine_full_run(sine_experiment, tmp_path_factory):
+    """One uninterrupted smoke run: (its workdir, its summary)."""
+    config, experiment = sine_experiment
+    workdir = tmp_path_factory.mktemp("sine") / "full"
+    return workdir, train_and_evaluate(experiment, config, str(workdir))
+
+
 def _final_phi(workdir):
     return load_learned_loss(os.path.join(workdir, "learned_loss", "seed_0")).params
 
 
 def test_resume_says_where_it_resumed_and_ends_as_an_uninterrupted_run(
-    sine_experiment, tmp_path, capsys
+    sine_experiment, sine_full_run, tmp_path, capsys
 ):
     config, experiment = sine_experiment
-    full = train_and_evaluate(experiment, config, str(tmp_path / "full"))
+    full_dir, full = sine_full_run
     assert train_and_evaluate(experiment, config, str(tmp_path / "cut"), stop_at=10) is None
     assert not (tmp_path / "cut" / "summary.json").exists()
     capsys.readouterr()
     resumed = train_and_evaluate(experiment, config, str(tmp_path / "cut"))
     assert "Resuming from the checkpoint at step 10 of 20" in capsys.readouterr().out
     assert resumed == full
-    jax.tree.map(
-        np.testing.assert_array_equal, _final_phi(tmp_path / "full"), _final_phi(tmp_path / "cut")
-    )
+    jax.tree.map(np.testing.assert_array_equal, _final_phi(full_dir), _final_phi(tmp_path / "cut"))
     steps = [json.loads(line)["step"] for line in (tmp_path / "cut" / "metrics.jsonl").open()]
-    full_steps = [json.loads(line)["step"] for line in (tmp_path / "full" / "metrics.jsonl").open()]
+    full_steps = [json.loads(line)["step"] for line in (full_dir / "metrics.jsonl").open()]
     assert steps == full_steps  # no duplicated or missing rows across the restart
 
 
-def test_same_seed_same_result_and_other_seed_differs(sine_experiment, tmp_path):
-    config, experiment = sine_experiment
-    a = train_and_evaluate(experiment, config, str(tmp_path / "a"))
+def test_same_seed_same_result_and_other_seed_differs(sine_experiment, sine_full_run, tmp_path):
+    config, _ = sine_experiment
+    _, a = sine_full_run
     b = train_and_evaluate(experiments.make(config), config, str(tmp_path / "b"))
     assert a == b
     other = config.copy_and_resolve_references()
