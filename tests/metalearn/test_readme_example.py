@@ -5,6 +5,8 @@ meta-trained by the heart in a loop you write, saved, loaded as a plain function
 to train a fresh model on a task it has not seen.
 """
 
+import os
+
 EXAMPLE = """
 import flax.linen as nn
 import jax
@@ -104,3 +106,9 @@ def test_readme_example_meta_trains_a_loss_that_trains_a_fresh_model(
     # makes it worse here).
     assert float(namespace["mse_after"]) < 0.5 * float(namespace["mse_before"])
     assert (tmp_path / "my_loss" / "loss_net.json").exists()
+
+
+def test_the_readme_shows_this_example_verbatim():
+    readme = os.path.join(os.path.dirname(__file__), "..", "..", "README.md")
+    with open(readme) as f:
+        assert EXAMPLE.strip() in f.read()
