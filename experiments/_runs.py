@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 
 def run(config: str, workdir: str, overrides: list[str] = (), *, quiet: bool = True) -> dict:
@@ -18,13 +17,12 @@ def run(config: str, workdir: str, overrides: list[str] = (), *, quiet: bool = T
       quiet: capture the job's output (shown only if it fails) instead of streaming it.
 
     Returns:
-      The job's summary, with `wall_s`: the seconds this call ran the job (0 if reused).
+      The job's summary.
 
     Raises:
       RuntimeError: the job failed; the message ends with its error output.
     """
     summary = os.path.join(workdir, "summary.json")
-    start = time.perf_counter()
     if not os.path.exists(summary):
         cmd = [sys.executable, "-m", "experiments.run", f"--config={config}"]
         proc = subprocess.run(
@@ -34,4 +32,4 @@ def run(config: str, workdir: str, overrides: list[str] = (), *, quiet: bool = T
             tail = f":\n{proc.stderr[-3000:]}" if quiet else "; see its output above."
             raise RuntimeError(f"{config} in {workdir} failed (exit {proc.returncode}){tail}")
     with open(summary) as f:
-        return {**json.load(f), "wall_s": time.perf_counter() - start}
+        return json.load(f)

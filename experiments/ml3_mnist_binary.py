@@ -126,11 +126,6 @@ class MnistBinary(ML3Experiment):
         )
         return init_meta_state(phi, self.meta_opt)
 
-    def init(self):
-        # Committed to the device, as a state restored from a checkpoint is: otherwise a
-        # resumed run would miss the compiled programs and compile them again.
-        return jax.device_put(super().init(), jax.devices()[0])
-
     def chunk_inputs(self):
         """The task samples of every seed, [S, ...] (see `digit_pairs.sample_tasks`)."""
         return self.data

@@ -37,9 +37,7 @@ _OVERRIDE = flags.DEFINE_multi_string("override", [], "--config.x=y passed to ev
 def run_config(name: str, variant: str, workdir: str, overrides: list[str]) -> dict:
     """Runs one config in a subprocess unless its summary exists; returns the summary."""
     config = f"configs/{name}.py" + (f":{variant}" if variant else "")
-    summary = _runs.run(config, workdir, overrides, quiet=False)
-    summary.pop("wall_s")
-    return summary
+    return _runs.run(config, workdir, overrides, quiet=False)
 
 
 def _mean_std_entries(tree: dict, path: tuple = ()):

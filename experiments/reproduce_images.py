@@ -14,6 +14,7 @@ import argparse
 import concurrent.futures
 import json
 import os
+import time
 
 import numpy as np
 
@@ -46,8 +47,10 @@ def run_one(args, dataset: str, algorithm: str, seed: int) -> tuple[str, float, 
     if args.data_dir:
         cmd += [f"--config.data.data_dir={args.data_dir}", "--config.data.download=False"]
     cmd += args.override
+    start = time.perf_counter()
     try:
-        return workdir, _runs.run(config, workdir, cmd)["wall_s"], ""
+        _runs.run(config, workdir, cmd)
+        return workdir, time.perf_counter() - start, ""
     except RuntimeError as e:
         return workdir, 0.0, str(e)
 

@@ -373,9 +373,7 @@ class SelfLossLM(Experiment):
     # ---- the runtime.loop protocol ----------------------------------------------------
 
     def init(self) -> SelfLossState:
-        # Committed to the device, as a restored state is, so a resumed run reuses the
-        # compiled programs.
-        return jax.device_put(self._init(), jax.devices()[0])
+        return self._init()
 
     def train_chunk(self, state, start: int, num: int):
         return self._chunk(state, jnp.asarray(start, jnp.int32), num)

@@ -45,9 +45,7 @@ COLUMNS = (
 
 def run_variant(variant: str, workdir: str, overrides: list[str]) -> dict:
     """Runs one variant through `experiments.run` unless it has finished; its summary."""
-    summary = _runs.run(f"configs/self_loss_lm.py:{variant}", workdir, overrides)
-    summary.pop("wall_s")
-    return summary
+    return _runs.run(f"configs/self_loss_lm.py:{variant}", workdir, overrides)
 
 
 def table(rows: dict[str, dict]) -> str:

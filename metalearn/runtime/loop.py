@@ -106,7 +106,9 @@ def train_and_evaluate(
     os.makedirs(workdir, exist_ok=True)
     _check_config(workdir, config)
     ckpt = Checkpointer(workdir)
-    state = experiment.init()
+    # Committed where it lives, as a state restored from a checkpoint is: otherwise a
+    # resumed run would miss the compiled programs and compile them again.
+    state = jax.tree.map(lambda x: jax.device_put(x, x.sharding), experiment.init())
     start = ckpt.latest_step()
     if start is None:
         start = 0
