@@ -20,6 +20,7 @@ def loss_net(**overrides) -> ml_collections.ConfigDict:
             "beta": 10.0,  # smooth leaky ReLU smoothness
             "gamma": 0.01,  # smooth leaky ReLU leak
             "output_wise": True,
+            "ce_term": False,  # classification: cross-entropy + the learned term (NPBML)
         }
     )
     c.update(overrides)

@@ -22,13 +22,40 @@ MODELS = (
     "wrn16_8",
     "wrn28_10",
 )
-# Per dataset: default model, base learning rate, training steps (S_train).
+# Per dataset: default model, base optimizer and training steps (S_train): the AdaLFL
+# paper's protocols. MNIST / Fashion-MNIST: plain SGD, lr 0.01, no momentum, no weight
+# decay, 10,000 steps. CIFAR-10 / CIFAR-100 / SVHN: SGD lr 0.01 with Nesterov 0.9 and
+# weight decay 5e-4, 150,000 steps, the rate ×0.1 at 100,000 and 135,000. Batch 128.
+_PAPER_SGD = {"name": "sgd", "lr": 0.01, "momentum": 0.0, "weight_decay": 0.0}
+_PAPER_NESTEROV = {"name": "nesterov", "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4}
+_CONSTANT = {"name": "constant", "boundaries": (), "factor": 1.0}
+_STEPS_100K_135K = {"name": "step", "boundaries": (2 / 3, 0.9), "factor": 0.1}
 DATASET_DEFAULTS = {
-    "mnist": {"model": "lenet5", "lr": 0.01, "steps": 100_000},
-    "fashion_mnist": {"model": "lenet5", "lr": 0.01, "steps": 100_000},
-    "cifar10": {"model": "vgg16", "lr": 0.1, "steps": 100_000},
-    "cifar100": {"model": "wrn28_10", "lr": 0.1, "steps": 100_000},
-    "svhn_cropped": {"model": "allcnn_c", "lr": 0.05, "steps": 100_000},
+    "mnist": {"model": "lenet5", "optimizer": _PAPER_SGD, "schedule": _CONSTANT, "steps": 10_000},
+    "fashion_mnist": {
+        "model": "lenet5",
+        "optimizer": _PAPER_SGD,
+        "schedule": _CONSTANT,
+        "steps": 10_000,
+    },
+    "cifar10": {
+        "model": "vgg16",
+        "optimizer": _PAPER_NESTEROV,
+        "schedule": _STEPS_100K_135K,
+        "steps": 150_000,
+    },
+    "cifar100": {
+        "model": "wrn28_10",
+        "optimizer": _PAPER_NESTEROV,
+        "schedule": _STEPS_100K_135K,
+        "steps": 150_000,
+    },
+    "svhn_cropped": {
+        "model": "allcnn_c",
+        "optimizer": _PAPER_NESTEROV,
+        "schedule": _STEPS_100K_135K,
+        "steps": 150_000,
+    },
 }
 CIFAR10_SUBSET = "../shared/data/raw/cifar10_subset"
 SHARED_TFDS = "../shared/data/tfds"
@@ -65,6 +92,10 @@ def image_config(algorithm: str, dataset: str, arg: str | None) -> ml_collection
             "train_files": (),
             "test_files": (),
             "validation_size": 0,
+            # The held-out, class-stratified fraction of the training set (the AdaLFL
+            # paper's 10 %): the meta-objective's data. Every algorithm trains on the rest,
+            # so the three see the same training images. Overrides validation_size.
+            "validation_fraction": 0.1,
             "validation_seed": 0,
             "classes": (),
             "max_train_examples": 0,
@@ -75,33 +106,46 @@ def image_config(algorithm: str, dataset: str, arg: str | None) -> ml_collection
         }
     )
     c.model = ml_collections.ConfigDict({"name": d["model"], "dropout": -1.0, "dtype": "float32"})
+    # AdaLFL's loss network. `max_grad_ratio` > 0 bounds its logit gradient at that many
+    # times cross-entropy's (see experiments/image_classification.make_losses).
     c.loss_net = loss_net(activation="smooth_leaky_relu", output_activation="softplus")
+    c.loss_net.max_grad_ratio = 0.0
     c.inner = ml_collections.ConfigDict(
         {
             "steps": d["steps"],
             "optimizer": {
-                "name": "nesterov",
-                "lr": d["lr"],
-                "momentum": 0.9,
-                "weight_decay": 5e-4,
-                "schedule": {
-                    "name": "step",  # or "cosine" | "constant"
-                    "steps": d["steps"],
-                    "boundaries": (0.5, 0.75),
-                    "factor": 0.1,
-                },
+                **d["optimizer"],
+                "schedule": {**d["schedule"], "steps": d["steps"]},
             },
         }
     )
     c.meta = ml_collections.ConfigDict(
         {
-            "optimizer": {"name": "adam", "lr": 1e-3},
+            # Adam 1e-3 (the paper's); clip_value > 0 clips the meta-gradient entrywise
+            # first (NPBML: 10), clip_norm its global norm.
+            "optimizer": {"name": "adam", "lr": 1e-3, "clip_value": 0.0, "clip_norm": 0.0},
             "estimator": "unrolled",  # exact; the only choice for a one-step unroll
             "method": "jvp",  # or "backprop": two exact ways, see metalearn.bilevel
             "init_steps": 2500,  # S_init: offline ML³ steps, one inner step each
             "batch_size": 128,
-            "split": "train",  # where the meta-objective batch comes from: or "validation"
+            # Where the meta-objective batch comes from: "validation" (the held-out,
+            # stratified data.validation_fraction of the training set, the paper's) or
+            # "train" (the training images in another order).
+            "split": "validation",
+            # Best-φ selection in the offline phase (the authors' ML³ code): every
+            # select_every offline steps (0: off), train a fresh model select_steps steps on
+            # ℓ_φ and measure its error on the validation split; the offline phase ends
+            # with the φ of the lowest error.
+            "select_every": 0,
+            "select_steps": 500,
         }
+    )
+    # Divergence is detected at each evaluation of the model and stops the run with the
+    # step and the quantity: test error at or above `max_test_error` (-1: chance level,
+    # 1 − 1.5/classes) from model step `check_after` on, or the learned loss's gradient
+    # ratio (train/grad_ratio) over `max_grad_ratio`. `stop=False` only reports nothing.
+    c.divergence = ml_collections.ConfigDict(
+        {"max_test_error": -1.0, "check_after": 500, "max_grad_ratio": 1e4, "stop": True}
     )
     c.eval = ml_collections.ConfigDict({"every": 2500, "batch_size": 1000})
     c.checkpoint_every = 2500

@@ -6,6 +6,23 @@ import subprocess
 import sys
 
 
+class Diverged(RuntimeError):
+    """The job stopped because it diverged; `.step` and the message say where and why."""
+
+    def __init__(self, workdir: str, info: dict):
+        super().__init__(info.get("message", "diverged"))
+        self.workdir, self.step = workdir, info.get("step")
+
+
+def diverged(workdir: str) -> dict | None:
+    """The `diverged.json` a job that diverged left in its workdir, or None."""
+    path = os.path.join(workdir, "diverged.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
 def run(config: str, workdir: str, overrides: list[str] = (), *, quiet: bool = True) -> dict:
     """Runs `python -m experiments.run` for one job unless its summary exists.
 
@@ -20,14 +37,19 @@ def run(config: str, workdir: str, overrides: list[str] = (), *, quiet: bool = T
       The job's summary.
 
     Raises:
-      RuntimeError: the job failed; the message ends with its error output.
+      Diverged: the job diverged (now or in an earlier call: it is not run again).
+      RuntimeError: the job failed otherwise; the message ends with its error output.
     """
     summary = os.path.join(workdir, "summary.json")
     if not os.path.exists(summary):
+        if (info := diverged(workdir)) is not None:
+            raise Diverged(workdir, info)
         cmd = [sys.executable, "-m", "experiments.run", f"--config={config}"]
         proc = subprocess.run(
             [*cmd, f"--workdir={workdir}", *overrides], capture_output=quiet, text=True
         )
+        if proc.returncode and (info := diverged(workdir)) is not None:
+            raise Diverged(workdir, info)
         if proc.returncode:
             tail = f":\n{proc.stderr[-3000:]}" if quiet else "; see its output above."
             raise RuntimeError(f"{config} in {workdir} failed (exit {proc.returncode}){tail}")

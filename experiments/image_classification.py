@@ -47,14 +47,19 @@ from metalearn.types import Array, Batch, PRNGKey
 
 ALGORITHMS = ("baseline", "ml3", "adalfl")
 CURVE_POINTS = 21  # predicted probabilities at which the learned loss's shape is logged
+NO_ERROR_YET = 2.0  # the best selection error before any (above every error rate; finite)
 
 
 @flax.struct.dataclass
 class TrainState:
-    """θ (with optimizer and batch-norm state) and φ (with its optimizer state)."""
+    """θ (with optimizer and batch-norm state), φ (with its optimizer state), and the
+    best φ of the offline phase's selection runs so far with its validation error
+    (`NO_ERROR_YET` before the first; unused without `meta.select_every`)."""
 
     inner: InnerState
     meta: MetaState
+    best_meta_params: Any
+    best_error: Array
 
 
 def forward(
@@ -77,7 +82,7 @@ def forward(
     return logits.astype(jnp.float32), model_state
 
 
-def make_losses(model, info, augment: str, meta_augment: str, loss_fn):
+def make_losses(model, info, augment: str, meta_augment: str, loss_fn, max_grad_ratio=0.0):
     """The inner objectives (learned, cross-entropy) and the outer task loss.
 
     Args:
@@ -85,23 +90,36 @@ def make_losses(model, info, augment: str, meta_augment: str, loss_fn):
       augment: augmentation of inner (training) batches.
       meta_augment: augmentation of the meta-objective batches.
       loss_fn: `loss(φ, y_onehot, probs) -> scalar`, the learned loss.
+      max_grad_ratio: if > 0, the learned loss is scaled down wherever its gradient in
+        the logits is more than this many times cross-entropy's
+        (`adalfl.bound_gradient_ratio`); 0 leaves it as it is.
 
     Returns:
       `(learned_inner, ce_inner, outer)` with the signatures of `metalearn.types`. The
       learned loss sees (one-hot y_c, softmax probability ŷ_c) output-wise; both inner
-      losses report `train/ce` and `train/accuracy` of the same forward pass.
+      losses report `train/ce` and `train/accuracy` of the same forward pass, the learned
+      one also `train/learned_loss` and `train/grad_ratio` (‖∇_z L_φ‖ / ‖∇_z CE‖ at the
+      logits z of the batch, after any bound: the learned loss's step size relative to
+      cross-entropy's, its implied learning-rate multiplier).
     """
 
     def inner(use_learned, params, model_state, phi, batch, key):
         logits, model_state = forward(model, info, augment, params, model_state, batch, key)
         ce = softmax_cross_entropy(batch["label"], logits)
-        if use_learned:
-            y = jax.nn.one_hot(batch["label"], logits.shape[-1])
-            loss = loss_fn(phi, y, jax.nn.softmax(logits))
-        else:
-            loss = ce
         accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
-        return loss, (model_state, {"train/ce": ce, "train/accuracy": accuracy})
+        metrics = {"train/ce": ce, "train/accuracy": accuracy}
+        if not use_learned:
+            return ce, (model_state, metrics)
+        y = jax.nn.one_hot(batch["label"], logits.shape[-1])
+        loss = loss_fn(phi, y, jax.nn.softmax(logits))
+        ratio = adalfl.logit_gradient_ratio(loss_fn, phi, y, logits)
+        if max_grad_ratio:
+            scale = jnp.minimum(1.0, max_grad_ratio / ratio)
+            loss, ratio = scale * loss, scale * ratio
+        metrics.update(
+            {"train/learned_loss": loss, "train/grad_ratio": jax.lax.stop_gradient(ratio)}
+        )
+        return loss, (model_state, metrics)
 
     def outer(params, model_state, batch, key):
         logits, _ = forward(model, info, meta_augment, params, model_state, batch, key)
@@ -148,11 +166,26 @@ class ImageClassification(Experiment):
             )
         if c.meta.split not in ("train", "validation"):
             raise ValueError(f"meta.split must be 'train' or 'validation'; got {c.meta.split!r}.")
-        if c.meta.split == "validation" and self.learned and not c.data.validation_size:
+        has_validation = c.data.validation_size or c.data.get("validation_fraction", 0.0)
+        if c.meta.split == "validation" and self.learned and not has_validation:
             raise ValueError(
-                "meta.split='validation' needs a validation split: set data.validation_size "
-                "(e.g. --config.data.validation_size=5000)."
+                "meta.split='validation' needs a validation split: set "
+                "data.validation_fraction (e.g. --config.data.validation_fraction=0.1) or "
+                "data.validation_size, or use --config.meta.split=train."
             )
+        self.select_every = c.meta.select_every if self.learned else 0
+        if self.select_every:
+            if not has_validation:
+                raise ValueError(
+                    "meta.select_every > 0 selects φ by its error on the validation split: "
+                    "set data.validation_fraction (e.g. 0.1), or meta.select_every=0."
+                )
+            if self.init_steps % self.select_every or c.meta.select_steps <= 0:
+                raise ValueError(
+                    f"meta.select_every ({self.select_every}) must divide meta.init_steps "
+                    f"({self.init_steps}) and meta.select_steps ({c.meta.select_steps}) must "
+                    "be positive."
+                )
 
         self.data = images.load_images(c.data) if data is None else data
         self.info = self.data.info
@@ -180,7 +213,7 @@ class ImageClassification(Experiment):
         self.loss_net = learned_losses.make_loss_network(c.loss_net)
         loss_fn = learned_losses.learned_loss_fn(c.loss_net)
         self.learned_inner, self.ce_inner, self.outer = make_losses(
-            self.model, self.info, augment, meta_augment, loss_fn
+            self.model, self.info, augment, meta_augment, loss_fn, c.loss_net.max_grad_ratio
         )
         self.key = jax.random.key(c.seed)
         self._streams: dict[str, tuple[int, Any]] = {}
@@ -195,6 +228,11 @@ class ImageClassification(Experiment):
         self._plain_step = self.jit(self.plain_step, in_shardings=(repl, data, repl), **shardings)
         self._eval_step = self.jit(self.eval_step, in_shardings=(repl, data), out_shardings=repl)
         self._curves = self.jit(self.loss_curves)
+        self._select_init = self.jit(self._fresh_inner, out_shardings=repl)
+        self._select_step = self.jit(
+            self.select_step, in_shardings=(repl, repl, data, repl), out_shardings=repl
+        )
+        self._keep_best = self.jit(self.keep_best, out_shardings=repl)
 
     # ---- pure functions -------------------------------------------------------------
 
@@ -208,7 +246,12 @@ class ImageClassification(Experiment):
         phi = learned_losses.init_learned_loss(
             self.config.loss_net, jax.random.fold_in(self.key, 1), self.info.num_classes
         )
-        return TrainState(inner=inner, meta=init_meta_state(phi, self.meta_optimizer))
+        return TrainState(
+            inner=inner,
+            meta=init_meta_state(phi, self.meta_optimizer),
+            best_meta_params=phi,
+            best_error=jnp.asarray(NO_ERROR_YET, jnp.float32),
+        )
 
     def lockstep_step(
         self, state: TrainState, batch: Batch, meta_batch: Batch, step: Array, offline: Array
@@ -236,8 +279,11 @@ class ImageClassification(Experiment):
             estimator=self.config.meta.estimator,
             method=self.config.meta.method,
         )
+        metrics["train/update_norm"] = optax.global_norm(
+            jax.tree.map(jnp.subtract, inner.params, start.params)
+        )
         inner = jax.lax.cond(offline, lambda: state.inner, lambda: inner)
-        return TrainState(inner=inner, meta=meta), metrics
+        return state.replace(inner=inner, meta=meta), metrics
 
     def plain_step(self, state: TrainState, batch: Batch, step: Array) -> tuple[TrainState, dict]:
         """One model step on cross-entropy (baseline) or on the frozen ℓ_φ (ML³)."""
@@ -246,7 +292,25 @@ class ImageClassification(Experiment):
         inner, metrics = bilevel.inner_step(
             state.inner, state.meta.params, batch, key, inner_loss=loss, optimizer=self.optimizer
         )
+        metrics["train/update_norm"] = optax.global_norm(
+            jax.tree.map(jnp.subtract, inner.params, state.inner.params)
+        )
         return state.replace(inner=inner), metrics
+
+    def select_step(self, inner: InnerState, phi, batch: Batch, step: Array) -> InnerState:
+        """One step of a selection run: a fresh model trained on the frozen ℓ_φ."""
+        key = jax.random.fold_in(jax.random.fold_in(self.key, 5), step)
+        inner, _ = bilevel.inner_step(
+            inner, phi, batch, key, inner_loss=self.learned_inner, optimizer=self.optimizer
+        )
+        return inner
+
+    def keep_best(self, state: TrainState, error: Array) -> TrainState:
+        """φ becomes the best φ if its selection run's error is the lowest so far."""
+        best, best_error = adalfl.keep_best(
+            state.best_meta_params, state.best_error, state.meta.params, error
+        )
+        return state.replace(best_meta_params=best, best_error=best_error)
 
     def init_phase_step(self, state, batch, meta_batch, step) -> tuple[TrainState, dict]:
         """Global step `step` < init_steps: one offline ML³ step (jitted)."""
@@ -273,8 +337,11 @@ class ImageClassification(Experiment):
         p = jnp.linspace(0.0, 1.0, CURVE_POINTS)
         true = jnp.stack([jnp.ones_like(p), p], -1)
         wrong = jnp.stack([jnp.zeros_like(p), p], -1)
+        ce = 0.0
+        if self.config.loss_net.get("ce_term", False):  # the per-output loss, CE included
+            ce = -jnp.log(jnp.maximum(p, learned_losses.PROBABILITY_FLOOR))
         return {
-            "curve/true_class": self.loss_net.apply(phi, true)[:, 0],
+            "curve/true_class": self.loss_net.apply(phi, true)[:, 0] + ce,
             "curve/wrong_class": self.loss_net.apply(phi, wrong)[:, 0],
         }
 
@@ -297,6 +364,8 @@ class ImageClassification(Experiment):
                 it.close()  # stops its prefetch thread
             if name == "train":
                 x, y, seed = self.data.train_images, self.data.train_labels, c.seed
+            elif name == "select":
+                x, y, seed = self.data.train_images, self.data.train_labels, c.seed + 200_003
             elif c.meta.split == "train":  # the same images, in another order
                 x, y, seed = self.data.train_images, self.data.train_labels, c.seed + 100_003
             else:
@@ -318,10 +387,44 @@ class ImageClassification(Experiment):
             step = jax.device_put(np.int32(t), self.replicated)
             if t < self.init_steps:
                 state, metrics = self.init_phase_step(state, batch, meta_batch, step)
+                if self.select_every and (t + 1) % self.select_every == 0:
+                    state = self.select(state, t + 1)
             else:
                 state, metrics = self.train_step(state, batch, meta_batch, step)
             rows.append(metrics)
         return state, jax.tree.map(lambda *xs: jnp.stack(xs), *rows)
+
+    def select(self, state: TrainState, step: int) -> TrainState:
+        """Best-φ selection at offline step `step`: a fresh model trained
+        `meta.select_steps` steps on the current ℓ_φ (the same initial θ and batches at
+        every selection point), its error on the validation split; the φ of the lowest
+        error so far is kept, and at the end of the offline phase becomes φ."""
+        c = self.config
+        inner = self._select_init(jax.random.fold_in(self.key, 6))
+        for i in range(c.meta.select_steps):
+            batch = self.batch_at("select", i)
+            inner = self._select_step(
+                inner, state.meta.params, batch, jax.device_put(np.int32(i), self.replicated)
+            )
+        error = self.error_rate(inner, self.data.val_images, self.data.val_labels)[0]
+        state = self._keep_best(state, jax.device_put(np.float32(error), self.replicated))
+        if step == self.init_steps:
+            meta = state.meta.replace(params=state.best_meta_params)
+            state = state.replace(meta=meta)
+        return state
+
+    def error_rate(self, inner: InnerState, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+        """(error, mean cross-entropy) of θ on the images `x` with labels `y`."""
+        batches = images.eval_batches(x, y, self.config.eval.batch_size)
+        totals = None
+        for batch in images.prefetch_to_device(
+            batches, self.batch_sharding, self.config.data.prefetch
+        ):
+            out = self._eval_step(inner, batch)
+            totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+        totals = jax.device_get(totals)
+        n = float(totals["n"])
+        return 1.0 - float(totals["correct"]) / n, float(totals["ce"]) / n
 
     def evaluate(self, state: TrainState, step: int) -> dict:
         metrics = {}
@@ -329,24 +432,44 @@ class ImageClassification(Experiment):
             metrics.update(self._curves(state.meta.params))
         if step < self.init_steps:
             return metrics  # θ is untouched during the offline phase
-        c = self.config
-        batches = images.eval_batches(
-            self.data.test_images, self.data.test_labels, c.eval.batch_size
-        )
-        totals = None
-        for batch in images.prefetch_to_device(batches, self.batch_sharding, c.data.prefetch):
-            out = self._eval_step(state.inner, batch)
-            totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
-        totals = jax.device_get(totals)
-        n = float(totals["n"])
+        error, loss = self.error_rate(state.inner, self.data.test_images, self.data.test_labels)
         metrics.update(
             {
                 "eval/model_step": step - self.init_steps,
-                "eval/test_error": 1.0 - float(totals["correct"]) / n,
-                "eval/test_loss": float(totals["ce"]) / n,
+                "eval/test_error": error,
+                "eval/test_loss": loss,
             }
         )
+        if self.select_every and step == self.init_steps:
+            metrics["eval/selected_error"] = state.best_error
         return metrics
+
+    def check_divergence(self, metrics: dict, step: int) -> tuple[int, str] | None:
+        """Diverged: test error at chance (≥ 1 − 1.5/classes, or `divergence.max_test_error`)
+        after `divergence.check_after` model steps, or the learned loss's gradient ratio
+        (`train/grad_ratio`) above `divergence.max_grad_ratio`."""
+        d = self.config.divergence
+        if not d.stop:
+            return None
+        if "eval/test_error" in metrics:
+            bound = d.max_test_error if d.max_test_error > 0 else 1 - 1.5 / self.info.num_classes
+            model_step = metrics["eval/model_step"]
+            if model_step >= max(d.check_after, 1) and metrics["eval/test_error"] >= bound:
+                return step, (
+                    f"Diverged: test error {metrics['eval/test_error']:.3f} >= {bound:.3f} "
+                    f"(chance level) at model step {model_step} (step {step})."
+                )
+        ratio = metrics.get("train/grad_ratio")
+        if ratio is not None and d.max_grad_ratio > 0:
+            over = np.flatnonzero(np.asarray(ratio) > d.max_grad_ratio)
+            if over.size:
+                at = step + int(over[0]) + 1
+                return at, (
+                    f"Diverged: the learned loss's gradient is {float(ratio[over[0]]):.3g} times "
+                    f"cross-entropy's (train/grad_ratio > divergence.max_grad_ratio = "
+                    f"{d.max_grad_ratio:g}) at step {at}."
+                )
+        return None
 
     def finalize(self, state: TrainState, history: list[dict], workdir: str) -> dict:
         evals = [r for r in history if "eval/test_error" in r]
@@ -362,6 +485,9 @@ class ImageClassification(Experiment):
         if self.learned:
             plots.learned_loss_shapes(
                 history, self.init_steps, os.path.join(workdir, "plots", "loss_shapes.png")
+            )
+            plots.gradient_ratios(
+                {label: history}, self.init_steps, os.path.join(workdir, "plots", "grad_ratio.png")
             )
             learned_losses.save_learned_loss(
                 os.path.join(workdir, "learned_loss"),

@@ -55,7 +55,7 @@ def main(argv: list[str]) -> None:
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax is chatty at INFO
     import experiments
-    from metalearn.runtime.loop import NonFiniteError, train_and_evaluate
+    from metalearn.runtime.loop import DivergenceError, train_and_evaluate
     from metalearn.runtime.sharding import initialize_distributed
 
     config = _CONFIG.value
@@ -64,7 +64,7 @@ def main(argv: list[str]) -> None:
         initialize_distributed()  # on a multi-host launch; a no-op on one machine
         print(f"Workdir: {os.path.abspath(workdir)}")
         summary = train_and_evaluate(experiments.make(config), config, workdir)
-    except (ValueError, FileNotFoundError, NonFiniteError) as e:
+    except (ValueError, FileNotFoundError, DivergenceError) as e:
         if os.environ.get("METALEARN_TRACEBACK"):
             raise
         _fail(str(e), 1)

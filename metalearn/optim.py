@@ -45,7 +45,10 @@ def make_optimizer(
     Args:
       config: fields `name` (one of `OPTIMIZERS`), `lr`, and as needed `momentum`
         (default 0.9), `b1`, `b2`, `eps`, `eps_root`, `weight_decay` (L2, added to the
-        gradient before momentum as in PyTorch's SGD) and `schedule` (see `make_schedule`).
+        gradient before momentum as in PyTorch's SGD), `schedule` (see `make_schedule`),
+        `clip_value` (clip every gradient entry to [−v, v] first, as NPBML does with the
+        meta-gradient at 10) and `clip_norm` (rescale to at most this global norm first);
+        0 or absent means no clipping.
       differentiated: whether meta-gradients flow through this optimizer's updates;
         then Adam without `eps_root > 0` is refused here, when it is built (the heart's
         `meta_loss` would refuse it when traced).
@@ -81,4 +84,14 @@ def make_optimizer(
     weight_decay = config.get("weight_decay", 0.0)
     if weight_decay:
         opt = optax.chain(optax.add_decayed_weights(weight_decay), opt)
+    clip_value, clip_norm = config.get("clip_value", 0.0), config.get("clip_norm", 0.0)
+    if clip_value < 0 or clip_norm < 0:
+        raise ValueError(
+            f"clip_value and clip_norm must be positive (or 0 for none); got {clip_value} "
+            f"and {clip_norm}."
+        )
+    if clip_norm:
+        opt = optax.chain(optax.clip_by_global_norm(clip_norm), opt)
+    if clip_value:
+        opt = optax.chain(optax.clip(clip_value), opt)
     return opt

@@ -149,6 +149,33 @@ def learned_loss_shapes(history: Sequence[Mapping], init_steps: int, path: str) 
     _save(fig, path)
 
 
+def gradient_ratios(histories: Mapping[str, Sequence[Mapping]], init_steps: int, path: str) -> None:
+    """The learned loss's implied learning-rate schedule, one line per run.
+
+    Left: `train/grad_ratio` (‖∇_z L_φ‖ / ‖∇_z CE‖ at the batch's logits) against the
+    model step, log scale; right: the size of the base update ‖θ_{t+1} − θ_t‖. The
+    offline phase is left of the dashed line (negative model steps).
+    """
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for name, history in histories.items():
+        rows = [r for r in history if "train/grad_ratio" in r]
+        if not rows:
+            continue
+        step = np.array([r["step"] for r in rows]) - init_steps
+        axes[0].plot(step, _smooth([r["train/grad_ratio"] for r in rows], 9), lw=1, label=name)
+        if "train/update_norm" in rows[0]:
+            update = _smooth([r["train/update_norm"] for r in rows], 9)
+            axes[1].plot(step, update, lw=1, label=name)
+    for ax in axes:
+        ax.axvline(0, color="gray", ls="--", lw=0.8)
+        ax.set_yscale("log")
+        ax.set_xlabel("model step (offline phase < 0)")
+    axes[0].set_ylabel("‖∇_z L_φ‖ / ‖∇_z CE‖")
+    axes[1].set_ylabel("‖θ_{t+1} − θ_t‖")
+    axes[0].legend(fontsize=7)
+    _save(fig, path)
+
+
 def self_loss_curves(
     histories: Mapping[str, Sequence[Mapping]], meta_steps: int, path: str
 ) -> None:

@@ -14,11 +14,12 @@ backward through both, about three plain training steps.
 """
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from metalearn import bilevel
 from metalearn.state import InnerState, MetaState
-from metalearn.types import Batch, InnerLossFn, Metrics, OuterLossFn, PRNGKey
+from metalearn.types import Array, Batch, InnerLossFn, Metrics, OuterLossFn, PRNGKey
 
 ONLINE_ESTIMATORS = ("unrolled",)
 # Two exact ways to differentiate the one inner step: a forward-mode JVP of the inner
@@ -48,6 +49,37 @@ def check_online_estimator(name: str) -> None:
             f"AdaLFL's meta step differentiates a single inner step, so the estimator must be "
             f"'unrolled'; got {name!r}{hint}."
         )
+
+
+def logit_gradient_ratio(loss_fn, meta_params, y: Array, logits: Array) -> Array:
+    """‖∇_z L_φ(y, softmax(z))‖ / ‖∇_z CE(y, z)‖ at the logits z: the learned loss's step
+    relative to cross-entropy's at the same predictions, through the same network.
+
+    The logits are a constant here (`stop_gradient`), so the ratio depends on φ alone:
+    differentiable in φ, constant in θ. For plain SGD it is the learning-rate multiplier
+    the learned loss implies at the output layer.
+
+    Args:
+      loss_fn: `loss(φ, y, probabilities) -> scalar`, the learned loss.
+      meta_params: φ.
+      y: one-hot labels [B, C].
+      logits: the model's logits [B, C].
+    """
+    z = jax.lax.stop_gradient(logits)
+    g = jax.grad(lambda z: loss_fn(meta_params, y, jax.nn.softmax(z)))(z)
+    g_ce = (jax.nn.softmax(z) - y) / z.shape[0]  # ∇_z of the batch-mean cross-entropy
+    return jnp.linalg.norm(g) / (jnp.linalg.norm(g_ce) + 1e-12)
+
+
+def keep_best(best_params, best_error: Array, params, error: Array):
+    """Best-φ selection: `(params, error)` if `error < best_error`, else the best so far.
+
+    Pure and jittable (a `jnp.where` over the tree), for the authors' selection of the
+    offline phase's φ by short validation runs.
+    """
+    better = error < best_error
+    pick = lambda new, old: jnp.where(better, new, old)  # noqa: E731
+    return jax.tree.map(pick, params, best_params), jnp.where(better, error, best_error)
 
 
 def lockstep(

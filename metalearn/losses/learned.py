@@ -8,6 +8,14 @@ where ℓ_φ is a small MLP (default 2×40) and `extra` are optional per-sample 
 available at meta-train time (e.g. x). Applied output-wise the network is invariant to
 the number of outputs; with `output_wise=False` it sees the whole vectors at once.
 
+For classification (y one-hot, ŷ probabilities) `ce_term=True` makes the loss
+cross-entropy plus the learned term, as in the same authors' NPBML:
+
+    L_φ(y, ŷ) = mean_b[−Σ_c y_bc log ŷ_bc] + mean_bc ℓ_φ(y_bc, ŷ_bc)
+
+so that a learned term of zero (e.g. φ's last layer zero, no output activation) trains
+exactly as cross-entropy does, and φ learns a correction to it.
+
 A trained loss is saved as a directory (`loss_net.json` + orbax parameters) and
 `load_learned_loss(path)` returns a pure `loss(y, y_hat, extra=None) -> scalar` that any
 JAX training loop can differentiate.
@@ -43,8 +51,22 @@ def default_loss_net_config() -> ml_collections.ConfigDict:
             "beta": 10.0,  # smooth leaky ReLU smoothness
             "gamma": 0.01,  # smooth leaky ReLU leak
             "output_wise": True,
+            "ce_term": False,  # classification: cross-entropy + the learned term (NPBML)
         }
     )
+
+
+# ŷ below this floor is treated as this floor in the cross-entropy term (float32 softmax
+# probabilities underflow to 0 only for logit gaps over ~87; there its gradient is 0).
+PROBABILITY_FLOOR = 1e-30
+
+
+def cross_entropy_of_probabilities(y: Array, y_hat: Array) -> Array:
+    """mean_b[−Σ_c y_bc log ŷ_bc]: the cross-entropy term of `ce_term=True` (a scalar).
+
+    With ŷ = softmax(z) its gradient in z is ŷ − y, that of cross-entropy on logits.
+    """
+    return -jnp.mean(jnp.sum(y * jnp.log(jnp.maximum(y_hat, PROBABILITY_FLOOR)), axis=-1))
 
 
 def make_loss_network(config: ml_collections.ConfigDict) -> MLP:
@@ -99,9 +121,16 @@ def apply_learned_loss(
     y: Array,
     y_hat: Array,
     extra: Array | None = None,
+    *,
+    ce_term: bool = False,
 ) -> Array:
-    """L_φ(y, ŷ[, extra]): the mean of ℓ_φ over samples (and outputs). Returns a scalar."""
-    return jnp.mean(network.apply(params, loss_features(y, y_hat, extra, output_wise)))
+    """L_φ(y, ŷ[, extra]): the mean of ℓ_φ over samples (and outputs). Returns a scalar.
+
+    With `ce_term`, plus `cross_entropy_of_probabilities(y, ŷ)` (y one-hot, ŷ
+    probabilities).
+    """
+    learned = jnp.mean(network.apply(params, loss_features(y, y_hat, extra, output_wise)))
+    return learned + cross_entropy_of_probabilities(y, y_hat) if ce_term else learned
 
 
 def init_learned_loss(
@@ -118,7 +147,12 @@ def learned_loss_fn(
     config: ml_collections.ConfigDict,
 ) -> Callable[..., Array]:
     """`loss(params, y, y_hat, extra=None) -> scalar` for a `loss_net` config."""
-    return functools.partial(apply_learned_loss, make_loss_network(config), config.output_wise)
+    return functools.partial(
+        apply_learned_loss,
+        make_loss_network(config),
+        config.output_wise,
+        ce_term=bool(config.get("ce_term", False)),
+    )
 
 
 DESCRIPTION_KEYS = ("y", "y_hat", "extra", "inner_optimizer", "inner_steps")

@@ -75,6 +75,18 @@ class Experiment(abc.ABC):
     def finalize(self, state: Any, history: list[dict], workdir: str) -> dict[str, Any]:
         """Final evaluation, figures and artifacts; returns the summary."""
 
+    def check_divergence(self, metrics: dict[str, Any], step: int) -> tuple[int, str] | None:
+        """Whether the run has diverged, seen from host metrics; None if it has not.
+
+        Called by the loop after every chunk (`metrics` stacked as `train_chunk` returns
+        them, `step` the chunk's first step) and after every evaluation (`metrics` the
+        evaluation's, `step` its step). Returns `(step, message)`: the step at which it
+        diverged and a message naming the quantity and its bound; the loop then stops
+        the run with a `DivergenceError`. By default nothing diverges but non-finite
+        values, which the loop checks itself.
+        """
+        return None
+
 
 def scan_steps(step: Callable[[Any, jax.Array], tuple[Any, Any]], state, start, num: int):
     """`num` steps `state, metrics = step(state, t)` for t = start … start+num−1, scanned.

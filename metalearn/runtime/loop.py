@@ -25,7 +25,18 @@ SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.json"
 
 
-class NonFiniteError(FloatingPointError):
+DIVERGED_FILE = "diverged.json"
+
+
+class DivergenceError(FloatingPointError):
+    """The run diverged: `Experiment.check_divergence` named a quantity past its bound.
+
+    The loop writes `<workdir>/diverged.json` ({"step", "message"}) and the metrics up
+    to that step before raising, so sweeps can report the run as diverged.
+    """
+
+
+class NonFiniteError(DivergenceError):
     """A loss or state became NaN or infinite; nothing after the last finite step is saved."""
 
 
@@ -145,10 +156,13 @@ def train_and_evaluate(
             for i in range(num):
                 if (step + i + 1) % log_every == 0:
                     writer.write(step + i + 1, {k: v[i] for k, v in metrics.items()})
+            _raise_if_diverged(experiment.check_divergence(metrics, step))
             step += num
             progress.update(num)
             if step % experiment.eval_every == 0 or step == experiment.num_steps:
-                _write_checked(writer, step, experiment.evaluate(state, step), "evaluation")
+                evaluation = jax.device_get(experiment.evaluate(state, step))
+                _write_checked(writer, step, evaluation, "evaluation")
+                _raise_if_diverged(experiment.check_divergence(evaluation, step))
             if step % experiment.checkpoint_every == 0 or step == experiment.num_steps:
                 if not _state_is_finite(state):
                     raise NonFiniteError(f"The state became non-finite by step {step}; not saved.")
@@ -159,6 +173,11 @@ def train_and_evaluate(
             return None
         writer.flush()
         summary = experiment.finalize(state, read_metrics(workdir), workdir)
+    except DivergenceError as e:
+        writer.flush()
+        with open(os.path.join(workdir, DIVERGED_FILE), "w") as f:
+            json.dump({"step": getattr(e, "step", None), "message": str(e)}, f, indent=2)
+        raise
     finally:
         writer.close()
         ckpt.close()
@@ -167,6 +186,13 @@ def train_and_evaluate(
         json.dump(summary, f, indent=2)
     os.replace(path + ".tmp", path)
     return summary
+
+
+def _raise_if_diverged(found: tuple[int, str] | None) -> None:
+    if found is not None:
+        error = DivergenceError(found[1])
+        error.step = found[0]
+        raise error
 
 
 def _write_checked(writer: MetricWriter, step: int, metrics: dict[str, Any], what: str) -> None:

@@ -104,8 +104,10 @@ def load_images(config: ml_collections.ConfigDict) -> ImageData:
 
     Order of operations: read train/test (cached per process, read-only arrays), keep only
     `classes` (relabelled 0..k−1 in the given order), keep the first `max_train_examples`
-    / `max_test_examples`, then carve `validation_size` examples out of what is left of
-    the training data with a permutation from `validation_seed`. With `max_train_examples`
+    / `max_test_examples`, then carve a validation split out of what is left of the
+    training data: `validation_fraction` of it (if > 0) or else `validation_size`
+    examples, stratified by class (each class keeps its share, to within one example),
+    chosen by a permutation from `validation_seed`. With `max_train_examples`
     and no class selection only that many records are decoded.
 
     Args:
@@ -115,7 +117,8 @@ def load_images(config: ml_collections.ConfigDict) -> ImageData:
         optionally `fallback_data_dir` (tfds: read from `data_dir`, else $TFDS_DATA_DIR,
         else `fallback_data_dir`, else tfds's default folder; see
         `prepared.resolve_data_dir`), `download`, `train_files`, `test_files`,
-        `validation_size`, `validation_seed`, `classes`, `max_train_examples`,
+        `validation_size`, optionally `validation_fraction`, `validation_seed`,
+        `classes`, `max_train_examples`,
         `max_test_examples`.
 
     Returns:
@@ -169,7 +172,11 @@ def load_images(config: ml_collections.ConfigDict) -> ImageData:
         train = (train[0][: config.max_train_examples], train[1][: config.max_train_examples])
     if config.max_test_examples:
         test = (test[0][: config.max_test_examples], test[1][: config.max_test_examples])
-    train, val = _carve_validation(*train, config.validation_size, config.validation_seed)
+    fraction = config.get("validation_fraction", 0.0)
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"validation_fraction={fraction} must be in [0, 1).")
+    size = int(round(fraction * len(train[1]))) if fraction else config.validation_size
+    train, val = _carve_validation(*train, size, config.validation_seed)
     return ImageData(info, *train, *val, *test)
 
 
@@ -306,12 +313,25 @@ def _select_classes(
 def _carve_validation(
     images: np.ndarray, labels: np.ndarray, size: int, seed: int
 ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """`size` examples, stratified by class, as validation; the rest (in order) as training.
+
+    Class c gets floor(size·n_c/n) examples, and the remainder goes one each to the
+    classes of the largest fractional parts; within a class the examples are the first
+    of a permutation from `seed`.
+    """
     if not size:
         return (images, labels), (images[:0], labels[:0])
     if not 0 < size < len(labels):
         raise ValueError(f"validation_size={size} must be in [0, {len(labels)}).")
+    classes, counts = np.unique(labels, return_counts=True)
+    exact = size * counts / len(labels)
+    quota = np.floor(exact).astype(int)
+    quota[np.argsort(quota - exact, kind="stable")[: size - quota.sum()]] += 1
     perm = np.random.default_rng(seed).permutation(len(labels))
-    val, train = np.sort(perm[:size]), np.sort(perm[size:])
+    shuffled = labels[perm]
+    chosen = [perm[shuffled == c][:q] for c, q in zip(classes, quota, strict=True)]
+    val = np.sort(np.concatenate(chosen))
+    train = np.setdiff1d(np.arange(len(labels)), val)
     return (images[train], labels[train]), (images[val], labels[val])
 
 

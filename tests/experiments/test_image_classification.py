@@ -20,11 +20,12 @@ import pytest
 
 import experiments
 from configs import _image, adalfl_cifar, adalfl_mnist
+from experiments import _runs
 from experiments.image_classification import ImageClassification
 from metalearn import load_learned_loss
 from metalearn.models import vision
 from metalearn.runtime import sharding
-from metalearn.runtime.loop import train_and_evaluate
+from metalearn.runtime.loop import DivergenceError, train_and_evaluate
 from metalearn.tasks import images
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -94,7 +95,8 @@ def test_smoke_reads_data_dir_else_tfds_data_dir_else_the_shared_folder(tmp_path
     monkeypatch.delenv("TFDS_DATA_DIR", raising=False)
     config = adalfl_mnist.get_config("smoke").data
     assert config.data_dir == "" and not config.download
-    assert images.load_images(config).train_images.shape[0] == config.max_train_examples
+    data = images.load_images(config)
+    assert data.train_images.shape[0] + data.val_images.shape[0] == config.max_train_examples
     monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "env"))
     with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "env"))):
         images.load_images(config)
@@ -172,7 +174,16 @@ def test_the_three_algorithms_share_data_and_initial_model_and_differ_in_the_los
 def test_bad_settings_fail_with_a_message_saying_what_to_change():
     config = tiny()
     config.meta.split = "validation"
-    with pytest.raises(ValueError, match="data.validation_size"):
+    config.data.validation_fraction = 0.0
+    with pytest.raises(ValueError, match="data.validation_fraction"):
+        experiments.make(config)
+    config.meta.split = "train"
+    config.meta.select_every = 4
+    with pytest.raises(ValueError, match="selects φ by its error on the validation split"):
+        experiments.make(config)
+    config = tiny()
+    config.meta.select_every = 3
+    with pytest.raises(ValueError, match=r"select_every \(3\) must divide meta.init_steps"):
         experiments.make(config)
     config = tiny()
     config.meta.init_steps = 6
@@ -186,6 +197,70 @@ def test_bad_settings_fail_with_a_message_saying_what_to_change():
     config.data.data_dir = "/nonexistent/tfds"
     with pytest.raises(FileNotFoundError, match="mnist"):
         experiments.make(config)
+
+
+@needs_mnist
+def test_best_phi_selection_keeps_the_phi_of_the_lowest_validation_error(monkeypatch):
+    config = tiny()
+    config.meta.select_every, config.meta.select_steps = 2, 2  # 4 selection runs
+    experiment = experiments.make(config)
+    scripted = iter([0.5, 0.2, 0.7, 0.3])
+    real = experiment.error_rate
+
+    def error_rate(inner, x, y):
+        if x is experiment.data.val_images:
+            return next(scripted), 0.0
+        return real(inner, x, y)
+
+    candidates = []
+    keep = experiment._keep_best
+
+    def keep_best(state, error):
+        candidates.append(jax.device_get(state.meta.params))
+        return keep(state, error)
+
+    monkeypatch.setattr(experiment, "error_rate", error_rate)
+    monkeypatch.setattr(experiment, "_keep_best", keep_best)
+    state, _ = experiment.train_chunk(experiment.init(), 0, config.meta.init_steps)
+    assert len(candidates) == 4
+    chosen = jax.tree.leaves(jax.device_get(state.meta.params))
+    for a, b in zip(chosen, jax.tree.leaves(candidates[1]), strict=True):
+        np.testing.assert_array_equal(a, b)  # the φ of error 0.2, not the last one
+    assert float(state.best_error) == pytest.approx(0.2)
+    assert not np.array_equal(jax.tree.leaves(candidates[3])[0], chosen[0])
+
+
+@needs_mnist
+@pytest.mark.parametrize("bound", ["grad_ratio", "test_error"])
+def test_divergence_stops_the_run_with_the_step_and_the_quantity(bound, tmp_path):
+    config = tiny()
+    if bound == "grad_ratio":
+        config.divergence.max_grad_ratio = 1e-9  # every step's ratio is above it
+        message, step = r"gradient is \S+ times cross-entropy's .* at step 1\.", 1
+    else:
+        config.divergence.max_grad_ratio = 0.0
+        config.divergence.max_test_error, config.divergence.check_after = 1e-6, 1
+        message, step = r"test error \S+ >= 0.000 .* at model step 4 \(step 12\)", 12
+    workdir = str(tmp_path / "run")
+    with pytest.raises(DivergenceError, match=message):
+        train_and_evaluate(experiments.make(config), config, workdir)
+    info = json.load(open(os.path.join(workdir, "diverged.json")))
+    assert info["step"] == step and re.search(message, info["message"])
+    assert not os.path.exists(os.path.join(workdir, "summary.json"))
+    with pytest.raises(_runs.Diverged, match=message):  # a sweep does not run it again
+        _runs.run("configs/adalfl_mnist.py:smoke", workdir, ["--config.seed=1"])
+
+
+@needs_mnist
+def test_the_gradient_ratio_bound_caps_the_learned_step(adalfl_run):
+    free = adalfl_run[3].train_chunk(adalfl_run[3].init(), 0, 2)[1]
+    bound = 0.5 * float(np.min(free["train/grad_ratio"]))
+    config = tiny()
+    config.loss_net.max_grad_ratio = bound
+    experiment = experiments.make(config)
+    _, metrics = experiment.train_chunk(experiment.init(), 0, 2)
+    np.testing.assert_allclose(metrics["train/grad_ratio"], bound, rtol=1e-4)
+    assert np.all(np.asarray(metrics["train/update_norm"]) < np.asarray(free["train/update_norm"]))
 
 
 def _index(x: np.ndarray) -> set[int]:
@@ -228,7 +303,8 @@ def step_leaves(algorithm: str, num_devices: int) -> list[np.ndarray]:
     """
     config = adalfl_cifar.get_config("smoke")
     config.algorithm = algorithm
-    config.data.max_train_examples = 64
+    config.data.max_train_examples = 80
+    config.data.validation_fraction = 0.2  # 16 held-out images: one meta batch
     config.data.max_test_examples = 16
     config.data.batch_size = config.meta.batch_size = 16
     config.eval.batch_size = 16

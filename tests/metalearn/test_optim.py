@@ -62,3 +62,17 @@ def test_step_and_cosine_schedules_count_optimizer_steps():
 def test_an_unknown_optimizer_names_the_known_ones():
     with pytest.raises(ValueError, match=r"Unknown optimizer 'adamw'; choose one of \('sgd'"):
         make_optimizer(ml_collections.ConfigDict({"name": "adamw", "lr": 1e-3}))
+
+
+def test_clipping_options_clip_first_and_are_validated():
+    grads = {"w": jnp.array([30.0, -0.5, 4.0])}
+    cfg = ml_collections.ConfigDict({"name": "sgd", "lr": 1.0, "clip_value": 10.0})
+    updates, _ = make_optimizer(cfg).update(grads, make_optimizer(cfg).init(PARAMS), PARAMS)
+    np.testing.assert_allclose(updates["w"], [-10.0, 0.5, -4.0])
+    cfg = ml_collections.ConfigDict({"name": "sgd", "lr": 1.0, "clip_norm": 1.0})
+    updates, _ = make_optimizer(cfg).update(grads, make_optimizer(cfg).init(PARAMS), PARAMS)
+    np.testing.assert_allclose(np.linalg.norm(updates["w"]), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(updates["w"], -grads["w"] / np.linalg.norm(grads["w"]), rtol=1e-6)
+    cfg.clip_norm = -1.0
+    with pytest.raises(ValueError, match="clip_value and clip_norm must be positive"):
+        make_optimizer(cfg)

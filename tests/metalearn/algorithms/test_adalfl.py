@@ -189,3 +189,32 @@ def test_jvp_and_backprop_meta_gradients_agree_through_batch_norm(float64):
     chex.assert_trees_all_close(by_jvp[1], by_backprop[1], rtol=1e-8, atol=1e-12)
     chex.assert_trees_all_close(by_jvp[2], by_backprop[2], rtol=1e-10, atol=1e-12)
     assert float(optax.global_norm(by_jvp[1])) > 1e-6
+
+
+def test_keep_best_keeps_the_params_of_the_lowest_error():
+    best, best_error = {"w": jnp.zeros(2)}, jnp.asarray(2.0)
+    for i, error in enumerate([0.5, 0.2, 0.7, 0.2, 0.3]):
+        best, best_error = adalfl.keep_best(best, best_error, {"w": jnp.full(2, i + 1.0)}, error)
+    np.testing.assert_array_equal(best["w"], [2.0, 2.0])  # 0.2 first reached by candidate 2
+    assert float(best_error) == pytest.approx(0.2)
+
+
+def test_logit_gradient_ratio_is_the_learned_steps_size_relative_to_cross_entropy():
+    c = learned.default_loss_net_config()
+    c.update(hidden=(8,), output_activation="identity", ce_term=True, use_bias=False)
+    loss_fn = learned.learned_loss_fn(c)
+    phi = learned.init_learned_loss(c, jax.random.key(0), num_outputs=3)
+    last = phi["params"]["Dense_1"]["kernel"]
+    flat = {"params": {**phi["params"], "Dense_1": {"kernel": jnp.zeros_like(last)}}}
+    logits = jnp.asarray(np.random.default_rng(0).normal(size=(4, 3)), jnp.float32)
+    y = jax.nn.one_hot(jnp.array([0, 1, 2, 0]), 3)
+    # Cross-entropy plus a flat learned part: the ratio is 1.
+    assert float(adalfl.logit_gradient_ratio(loss_fn, flat, y, logits)) == pytest.approx(1.0)
+    # The loss scaled by 5: the ratio is 5 (its gradient in φ exists: it bounds the step).
+    scaled = lambda p, y, q: 5.0 * loss_fn(p, y, q)  # noqa: E731
+    ratio = adalfl.logit_gradient_ratio(scaled, phi, y, logits)
+    assert float(ratio) == pytest.approx(
+        5 * float(adalfl.logit_gradient_ratio(loss_fn, phi, y, logits))
+    )
+    grads = jax.grad(lambda p: adalfl.logit_gradient_ratio(loss_fn, p, y, logits))(phi)
+    assert np.isfinite(optax.global_norm(grads)) and optax.global_norm(grads) > 0

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from metalearn.losses import learned
@@ -105,3 +106,53 @@ def test_loading_a_run_folder_names_the_seeds_it_holds(artifacts):
     assert "seed_0, seed_1. Pass one of them." in str(err.value)
     with pytest.raises(FileNotFoundError, match="No learned-loss artifact"):
         learned.load_learned_loss(str(root / "missing"))
+
+
+def _zero_last_layer(phi):
+    last = max(k for k in phi["params"] if k.startswith("Dense_"))
+    zeroed = jax.tree.map(jnp.zeros_like, phi["params"][last])
+    return {"params": {**phi["params"], last: zeroed}}
+
+
+@pytest.mark.parametrize("output_activation", ["identity", "softplus"])
+def test_the_ce_term_trains_as_cross_entropy_when_the_learned_part_is_flat(output_activation):
+    c = _config(ce_term=True, output_activation=output_activation, use_bias=False)
+    loss = learned.learned_loss_fn(c)
+    phi = _zero_last_layer(learned.init_learned_loss(c, jax.random.key(0), num_outputs=4))
+    rng = np.random.default_rng(1)
+    logits = jnp.asarray(rng.normal(size=(6, 4)) * 3, jnp.float32)
+    labels = jnp.asarray(rng.integers(0, 4, size=6))
+    y = jax.nn.one_hot(labels, 4)
+    ours = jax.grad(lambda z: loss(phi, y, jax.nn.softmax(z)))(logits)
+    ce = jax.grad(lambda z: optax.softmax_cross_entropy_with_integer_labels(z, labels).mean())
+    np.testing.assert_allclose(ours, ce(logits), rtol=1e-5, atol=1e-7)
+    # The value is cross-entropy plus the flat learned part (0, or softplus(0) = log 2).
+    flat = 0.0 if output_activation == "identity" else np.log(2.0)
+    expected = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean() + flat
+    np.testing.assert_allclose(loss(phi, y, jax.nn.softmax(logits)), expected, rtol=1e-5)
+
+
+def test_loss_net_options_match_their_definitions():
+    """No biases: affine maps without offsets;
+    identity output: the last layer's affine value; β, γ: the smooth leaky ReLU's."""
+    c = _config(
+        activation="smooth_leaky_relu",
+        use_bias=False,
+        output_activation="identity",
+        beta=2.0,
+        gamma=0.25,
+    )
+    net = learned.make_loss_network(c)
+    phi = learned.init_learned_loss(c, jax.random.key(3), num_outputs=2)
+    assert all("bias" not in layer for layer in phi["params"].values())
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(5, 2)), jnp.float32)
+    h = x
+    layers = [phi["params"][f"Dense_{i}"]["kernel"] for i in range(3)]
+    for w in layers[:-1]:
+        h = smooth_leaky_relu(h @ w, beta=2.0, gamma=0.25)
+    np.testing.assert_allclose(net.apply(phi, x), h @ layers[-1], rtol=1e-5, atol=1e-6)
+    # The loss of a batch is the mean of ℓ over (sample, output) pairs.
+    y, y_hat = x[:, :1].repeat(3, 1), x[:, 1:].repeat(3, 1)
+    per_pair = net.apply(phi, jnp.stack([y, y_hat], -1))
+    loss = learned.learned_loss_fn(c)(phi, y, y_hat)
+    np.testing.assert_allclose(loss, per_pair.mean(), rtol=1e-6)

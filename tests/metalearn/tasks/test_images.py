@@ -467,3 +467,13 @@ def test_data_far_from_the_datasets_published_mean_pixel_is_flagged(tmp_path):
     with pytest.warns(UserWarning, match=r"mean pixel 1.000, but fashion_mnist has 0.286"):
         data = image_data.load_images(config)
     assert data.train_images.shape == (8, 28, 28, 1) and list(data.test_labels) == [0, 1, 2, 3]
+
+
+def test_the_validation_split_is_stratified_by_class():
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(4), [50, 30, 15, 5]).astype(np.int32)[rng.permutation(100)]
+    x = np.arange(100, dtype=np.uint8).reshape(100, 1, 1, 1)
+    (tx, ty), (vx, vy) = image_data._carve_validation(x, labels, 10, seed=3)
+    assert len(vy) == 10 and len(ty) == 90
+    np.testing.assert_array_equal(np.bincount(vy, minlength=4), [5, 3, 2, 0])  # 1.5, 0.5 → 2, 0
+    assert sorted(np.concatenate([tx, vx]).ravel().tolist()) == list(range(100))
