@@ -26,35 +26,49 @@ MODELS = (
 # paper's protocols. MNIST / Fashion-MNIST: plain SGD, lr 0.01, no momentum, no weight
 # decay, 10,000 steps. CIFAR-10 / CIFAR-100 / SVHN: SGD lr 0.01 with Nesterov 0.9 and
 # weight decay 5e-4, 150,000 steps, the rate ×0.1 at 100,000 and 135,000. Batch 128.
+# `max_grad_ratio`: the bound on the learned loss's step relative to cross-entropy's
+# (loss_net.max_grad_ratio). Under momentum the offline phase's one-step objective tunes
+# the loss's scale about 5× too large and training diverges (README, "AdaLFL: why it
+# diverged"); bounded at 1 it trains. Plain SGD needs no bound.
 _PAPER_SGD = {"name": "sgd", "lr": 0.01, "momentum": 0.0, "weight_decay": 0.0}
 _PAPER_NESTEROV = {"name": "nesterov", "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4}
 _CONSTANT = {"name": "constant", "boundaries": (), "factor": 1.0}
 _STEPS_100K_135K = {"name": "step", "boundaries": (2 / 3, 0.9), "factor": 0.1}
 DATASET_DEFAULTS = {
-    "mnist": {"model": "lenet5", "optimizer": _PAPER_SGD, "schedule": _CONSTANT, "steps": 10_000},
+    "mnist": {
+        "model": "lenet5",
+        "optimizer": _PAPER_SGD,
+        "schedule": _CONSTANT,
+        "steps": 10_000,
+        "max_grad_ratio": 0.0,
+    },
     "fashion_mnist": {
         "model": "lenet5",
         "optimizer": _PAPER_SGD,
         "schedule": _CONSTANT,
         "steps": 10_000,
+        "max_grad_ratio": 0.0,
     },
     "cifar10": {
         "model": "vgg16",
         "optimizer": _PAPER_NESTEROV,
         "schedule": _STEPS_100K_135K,
         "steps": 150_000,
+        "max_grad_ratio": 1.0,
     },
     "cifar100": {
         "model": "wrn28_10",
         "optimizer": _PAPER_NESTEROV,
         "schedule": _STEPS_100K_135K,
         "steps": 150_000,
+        "max_grad_ratio": 1.0,
     },
     "svhn_cropped": {
         "model": "allcnn_c",
         "optimizer": _PAPER_NESTEROV,
         "schedule": _STEPS_100K_135K,
         "steps": 150_000,
+        "max_grad_ratio": 1.0,
     },
 }
 CIFAR10_SUBSET = "../shared/data/raw/cifar10_subset"
@@ -106,10 +120,20 @@ def image_config(algorithm: str, dataset: str, arg: str | None) -> ml_collection
         }
     )
     c.model = ml_collections.ConfigDict({"name": d["model"], "dropout": -1.0, "dtype": "float32"})
-    # AdaLFL's loss network. `max_grad_ratio` > 0 bounds its logit gradient at that many
-    # times cross-entropy's (see experiments/image_classification.make_losses).
-    c.loss_net = loss_net(activation="smooth_leaky_relu", output_activation="softplus")
-    c.loss_net.max_grad_ratio = 0.0
+    # The loss network of ML³ and AdaLFL, as in the same authors' NPBML: cross-entropy
+    # plus a learned term (so φ learns a correction to it), no output activation (the
+    # AdaLFL paper: a Softplus output encourages flat losses), no biases, smooth leaky
+    # ReLU with β = 2, γ = 0.25. `max_grad_ratio` > 0 bounds its logit gradient at that
+    # many times cross-entropy's (experiments/image_classification.make_losses).
+    c.loss_net = loss_net(
+        activation="smooth_leaky_relu",
+        output_activation="identity",
+        use_bias=False,
+        beta=2.0,
+        gamma=0.25,
+        ce_term=True,
+    )
+    c.loss_net.max_grad_ratio = d["max_grad_ratio"]
     c.inner = ml_collections.ConfigDict(
         {
             "steps": d["steps"],
@@ -126,6 +150,10 @@ def image_config(algorithm: str, dataset: str, arg: str | None) -> ml_collection
             "optimizer": {"name": "adam", "lr": 1e-3, "clip_value": 0.0, "clip_norm": 0.0},
             "estimator": "unrolled",  # exact; the only choice for a one-step unroll
             "method": "jvp",  # or "backprop": two exact ways, see metalearn.bilevel
+            # Where the meta-objective measures the task loss after the inner step: "none"
+            # (at θ_{t+1}) or "momentum" (θ_t plus the whole displacement −η/(1−μ)(g + λθ)
+            # the step's gradient causes under the base optimizer's momentum).
+            "lookahead": "none",
             "init_steps": 2500,  # S_init: offline ML³ steps, one inner step each
             "batch_size": 128,
             # Where the meta-objective batch comes from: "validation" (the held-out,

@@ -17,8 +17,19 @@ batches an uninterrupted one would. Steps are jitted over a device mesh: batches
 along `data`, state replicated.
 
 The learned loss ℓ_φ is fed output-wise: the one-hot label y_c and the softmax
-probability ŷ_c of every class c, summed over classes (`make_losses`); it is saved at
-the end as `<workdir>/learned_loss`.
+probability ŷ_c of every class c (`make_losses`), by default added to cross-entropy
+(`loss_net.ce_term`); it is saved at the end as `<workdir>/learned_loss`.
+
+What decides divergence is logged every step: `train/grad_ratio`, the learned loss's
+gradient at the logits relative to cross-entropy's (its implied learning-rate
+multiplier), and `train/update_norm`, the size of the base update; `plots/grad_ratio.png`
+draws both, `plots/loss_shapes.png` the loss's shape at several points. Options that
+bear on it: `loss_net.max_grad_ratio` (a bound on that ratio), `meta.lookahead` (the
+meta-objective at the momentum's whole displacement), `meta.select_every` (best-φ
+selection by short validation runs in the offline phase), `meta.optimizer.clip_value`,
+and `meta.split` (meta batches from the held-out validation split). A run that diverges
+(test error at chance, or the ratio past `divergence.max_grad_ratio`) stops with the step
+and the quantity (`check_divergence`).
 """
 
 import functools
@@ -37,7 +48,7 @@ from metalearn.algorithms import adalfl
 from metalearn.losses import learned as learned_losses
 from metalearn.losses.task import softmax_cross_entropy
 from metalearn.models import vision
-from metalearn.optim import make_optimizer
+from metalearn.optim import make_optimizer, make_schedule
 from metalearn.runtime import sharding
 from metalearn.runtime.experiment import Experiment
 from metalearn.runtime.metrics import mean_std
@@ -128,6 +139,34 @@ def make_losses(model, info, augment: str, meta_augment: str, loss_fn, max_grad_
     return functools.partial(inner, True), functools.partial(inner, False), outer
 
 
+LOOKAHEADS = ("none", "momentum")
+
+
+def make_lookahead(name: str, optimizer: ml_collections.ConfigDict):
+    """Where the meta-objective measures the task loss after the inner step.
+
+    "none": at the optimizer's step θ_{t+1}. "momentum": at θ_t plus the whole
+    displacement the learned loss's gradient causes under the base optimizer's momentum,
+    −η/(1−μ)(g + λθ) (`bilevel.momentum_lookahead`), so that the loss's scale is tuned
+    for the step it really takes; the same as "none" for plain SGD.
+    """
+    if name not in LOOKAHEADS:
+        raise ValueError(f"Unknown meta.lookahead {name!r}; choose one of {LOOKAHEADS}.")
+    if name == "none":
+        return None
+    if optimizer.name not in ("sgd", "momentum", "nesterov"):
+        raise ValueError(
+            f"meta.lookahead='momentum' needs an SGD-family inner optimizer (sgd, momentum, "
+            f"nesterov); got {optimizer.name!r}. Use meta.lookahead='none'."
+        )
+    momentum = 0.0 if optimizer.name == "sgd" else optimizer.get("momentum", 0.9)
+    return bilevel.momentum_lookahead(
+        make_schedule(optimizer.get("schedule"), optimizer.lr),
+        momentum,
+        optimizer.get("weight_decay", 0.0),
+    )
+
+
 class ImageClassification(Experiment):
     """Baseline, ML³ or AdaLFL on an image dataset, driven by `runtime.loop`."""
 
@@ -209,6 +248,7 @@ class ImageClassification(Experiment):
             c.model.name, self.info.num_classes, dropout=dropout, dtype=jnp.dtype(c.model.dtype)
         )
         self.optimizer = make_optimizer(c.inner.optimizer, differentiated=self.learned)
+        self.lookahead = make_lookahead(c.meta.get("lookahead", "none"), c.inner.optimizer)
         self.meta_optimizer = make_optimizer(c.meta.optimizer)
         self.loss_net = learned_losses.make_loss_network(c.loss_net)
         loss_fn = learned_losses.learned_loss_fn(c.loss_net)
@@ -278,6 +318,7 @@ class ImageClassification(Experiment):
             meta_optimizer=self.meta_optimizer,
             estimator=self.config.meta.estimator,
             method=self.config.meta.method,
+            lookahead=self.lookahead,
         )
         metrics["train/update_norm"] = optax.global_norm(
             jax.tree.map(jnp.subtract, inner.params, start.params)
@@ -440,6 +481,10 @@ class ImageClassification(Experiment):
                 "eval/test_loss": loss,
             }
         )
+        if len(self.data.val_labels):  # for model selection (e.g. a baseline's learning rate)
+            metrics["eval/val_error"] = self.error_rate(
+                state.inner, self.data.val_images, self.data.val_labels
+            )[0]
         if self.select_every and step == self.init_steps:
             metrics["eval/selected_error"] = state.best_error
         return metrics

@@ -1,12 +1,24 @@
 """Baseline vs ML³ vs AdaLFL over seeds and datasets: runs them, prints the table.
 
-    python -m experiments.reproduce_images                     # MNIST + Fashion-MNIST, 3 seeds
-    python -m experiments.reproduce_images --steps=2000 --init_steps=500 --jobs=2
+    python -m experiments.reproduce_images --data_dir=../shared/data/tfds   # MNIST + F-MNIST
+    python -m experiments.reproduce_images --steps=2000 --seeds=0,1,2,3,4 --ce_search=0.01,0.03,0.1
 
 Each run is an ordinary `experiments.run` job in `<root>/<dataset>/<algorithm>_seed<s>`
-(re-running resumes or reuses finished runs), with the budget overridden on the command
-line; the three algorithms share everything but the loss. Prints a markdown table of the
-final test error (mean ± std over seeds, per-seed values) and each group's wall time, and
+(re-running resumes or reuses finished runs; diverged runs are reported, not re-run),
+with the budget overridden on the command line and everything else the config's: the
+dataset's protocol (configs/_image.py), so the three algorithms share all but the loss.
+
+ML³ and AdaLFL of one seed run the very same offline phase (the same φ₀, fresh models,
+batches and keys), so by default it runs once: ML³ runs first, checkpointing at the end
+of its offline phase, and AdaLFL resumes from that checkpoint (`--no-share_offline` runs
+it twice; the numbers are the same).
+
+`--ce_search=lr,...` adds the strongest cross-entropy baseline a reader will ask for:
+Nesterov 0.9 with weight decay 5e-4 (`--ce_optimizer`) at each learning rate on the
+first seed, the rate of the lowest validation error then run on every seed.
+
+Prints a markdown table of the final test error (mean ± std over the seeds that did not
+diverge, per-seed values, diverged seeds with their step) and each group's wall time, and
 draws the test-error curves of every algorithm per dataset into `<root>/<dataset>.png`.
 """
 
@@ -14,6 +26,7 @@ import argparse
 import concurrent.futures
 import json
 import os
+import shutil
 import time
 
 import numpy as np
@@ -29,46 +42,151 @@ CONFIG_NAMES = {
     "cifar100": "cifar100",
     "svhn_cropped": "svhn",
 }
+CE_OPTIMIZERS = {
+    "nesterov": [
+        "--config.inner.optimizer.name=nesterov",
+        "--config.inner.optimizer.momentum=0.9",
+        "--config.inner.optimizer.weight_decay=5e-4",
+    ],
+    "sgd": [
+        "--config.inner.optimizer.name=sgd",
+        "--config.inner.optimizer.momentum=0.0",
+        "--config.inner.optimizer.weight_decay=0.0",
+    ],
+}
 
 
-def run_one(args, dataset: str, algorithm: str, seed: int) -> tuple[str, float, str]:
-    """Runs (or resumes) one job; returns (workdir, wall seconds, error text or '')."""
-    workdir = os.path.join(args.root, dataset, f"{algorithm}_seed{seed}")
+def job_args(args, dataset: str, algorithm: str, seed: int, extra=()) -> tuple[str, list[str]]:
+    """The --config value and overrides of one job."""
     variant = ",".join(filter(None, [args.model, args.variant]))
     config = f"configs/{algorithm}_{CONFIG_NAMES[dataset]}.py" + (f":{variant}" if variant else "")
+    # The end of the offline phase is a checkpoint, for AdaLFL to start from ML³'s.
+    every = args.init_steps if args.share_offline and args.init_steps else args.eval_every
     cmd = [
         f"--config.seed={seed}",
         f"--config.inner.steps={args.steps}",
         f"--config.inner.optimizer.schedule.steps={args.steps}",
         f"--config.meta.init_steps={args.init_steps}",
         f"--config.eval.every={args.eval_every}",
-        f"--config.checkpoint_every={args.eval_every * args.checkpoint_evals}",
+        f"--config.checkpoint_every={every}",
     ]
     if args.data_dir:
         cmd += [f"--config.data.data_dir={args.data_dir}", "--config.data.download=False"]
-    cmd += args.override
+    return config, [*cmd, *args.override, *extra]
+
+
+def seed_offline_phase(source: str, target: str, init_steps: int) -> bool:
+    """Starts `target` (an AdaLFL workdir) from ML³'s checkpoint at the end of the offline
+    phase: the checkpoint and the metrics up to it. False if there is none to take."""
+    ckpt = os.path.join(source, "checkpoints", str(init_steps))
+    if os.path.exists(os.path.join(target, "checkpoints")) or not os.path.isdir(ckpt):
+        return False
+    os.makedirs(os.path.join(target, "checkpoints"))
+    shutil.copytree(ckpt, os.path.join(target, "checkpoints", str(init_steps)))
+    with (
+        open(os.path.join(source, "metrics.jsonl")) as f,
+        open(os.path.join(target, "metrics.jsonl"), "w") as out,
+    ):
+        out.writelines(line for line in f if json.loads(line)["step"] <= init_steps)
+    return True
+
+
+def run_one(args, dataset: str, algorithm: str, seed: int, extra=(), name=None) -> dict:
+    """Runs (or resumes) one job: {"workdir", "wall", "error" (text or ''), "diverged"}."""
+    workdir = os.path.join(args.root, dataset, f"{name or algorithm}_seed{seed}")
+    config, cmd = job_args(args, dataset, algorithm, seed, extra)
     start = time.perf_counter()
+    out = {"workdir": workdir, "error": "", "diverged": None}
     try:
         _runs.run(config, workdir, cmd)
-        return workdir, time.perf_counter() - start, ""
+    except _runs.Diverged as e:
+        out["diverged"] = e.step
     except RuntimeError as e:
-        return workdir, 0.0, str(e)
+        out["error"] = str(e)
+    out["wall"] = time.perf_counter() - start
+    return out
+
+
+def run_group(args, dataset: str, algorithms: list[str], seed: int) -> dict:
+    """The algorithms of one (dataset, seed); AdaLFL after ML³, from its offline phase."""
+    results = {}
+    order = sorted(algorithms, key=lambda a: {"ml3": 0, "adalfl": 1}.get(a, -1))
+    for algorithm in order:
+        if algorithm == "adalfl" and args.share_offline and "ml3" in results:
+            seed_offline_phase(
+                results["ml3"]["workdir"],
+                os.path.join(args.root, dataset, f"adalfl_seed{seed}"),
+                args.init_steps,
+            )
+        results[algorithm] = run_one(args, dataset, algorithm, seed)
+        print(f"{dataset} {algorithm} seed {seed}: {status(results[algorithm])}", flush=True)
+    return results
+
+
+def status(result: dict) -> str:
+    if result["error"]:
+        return "FAILED\n" + result["error"]
+    if result["diverged"] is not None:
+        return f"diverged at step {result['diverged']}"
+    return f"{result['wall']:.0f} s"
+
+
+def final(workdir: str, key: str) -> float | None:
+    path = os.path.join(workdir, "summary.json")
+    if key == "test_error" and os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)["test_error"]["mean"]
+    rows = [r for r in read_metrics(workdir) if key in r]
+    return rows[-1][key] if rows and os.path.exists(path) else None
+
+
+def ce_search(args, dataset: str, seeds: list[int]) -> tuple[str, list[dict]]:
+    """The strongest cross-entropy baseline: the learning rate of the lowest validation
+    error on the first seed, then every seed. Returns (label, results per seed)."""
+    opt = CE_OPTIMIZERS[args.ce_optimizer]
+    scores = {}
+    for lr in args.ce_search.split(","):
+        extra = [*opt, f"--config.inner.optimizer.lr={lr}"]
+        r = run_one(args, dataset, "baseline", seeds[0], extra, f"ce_{args.ce_optimizer}_lr{lr}")
+        val = final(r["workdir"], "eval/val_error")
+        print(f"{dataset} CE {args.ce_optimizer} lr {lr}: validation error {val}", flush=True)
+        scores[lr] = np.inf if val is None else val
+    best = min(scores, key=scores.get)
+    extra = [*opt, f"--config.inner.optimizer.lr={best}"]
+    name = f"ce_{args.ce_optimizer}_lr{best}"
+    results = [run_one(args, dataset, "baseline", s, extra, name) for s in seeds]
+    return f"baseline, {args.ce_optimizer} lr {best} (best of {args.ce_search})", results
+
+
+def row(dataset: str, label: str, results: list[dict]) -> str:
+    errors = [final(r["workdir"], "test_error") for r in results]
+    kept = 100 * np.asarray([e for e in errors if e is not None])
+    per_seed = ", ".join(
+        f"{100 * e:.2f}" if e is not None else f"div@{r['diverged']}" if r["diverged"] else "fail"
+        for e, r in zip(errors, results, strict=True)
+    )
+    diverged = sum(r["diverged"] is not None for r in results)
+    mean = f"{kept.mean():.2f} ± {kept.std():.2f} %" if kept.size else "—"
+    wall = sum(r["wall"] for r in results)
+    return f"| {dataset} | {label} | {mean} | {per_seed} | {diverged} | {wall:.0f} |"
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--datasets", default="mnist,fashion_mnist")
     p.add_argument("--algorithms", default="baseline,ml3,adalfl")
-    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--seeds", default="0,1,2,3,4")
     p.add_argument("--model", default="", help="a model variant, e.g. resnet20")
     p.add_argument("--variant", default="", help="other config variants, e.g. subset")
-    p.add_argument("--steps", type=int, default=3000, help="model training steps (S_train)")
-    p.add_argument("--init_steps", type=int, default=500, help="offline ML³ steps (S_init)")
+    p.add_argument("--steps", type=int, default=2000, help="model training steps (S_train)")
+    p.add_argument("--init_steps", type=int, default=2500, help="offline ML³ steps (S_init)")
     p.add_argument("--eval_every", type=int, default=500)
-    p.add_argument("--checkpoint_evals", type=int, default=2, help="checkpoint every N evals")
     p.add_argument("--data_dir", default="", help="prepared tfds folder (else the config's)")
     p.add_argument("--root", default="runs/reproduce_images")
-    p.add_argument("--jobs", type=int, default=1, help="runs at once")
+    p.add_argument("--jobs", type=int, default=1, help="(dataset, seed) groups at once")
+    p.add_argument("--share_offline", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--ce_search", default="", help="learning rates of the strongest CE baseline")
+    p.add_argument("--ce_optimizer", default="nesterov", choices=sorted(CE_OPTIMIZERS))
     p.add_argument("--override", action="append", default=[], help="--config.x=y, repeatable")
     args = p.parse_args()
     if args.init_steps % args.eval_every:
@@ -77,44 +195,32 @@ def main() -> None:
     datasets = args.datasets.split(",")
     algorithms = args.algorithms.split(",")
     seeds = [int(s) for s in args.seeds.split(",")]
-    jobs = [(d, a, s) for d in datasets for a in algorithms for s in seeds]
+    groups = [(d, s) for d in datasets for s in seeds]
     results = {}
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-        futures = {pool.submit(run_one, args, *job): job for job in jobs}
+        futures = {pool.submit(run_group, args, d, algorithms, s): (d, s) for d, s in groups}
         for future in concurrent.futures.as_completed(futures):
-            job = futures[future]
-            workdir, wall, error = future.result()
-            results[job] = (workdir, wall)
-            status = "FAILED\n" + error if error else f"{wall:.0f} s"
-            print(f"{job[0]} {job[1]} seed {job[2]}: {status}", flush=True)
+            d, s = futures[future]
+            for a, r in future.result().items():
+                results[(d, a, s)] = r
+    searched = {d: ce_search(args, d, seeds) for d in datasets} if args.ce_search else {}
 
     print(f"\nsteps={args.steps}, init_steps={args.init_steps}, seeds={seeds}")
-    print("| dataset | algorithm | test error (mean ± std) | per seed | wall s (sum) |")
-    print("|---|---|---|---|---|")
+    print("| dataset | algorithm | test error (mean ± std) | per seed | diverged | wall s (sum) |")
+    print("|---|---|---|---|---|---|")
     for d in datasets:
         histories = {}
         for a in algorithms:
-            errors, walls, runs = [], [], []
-            for s in seeds:
-                workdir, wall = results[(d, a, s)]
-                summary_path = os.path.join(workdir, "summary.json")
-                if not os.path.exists(summary_path):
-                    continue
-                with open(summary_path) as f:
-                    errors.append(json.load(f)["test_error"]["mean"])
-                walls.append(wall)
-                runs.append(read_metrics(workdir))
-            if not errors:
-                print(f"| {d} | {a} | failed | | |")
-                continue
-            e = 100 * np.asarray(errors)
-            per_seed = ", ".join(f"{x:.2f}" for x in e)
-            print(
-                f"| {d} | {a} | {e.mean():.2f} ± {e.std():.2f} % | {per_seed} | {sum(walls):.0f} |"
-            )
-            histories[a] = runs
-        if histories:
-            plots.image_training_curves(histories, os.path.join(args.root, f"{d}.png"))
+            group = [results[(d, a, s)] for s in seeds]
+            print(row(d, a, group))
+            histories[a] = [read_metrics(r["workdir"]) for r in group if r["diverged"] is None]
+        if d in searched:
+            label, group = searched[d]
+            print(row(d, label, group))
+            histories["baseline (best CE)"] = [read_metrics(r["workdir"]) for r in group]
+        plots.image_training_curves(
+            {k: v for k, v in histories.items() if v}, os.path.join(args.root, f"{d}.png")
+        )
 
 
 if __name__ == "__main__":

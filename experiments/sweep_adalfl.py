@@ -47,6 +47,7 @@ OLD_LOSS_NET = [
 ]
 OLD_META = [
     "--config.meta.split=train",
+    "--config.meta.lookahead=none",
     "--config.meta.select_every=0",
     "--config.meta.optimizer.clip_value=0.0",
 ]
@@ -99,6 +100,16 @@ VARIANTS = {
         "adalfl",
         "plain SGD + NPBML net + held-out split",
         [*SGD, *NPBML_NET, "--config.meta.split=validation"],
+    ),
+    "lookahead": (
+        "adalfl",
+        "meta-objective at the momentum's whole displacement −η/(1−μ)·g",
+        ["--config.meta.lookahead=momentum"],
+    ),
+    "lookahead_npbml_val": (
+        "adalfl",
+        "lookahead + NPBML net + held-out split",
+        ["--config.meta.lookahead=momentum", *NPBML_NET, "--config.meta.split=validation"],
     ),
     "ce_nesterov": ("baseline", "cross-entropy, Nesterov + wd 5e-4", []),
     "ce_sgd": ("baseline", "cross-entropy, plain SGD", SGD),

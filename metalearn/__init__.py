@@ -4,7 +4,8 @@ The public API, everything pure and jit-able:
 
 - the bilevel heart (`metalearn.bilevel`): `inner_step`, `unroll`, `meta_loss`,
   `meta_grad`, `one_step_meta_grad`, `meta_grad_over_tasks`, `windowed_meta_steps`,
-  `meta_step`, the gradient estimators `ESTIMATORS` and their checks;
+  `meta_step`, `momentum_lookahead`, the gradient estimators `ESTIMATORS` and their
+  checks;
 - its states: `InnerState`, `MetaState`, `init_inner_state`, `init_meta_state`;
 - learned losses ℓ_φ and their portable artifacts (`init_learned_loss`,
   `learned_loss_fn`, `save_learned_loss`, `load_learned_loss`, ...) and task losses;
@@ -23,6 +24,7 @@ from metalearn.bilevel import (
     meta_grad_over_tasks,
     meta_loss,
     meta_step,
+    momentum_lookahead,
     one_step_meta_grad,
     unroll,
     windowed_meta_steps,
@@ -65,6 +67,7 @@ __all__ = [
     "meta_grad_over_tasks",
     "meta_loss",
     "meta_step",
+    "momentum_lookahead",
     "mse",
     "one_step_meta_grad",
     "save_learned_loss",

@@ -48,6 +48,7 @@ differentiated=True)` refuses Adam without `eps_root` already when it is built.
 import difflib
 import functools
 import numbers
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -428,6 +429,27 @@ def meta_grad(
     return loss, grads, final, metrics
 
 
+def momentum_lookahead(
+    learning_rate: optax.ScalarOrSchedule, momentum: float, weight_decay: float = 0.0
+) -> Callable[[Any, Any, Array], Any]:
+    """The total displacement −η/(1−μ)·(g + λθ) that a gradient g causes under SGD with
+    momentum μ (heavy-ball or Nesterov alike), at the learning rate η of `step`.
+
+    For `one_step_meta_grad(..., lookahead=...)`: a one-step meta-objective that sees
+    only the first momentum step (−η(1+μ)g for Nesterov) underestimates the step a loss
+    implies by 1/((1−μ)(1+μ)), about 5× at μ = 0.9, and tunes it that much too large.
+    """
+    if not 0.0 <= momentum < 1.0:
+        raise ValueError(f"momentum must be in [0, 1); got {momentum}.")
+
+    def lookahead(grads, params, step):
+        lr = learning_rate(step) if callable(learning_rate) else learning_rate
+        scale = -lr / (1.0 - momentum)
+        return jax.tree.map(lambda g, p: scale * (g + weight_decay * p), grads, params)
+
+    return lookahead
+
+
 def one_step_meta_grad(
     meta_params: MetaParams,
     state: InnerState,
@@ -439,6 +461,7 @@ def one_step_meta_grad(
     inner_loss: InnerLossFn,
     outer_loss: OuterLossFn,
     optimizer: optax.GradientTransformation,
+    lookahead: Callable[[Any, Any, Array], Any] | None = None,
 ) -> tuple[Array, MetaParams, InnerState, Metrics]:
     """The exact meta-gradient of a one-step unroll, without backpropagating a backprop.
 
@@ -459,6 +482,10 @@ def one_step_meta_grad(
       batch, key: the one inner step's batch and key (no step axis).
       outer_batch, outer_key: what the outer loss is evaluated on at θ₁.
       inner_loss, outer_loss, optimizer: as in `meta_loss`.
+      lookahead: optional `updates = lookahead(g, θ₀, step)`: the outer loss is then
+        measured at θ₀ + lookahead(g) and differentiated through it, while the returned
+        state still takes the optimizer's step. E.g. `momentum_lookahead`: the whole
+        displacement a gradient causes under momentum, not just its first step.
 
     Returns:
       `(loss, grads, final_state, inner_metrics)` as `meta_grad` with K = 1, the metrics
@@ -474,9 +501,15 @@ def one_step_meta_grad(
         updates, opt_state = optimizer.update(g, state.opt_state, params)
         return optax.apply_updates(params, updates), opt_state
 
-    new_params, apply_vjp, opt_state = jax.vjp(apply, grads, has_aux=True)
+    if lookahead is None:
+        new_params, apply_vjp, opt_state = jax.vjp(apply, grads, has_aux=True)
+        measured = new_params
+    else:
+        new_params, opt_state = apply(grads)
+        measure = lambda g: optax.apply_updates(params, lookahead(g, params, state.step))  # noqa: E731
+        measured, apply_vjp = jax.vjp(measure, grads)
     outer, outer_grads = jax.value_and_grad(outer_loss)(
-        new_params, model_state, outer_batch, outer_key
+        measured, model_state, outer_batch, outer_key
     )
     (direction,) = apply_vjp(outer_grads)
 

@@ -95,6 +95,7 @@ def lockstep(
     meta_optimizer: optax.GradientTransformation,
     estimator: str = "unrolled",
     method: str = "jvp",
+    lookahead=None,
 ) -> tuple[InnerState, MetaState, Metrics]:
     """One AdaLFL iteration: θ_{t+1} = θ_t − α∇_θ L_φt, then φ_{t+1} from ∇_φ L_task(θ_{t+1}).
 
@@ -110,6 +111,9 @@ def lockstep(
       meta_optimizer: the optimizer of φ.
       estimator: must be "unrolled" (see `check_online_estimator`).
       method: one of `METHODS`; both give the exact gradient, "jvp" usually faster.
+      lookahead: optional, for method "jvp": where the task loss is measured, as in
+        `bilevel.one_step_meta_grad` (e.g. `bilevel.momentum_lookahead`); θ_{t+1} is
+        still the optimizer's step.
 
     Returns:
       `(inner_state_{t+1}, meta_state_{t+1}, metrics)` with `meta/loss` (task loss at
@@ -118,11 +122,20 @@ def lockstep(
     check_online_estimator(estimator)
     if method not in METHODS:
         raise ValueError(f"Unknown method {method!r}; choose one of {METHODS}.")
+    if lookahead is not None and method != "jvp":
+        raise ValueError("A lookahead is taken by method='jvp' only; set method='jvp'.")
     inner_key, outer_key = jax.random.split(key)
     kwargs = dict(inner_loss=inner_loss, outer_loss=outer_loss, optimizer=optimizer)
     if method == "jvp":
         loss, grads, inner_state, metrics = bilevel.one_step_meta_grad(
-            meta_state.params, inner_state, batch, inner_key, meta_batch, outer_key, **kwargs
+            meta_state.params,
+            inner_state,
+            batch,
+            inner_key,
+            meta_batch,
+            outer_key,
+            lookahead=lookahead,
+            **kwargs,
         )
     else:
         loss, grads, inner_state, metrics = bilevel.meta_grad(
@@ -158,6 +171,7 @@ def offline_init_step(
     meta_optimizer: optax.GradientTransformation,
     estimator: str = "unrolled",
     method: str = "jvp",
+    lookahead=None,
 ) -> tuple[MetaState, Metrics]:
     """One step of the ML³ initialisation: `lockstep` from a fresh θ, which is dropped.
 
@@ -165,8 +179,8 @@ def offline_init_step(
       meta_state: φ and the meta-optimizer state.
       fresh_state: a newly initialised θ with its optimizer and model state.
       batch, meta_batch, key: as in `lockstep`.
-      inner_loss, outer_loss, optimizer, meta_optimizer, estimator, method: as in
-        `lockstep`.
+      inner_loss, outer_loss, optimizer, meta_optimizer, estimator, method, lookahead:
+        as in `lockstep`.
 
     Returns:
       `(meta_state, metrics)` as `lockstep` returns them.
@@ -183,5 +197,6 @@ def offline_init_step(
         meta_optimizer=meta_optimizer,
         estimator=estimator,
         method=method,
+        lookahead=lookahead,
     )
     return meta_state, metrics

@@ -22,6 +22,7 @@ import experiments
 from configs import _image, adalfl_cifar, adalfl_mnist
 from experiments import _runs
 from experiments.image_classification import ImageClassification
+from experiments.reproduce_images import seed_offline_phase
 from metalearn import load_learned_loss
 from metalearn.models import vision
 from metalearn.runtime import sharding
@@ -118,6 +119,23 @@ def test_adalfl_resume_mid_offline_phase_and_mid_training_is_exact(adalfl_run, t
     phi = [load_learned_loss(os.path.join(d, "learned_loss")).params for d in (full_dir, cut)]
     jax.tree.map(np.testing.assert_array_equal, *phi)
     assert _rows(full_dir) == _rows(cut)
+
+
+@needs_mnist
+def test_adalfl_from_ml3s_offline_phase_is_the_same_run(adalfl_run, tmp_path):
+    """`reproduce_images` runs one offline phase for ML³ and AdaLFL of a seed: AdaLFL
+    resumed from ML³'s checkpoint at its end gives AdaLFL's own numbers."""
+    config, full_dir, full, _ = adalfl_run
+    ml3_config = tiny("ml3")
+    ml3_dir, adalfl_dir = str(tmp_path / "ml3"), str(tmp_path / "adalfl")
+    init = config.meta.init_steps
+    assert (
+        train_and_evaluate(experiments.make(ml3_config), ml3_config, ml3_dir, stop_at=init) is None
+    )
+    assert seed_offline_phase(ml3_dir, adalfl_dir, init)
+    assert not seed_offline_phase(ml3_dir, adalfl_dir, init)  # only into a fresh workdir
+    assert train_and_evaluate(experiments.make(config), config, adalfl_dir) == full
+    assert _rows(adalfl_dir) == _rows(full_dir)
 
 
 @needs_mnist

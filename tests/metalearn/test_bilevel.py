@@ -341,3 +341,39 @@ def test_estimator_choices_of_a_config_are_validated():
         bilevel.check_estimator("truncated", 10, 10)
     with pytest.raises(ValueError, match="for all of them say estimator='unrolled'"):
         bilevel.check_estimator("last_window", 10, 10)
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_momentum_lookahead_is_the_whole_displacement_of_one_gradient(nesterov):
+    """A gradient g applied once into a momentum buffer moves θ by −η/(1−μ)·g in all."""
+    lr, mu = 0.1, 0.8
+    opt = optax.sgd(lr, momentum=mu, nesterov=nesterov)
+    params = {"w": jnp.array([1.0, -2.0])}
+    g = {"w": jnp.array([0.5, 3.0])}
+    zero = jax.tree.map(jnp.zeros_like, g)
+    state, total = opt.init(params), jax.tree.map(jnp.zeros_like, params)
+    for i in range(200):
+        updates, state = opt.update(g if i == 0 else zero, state, params)
+        total = jax.tree.map(jnp.add, total, updates)
+    look = bilevel.momentum_lookahead(lr, mu)(g, params, jnp.int32(0))
+    np.testing.assert_allclose(look["w"], total["w"], rtol=1e-5)
+    with pytest.raises(ValueError, match="momentum must be in"):
+        bilevel.momentum_lookahead(lr, 1.0)
+
+
+def test_a_lookahead_moves_where_the_outer_loss_is_measured_not_the_step(float64):
+    """Through the momentum lookahead the meta-gradient is that of plain SGD at η/(1−μ),
+    while the returned state is the momentum optimizer's step."""
+    phi, theta, batches, target, keys = problem(1, jnp.float64)
+    lr, mu = 0.05, 0.9
+    momentum, plain = optax.sgd(lr, momentum=mu, nesterov=True), optax.sgd(lr / (1 - mu))
+    args = (batches[0], keys[0], target, keys[0])
+
+    def run(opt, **kw):
+        state = init_inner_state(theta, opt)
+        return bilevel.one_step_meta_grad(phi, state, *args, optimizer=opt, **LOSSES, **kw)
+
+    look = run(momentum, lookahead=bilevel.momentum_lookahead(lr, mu))
+    close(look[1], run(plain)[1], rtol=1e-10)  # the meta-gradient
+    np.testing.assert_allclose(look[0], run(plain)[0], rtol=1e-12)  # the outer loss
+    close(look[2].params, run(momentum)[2].params, rtol=1e-12)  # the step taken
