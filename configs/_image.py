@@ -34,42 +34,27 @@ _PAPER_SGD = {"name": "sgd", "lr": 0.01, "momentum": 0.0, "weight_decay": 0.0}
 _PAPER_NESTEROV = {"name": "nesterov", "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4}
 _CONSTANT = {"name": "constant", "boundaries": (), "factor": 1.0}
 _STEPS_100K_135K = {"name": "step", "boundaries": (2 / 3, 0.9), "factor": 0.1}
+_MNIST_PROTOCOL = {
+    "optimizer": _PAPER_SGD,
+    "schedule": _CONSTANT,
+    "steps": 10_000,
+    "max_grad_ratio": 0.0,
+}
+_CIFAR_PROTOCOL = {
+    "optimizer": _PAPER_NESTEROV,
+    "schedule": _STEPS_100K_135K,
+    "steps": 150_000,
+    "max_grad_ratio": 1.0,
+}
 DATASET_DEFAULTS = {
-    "mnist": {
-        "model": "lenet5",
-        "optimizer": _PAPER_SGD,
-        "schedule": _CONSTANT,
-        "steps": 10_000,
-        "max_grad_ratio": 0.0,
-    },
-    "fashion_mnist": {
-        "model": "lenet5",
-        "optimizer": _PAPER_SGD,
-        "schedule": _CONSTANT,
-        "steps": 10_000,
-        "max_grad_ratio": 0.0,
-    },
-    "cifar10": {
-        "model": "vgg16",
-        "optimizer": _PAPER_NESTEROV,
-        "schedule": _STEPS_100K_135K,
-        "steps": 150_000,
-        "max_grad_ratio": 1.0,
-    },
-    "cifar100": {
-        "model": "wrn28_10",
-        "optimizer": _PAPER_NESTEROV,
-        "schedule": _STEPS_100K_135K,
-        "steps": 150_000,
-        "max_grad_ratio": 1.0,
-    },
-    "svhn_cropped": {
-        "model": "allcnn_c",
-        "optimizer": _PAPER_NESTEROV,
-        "schedule": _STEPS_100K_135K,
-        "steps": 150_000,
-        "max_grad_ratio": 1.0,
-    },
+    dataset: {"model": model, **protocol}
+    for dataset, model, protocol in (
+        ("mnist", "lenet5", _MNIST_PROTOCOL),
+        ("fashion_mnist", "lenet5", _MNIST_PROTOCOL),
+        ("cifar10", "vgg16", _CIFAR_PROTOCOL),
+        ("cifar100", "wrn28_10", _CIFAR_PROTOCOL),
+        ("svhn_cropped", "allcnn_c", _CIFAR_PROTOCOL),
+    )
 }
 CIFAR10_SUBSET = "../shared/data/raw/cifar10_subset"
 SHARED_TFDS = "../shared/data/tfds"

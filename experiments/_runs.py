@@ -5,6 +5,20 @@ import os
 import subprocess
 import sys
 
+# The overrides of the two base optimizers the image tables compare (configs/_image.py).
+OPTIMIZERS = {
+    "nesterov": [
+        "--config.inner.optimizer.name=nesterov",
+        "--config.inner.optimizer.momentum=0.9",
+        "--config.inner.optimizer.weight_decay=5e-4",
+    ],
+    "sgd": [
+        "--config.inner.optimizer.name=sgd",
+        "--config.inner.optimizer.momentum=0.0",
+        "--config.inner.optimizer.weight_decay=0.0",
+    ],
+}
+
 
 class Diverged(RuntimeError):
     """The job stopped because it diverged; `.step` and the message say where and why."""

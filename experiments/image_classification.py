@@ -48,7 +48,7 @@ from metalearn.algorithms import adalfl
 from metalearn.losses import learned as learned_losses
 from metalearn.losses.task import softmax_cross_entropy
 from metalearn.models import vision
-from metalearn.optim import make_optimizer, make_schedule
+from metalearn.optim import make_lookahead, make_optimizer
 from metalearn.runtime import sharding
 from metalearn.runtime.experiment import Experiment
 from metalearn.runtime.metrics import mean_std
@@ -139,34 +139,6 @@ def make_losses(model, info, augment: str, meta_augment: str, loss_fn, max_grad_
     return functools.partial(inner, True), functools.partial(inner, False), outer
 
 
-LOOKAHEADS = ("none", "momentum")
-
-
-def make_lookahead(name: str, optimizer: ml_collections.ConfigDict):
-    """Where the meta-objective measures the task loss after the inner step.
-
-    "none": at the optimizer's step θ_{t+1}. "momentum": at θ_t plus the whole
-    displacement the learned loss's gradient causes under the base optimizer's momentum,
-    −η/(1−μ)(g + λθ) (`bilevel.momentum_lookahead`), so that the loss's scale is tuned
-    for the step it really takes; the same as "none" for plain SGD.
-    """
-    if name not in LOOKAHEADS:
-        raise ValueError(f"Unknown meta.lookahead {name!r}; choose one of {LOOKAHEADS}.")
-    if name == "none":
-        return None
-    if optimizer.name not in ("sgd", "momentum", "nesterov"):
-        raise ValueError(
-            f"meta.lookahead='momentum' needs an SGD-family inner optimizer (sgd, momentum, "
-            f"nesterov); got {optimizer.name!r}. Use meta.lookahead='none'."
-        )
-    momentum = 0.0 if optimizer.name == "sgd" else optimizer.get("momentum", 0.9)
-    return bilevel.momentum_lookahead(
-        make_schedule(optimizer.get("schedule"), optimizer.lr),
-        momentum,
-        optimizer.get("weight_decay", 0.0),
-    )
-
-
 class ImageClassification(Experiment):
     """Baseline, ML³ or AdaLFL on an image dataset, driven by `runtime.loop`."""
 
@@ -198,6 +170,8 @@ class ImageClassification(Experiment):
                 )
         self.init_steps = c.meta.init_steps if self.learned else 0
         self.num_steps = self.init_steps + c.inner.steps
+        # The end of the offline phase: kept, for other runs to start from (reproduce_images).
+        self.keep_checkpoints = (self.init_steps,) if self.init_steps else ()
         if self.init_steps % self.eval_every:
             raise ValueError(
                 f"meta.init_steps ({self.init_steps}) must be a multiple of eval.every "
@@ -527,6 +501,8 @@ class ImageClassification(Experiment):
             "test_loss": mean_std([final["eval/test_loss"]]),
             "best_test_error": mean_std([min(r["eval/test_error"] for r in evals)]),
         }
+        if "eval/val_error" in final:  # for model selection (reproduce_images --ce_search)
+            summary["val_error"] = mean_std([final["eval/val_error"]])
         if self.learned:
             plots.learned_loss_shapes(
                 history, self.init_steps, os.path.join(workdir, "plots", "loss_shapes.png")

@@ -42,18 +42,6 @@ CONFIG_NAMES = {
     "cifar100": "cifar100",
     "svhn_cropped": "svhn",
 }
-CE_OPTIMIZERS = {
-    "nesterov": [
-        "--config.inner.optimizer.name=nesterov",
-        "--config.inner.optimizer.momentum=0.9",
-        "--config.inner.optimizer.weight_decay=5e-4",
-    ],
-    "sgd": [
-        "--config.inner.optimizer.name=sgd",
-        "--config.inner.optimizer.momentum=0.0",
-        "--config.inner.optimizer.weight_decay=0.0",
-    ],
-}
 
 
 def job_args(args, dataset: str, algorithm: str, seed: int, extra=()) -> tuple[str, list[str]]:
@@ -132,23 +120,27 @@ def status(result: dict) -> str:
 
 
 def final(workdir: str, key: str) -> float | None:
+    """The mean of `key` (e.g. "test_error", "val_error") in a finished job's summary."""
     path = os.path.join(workdir, "summary.json")
-    if key == "test_error" and os.path.exists(path):
-        with open(path) as f:
-            return json.load(f)["test_error"]["mean"]
-    rows = [r for r in read_metrics(workdir) if key in r]
-    return rows[-1][key] if rows and os.path.exists(path) else None
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        summary = json.load(f)
+    if key in summary:
+        return summary[key]["mean"]
+    rows = [r for r in read_metrics(workdir) if f"eval/{key}" in r]  # runs from before
+    return rows[-1][f"eval/{key}"] if rows else None
 
 
 def ce_search(args, dataset: str, seeds: list[int]) -> tuple[str, list[dict]]:
     """The strongest cross-entropy baseline: the learning rate of the lowest validation
     error on the first seed, then every seed. Returns (label, results per seed)."""
-    opt = CE_OPTIMIZERS[args.ce_optimizer]
+    opt = _runs.OPTIMIZERS[args.ce_optimizer]
     scores = {}
     for lr in args.ce_search.split(","):
         extra = [*opt, f"--config.inner.optimizer.lr={lr}"]
         r = run_one(args, dataset, "baseline", seeds[0], extra, f"ce_{args.ce_optimizer}_lr{lr}")
-        val = final(r["workdir"], "eval/val_error")
+        val = final(r["workdir"], "val_error")
         print(f"{dataset} CE {args.ce_optimizer} lr {lr}: validation error {val}", flush=True)
         scores[lr] = np.inf if val is None else val
     best = min(scores, key=scores.get)
@@ -186,7 +178,7 @@ def main() -> None:
     p.add_argument("--jobs", type=int, default=1, help="(dataset, seed) groups at once")
     p.add_argument("--share_offline", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--ce_search", default="", help="learning rates of the strongest CE baseline")
-    p.add_argument("--ce_optimizer", default="nesterov", choices=sorted(CE_OPTIMIZERS))
+    p.add_argument("--ce_optimizer", default="nesterov", choices=sorted(_runs.OPTIMIZERS))
     p.add_argument("--override", action="append", default=[], help="--config.x=y, repeatable")
     args = p.parse_args()
     if args.init_steps % args.eval_every:

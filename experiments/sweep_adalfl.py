@@ -27,16 +27,7 @@ from experiments import _runs
 from metalearn import plots
 from metalearn.runtime.metrics import read_metrics
 
-NESTEROV = [
-    "--config.inner.optimizer.name=nesterov",
-    "--config.inner.optimizer.momentum=0.9",
-    "--config.inner.optimizer.weight_decay=5e-4",
-]
-SGD = [
-    "--config.inner.optimizer.name=sgd",
-    "--config.inner.optimizer.momentum=0.0",
-    "--config.inner.optimizer.weight_decay=0.0",
-]
+NESTEROV, SGD = _runs.OPTIMIZERS["nesterov"], _runs.OPTIMIZERS["sgd"]
 OLD_LOSS_NET = [
     "--config.loss_net.output_activation=softplus",
     "--config.loss_net.ce_term=False",

@@ -9,7 +9,7 @@ The public API, everything pure and jit-able:
 - its states: `InnerState`, `MetaState`, `init_inner_state`, `init_meta_state`;
 - learned losses ℓ_φ and their portable artifacts (`init_learned_loss`,
   `learned_loss_fn`, `save_learned_loss`, `load_learned_loss`, ...) and task losses;
-- optimizers from a config (`make_optimizer`, `make_schedule`) and the MLP.
+- optimizers from a config (`make_optimizer`, `make_schedule`, `make_lookahead`) and the MLP.
 
 The algorithms built on them are in `metalearn.algorithms` (ml3, adalfl, self_loss).
 """
@@ -41,7 +41,7 @@ from metalearn.losses import (
     softmax_cross_entropy,
 )
 from metalearn.models.mlp import MLP, smooth_leaky_relu
-from metalearn.optim import make_optimizer, make_schedule
+from metalearn.optim import make_lookahead, make_optimizer, make_schedule
 from metalearn.state import InnerState, MetaState, init_inner_state, init_meta_state
 
 __all__ = [
@@ -61,6 +61,7 @@ __all__ = [
     "learned_loss_fn",
     "load_learned_loss",
     "make_loss_network",
+    "make_lookahead",
     "make_optimizer",
     "make_schedule",
     "meta_grad",

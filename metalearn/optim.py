@@ -8,8 +8,11 @@ refuses Adam without it instead of letting the meta-gradient turn into NaN.
 import ml_collections
 import optax
 
+from metalearn import bilevel
+
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam")
 SCHEDULES = ("constant", "step", "cosine")
+LOOKAHEADS = ("none", "momentum")
 
 
 def make_schedule(config: ml_collections.ConfigDict | None, lr: float) -> optax.Schedule | float:
@@ -58,7 +61,7 @@ def make_optimizer(
     """
     name = config.name
     lr = make_schedule(config.get("schedule"), config.lr)
-    momentum = config.get("momentum", 0.9)
+    momentum = _momentum(config)
     if name == "sgd":
         opt = optax.sgd(lr)
     elif name in ("momentum", "nesterov"):
@@ -81,7 +84,7 @@ def make_optimizer(
         )
     else:
         raise ValueError(f"Unknown optimizer {name!r}; choose one of {OPTIMIZERS}.")
-    weight_decay = config.get("weight_decay", 0.0)
+    weight_decay = _weight_decay(config)
     if weight_decay:
         opt = optax.chain(optax.add_decayed_weights(weight_decay), opt)
     clip_value, clip_norm = config.get("clip_value", 0.0), config.get("clip_norm", 0.0)
@@ -95,3 +98,38 @@ def make_optimizer(
     if clip_value:
         opt = optax.chain(optax.clip(clip_value), opt)
     return opt
+
+
+def _momentum(config: ml_collections.ConfigDict) -> float:
+    return 0.0 if config.name == "sgd" else config.get("momentum", 0.9)
+
+
+def _weight_decay(config: ml_collections.ConfigDict) -> float:
+    return config.get("weight_decay", 0.0)
+
+
+def make_lookahead(name: str, config: ml_collections.ConfigDict):
+    """Where a one-step meta-objective measures the task loss after the inner step of
+    the optimizer `config` (for `bilevel.one_step_meta_grad(..., lookahead=...)`).
+
+    Args:
+      name: "none", at the optimizer's step θ_{t+1} (returns None); or "momentum", at
+        θ_t plus the whole displacement the gradient causes under the optimizer's
+        momentum, −η/(1−μ)(g + λθ) (`bilevel.momentum_lookahead`), so that a learned
+        loss's scale is tuned for the step it really takes (the same as "none" for plain
+        SGD).
+      config: the inner optimizer's config (as for `make_optimizer`); "momentum" needs
+        sgd, momentum or nesterov.
+    """
+    if name not in LOOKAHEADS:
+        raise ValueError(f"Unknown lookahead {name!r}; choose one of {LOOKAHEADS}.")
+    if name == "none":
+        return None
+    if config.name not in ("sgd", "momentum", "nesterov"):
+        raise ValueError(
+            f"lookahead='momentum' needs an SGD-family inner optimizer (sgd, momentum, "
+            f"nesterov); got {config.name!r}. Use lookahead='none'."
+        )
+    return bilevel.momentum_lookahead(
+        make_schedule(config.get("schedule"), config.lr), _momentum(config), _weight_decay(config)
+    )

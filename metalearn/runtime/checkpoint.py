@@ -5,6 +5,7 @@ complete, so an interrupted save never leaves a checkpoint that restores half-wr
 """
 
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -12,13 +13,26 @@ import orbax.checkpoint as ocp
 
 
 class Checkpointer:
-    """Saves and restores an experiment state pytree under `<workdir>/checkpoints`."""
+    """Saves and restores an experiment state pytree under `<workdir>/checkpoints`.
 
-    def __init__(self, workdir: str, max_to_keep: int = 2):
+    The newest `max_to_keep` checkpoints are kept, and those of `keep_steps` for good
+    (e.g. the end of an offline phase, which another run may start from).
+    """
+
+    def __init__(self, workdir: str, max_to_keep: int = 2, keep_steps: Sequence[int] = ()):
+        policy = ocp.checkpoint_managers.AnyPreservationPolicy(
+            [
+                ocp.checkpoint_managers.LatestN(max_to_keep),
+                ocp.checkpoint_managers.CustomSteps(list(keep_steps)),
+            ]
+        )
         self._manager = ocp.CheckpointManager(
             os.path.join(os.path.abspath(workdir), "checkpoints"),
-            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+            options=ocp.CheckpointManagerOptions(preservation_policy=policy, create=True),
         )
+
+    def all_steps(self) -> list[int]:
+        return list(self._manager.all_steps())
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()

@@ -43,9 +43,12 @@ class Experiment(abc.ABC):
       eval_every: steps between evaluations (`config.eval.every`).
       checkpoint_every: steps between checkpoints (`config.checkpoint_every`), a multiple
         of `eval_every`.
+      keep_checkpoints: steps whose checkpoints are saved and kept for good, besides the
+        newest two (each a multiple of `eval_every`; e.g. the end of an offline phase).
     """
 
     num_steps: int
+    keep_checkpoints: tuple[int, ...] = ()
 
     def __init__(self, config: ml_collections.ConfigDict, *, mesh: jax.sharding.Mesh | None = None):
         self.config = config

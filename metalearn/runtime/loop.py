@@ -116,7 +116,13 @@ def train_and_evaluate(
         )
     os.makedirs(workdir, exist_ok=True)
     _check_config(workdir, config)
-    ckpt = Checkpointer(workdir)
+    for kept in experiment.keep_checkpoints:
+        if kept % experiment.eval_every or not 0 < kept <= experiment.num_steps:
+            raise ValueError(
+                f"keep_checkpoints step {kept} must be a multiple of eval_every "
+                f"({experiment.eval_every}) within the run's {experiment.num_steps} steps."
+            )
+    ckpt = Checkpointer(workdir, keep_steps=experiment.keep_checkpoints)
     # Committed where it lives, as a state restored from a checkpoint is: otherwise a
     # resumed run would miss the compiled programs and compile them again.
     state = jax.tree.map(lambda x: jax.device_put(x, x.sharding), experiment.init())
@@ -163,7 +169,11 @@ def train_and_evaluate(
                 evaluation = jax.device_get(experiment.evaluate(state, step))
                 _write_checked(writer, step, evaluation, "evaluation")
                 _raise_if_diverged(experiment.check_divergence(evaluation, step))
-            if step % experiment.checkpoint_every == 0 or step == experiment.num_steps:
+            if (
+                step % experiment.checkpoint_every == 0
+                or step == experiment.num_steps
+                or step in experiment.keep_checkpoints
+            ):
                 if not _state_is_finite(state):
                     raise NonFiniteError(f"The state became non-finite by step {step}; not saved.")
                 writer.flush()

@@ -124,14 +124,15 @@ def test_adalfl_resume_mid_offline_phase_and_mid_training_is_exact(adalfl_run, t
 @needs_mnist
 def test_adalfl_from_ml3s_offline_phase_is_the_same_run(adalfl_run, tmp_path):
     """`reproduce_images` runs one offline phase for ML³ and AdaLFL of a seed: AdaLFL
-    resumed from ML³'s checkpoint at its end gives AdaLFL's own numbers."""
+    resumed from the checkpoint at its end in ML³'s finished run (kept there, although
+    newer ones were written after it) gives AdaLFL's own numbers."""
     config, full_dir, full, _ = adalfl_run
     ml3_config = tiny("ml3")
     ml3_dir, adalfl_dir = str(tmp_path / "ml3"), str(tmp_path / "adalfl")
     init = config.meta.init_steps
-    assert (
-        train_and_evaluate(experiments.make(ml3_config), ml3_config, ml3_dir, stop_at=init) is None
-    )
+    train_and_evaluate(experiments.make(ml3_config), ml3_config, ml3_dir)
+    kept = sorted(int(d) for d in os.listdir(os.path.join(ml3_dir, "checkpoints")))
+    assert kept == [init, 12, 16]  # the newest two, and the offline phase's end
     assert seed_offline_phase(ml3_dir, adalfl_dir, init)
     assert not seed_offline_phase(ml3_dir, adalfl_dir, init)  # only into a fresh workdir
     assert train_and_evaluate(experiments.make(config), config, adalfl_dir) == full
@@ -389,3 +390,14 @@ def test_a_step_matches_on_1_and_8_devices(algorithm, tmp_path):
     # float32 noise, far below what per-device statistics (a real bug) would give.
     for a, b in zip(one, eight, strict=True):
         np.testing.assert_allclose(a, b, rtol=2e-3, atol=5e-5)
+
+
+@needs_mnist
+def test_summary_has_the_final_validation_error_for_model_selection(adalfl_run):
+    from experiments.reproduce_images import final
+
+    _, workdir, summary, _ = adalfl_run
+    last = [r for r in _rows(workdir) if "eval/val_error" in r][-1]
+    assert summary["val_error"]["per_seed"] == [last["eval/val_error"]]
+    assert final(workdir, "val_error") == last["eval/val_error"]
+    assert final(workdir, "test_error") == summary["test_error"]["mean"]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from metalearn import bilevel
-from metalearn.optim import make_optimizer
+from metalearn.optim import make_lookahead, make_optimizer
 
 PARAMS = {"w": jnp.zeros(3)}
 
@@ -76,3 +76,28 @@ def test_clipping_options_clip_first_and_are_validated():
     cfg.clip_norm = -1.0
     with pytest.raises(ValueError, match="clip_value and clip_norm must be positive"):
         make_optimizer(cfg)
+
+
+def test_lookahead_from_config_is_the_momentum_displacement_at_the_scheduled_rate():
+    cfg = ml_collections.ConfigDict(
+        {
+            "name": "nesterov",
+            "lr": 0.1,
+            "momentum": 0.8,
+            "weight_decay": 0.5,
+            "schedule": {"name": "step", "steps": 10, "boundaries": (0.5,), "factor": 0.1},
+        }
+    )
+    g, theta = {"w": jnp.array([1.0, -2.0])}, {"w": jnp.array([4.0, 2.0])}
+    look = make_lookahead("momentum", cfg)
+    for step, lr in ((0, 0.1), (7, 0.01)):
+        want = -lr / (1 - 0.8) * (g["w"] + 0.5 * theta["w"])
+        np.testing.assert_allclose(look(g, theta, jnp.int32(step))["w"], want, rtol=1e-6)
+    cfg.name, cfg.weight_decay = "sgd", 0.0  # plain SGD: its momentum key is not used
+    np.testing.assert_allclose(make_lookahead("momentum", cfg)(g, theta, 0)["w"], -0.1 * g["w"])
+    assert make_lookahead("none", cfg) is None
+    with pytest.raises(ValueError, match=r"Unknown lookahead 'adam'; choose one of \('none'"):
+        make_lookahead("adam", cfg)
+    cfg.name, cfg.eps_root = "adam", 1e-8
+    with pytest.raises(ValueError, match="needs an SGD-family inner optimizer"):
+        make_lookahead("momentum", cfg)
