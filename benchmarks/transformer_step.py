@@ -2,7 +2,7 @@
 
     python -m benchmarks.transformer_step                            # small and medium, float32
     python -m benchmarks.transformer_step --sizes=small --steps=3    # a quick look on a CPU
-    python -m benchmarks.transformer_step --dtype=bfloat16           # on a GPU
+    python -m benchmarks.transformer_step --dtype=bfloat16 --sizes=medium,gpu   # on a GPU
 
 Four steps, each one jitted function on a fixed device-resident batch of random byte
 tokens, int32 [B, T + 1] (no dataset is read; the input pipeline is not timed):
@@ -81,6 +81,8 @@ SIZES = {
     # The experiment's default (configs/self_loss_lm.py).
     "small": Size(d_model=64, num_layers=2, num_heads=4, mlp_ratio=4, context=32, batch_size=16),
     "medium": Size(d_model=256, num_layers=4, num_heads=8, mlp_ratio=4, context=128, batch_size=16),
+    # The `gpu` variant of configs/self_loss_lm.py.
+    "gpu": Size(d_model=384, num_layers=6, num_heads=6, mlp_ratio=4, context=256, batch_size=64),
 }
 KINDS = {
     "ce": "CE step",

@@ -14,7 +14,14 @@ Variants are comma-separated parts (`:frozen,hard,smoke`):
                 frozen | ema
   prediction    soft (default) | st (straight-through) | hard
   signal        targets (self-produced target distributions instead of a scalar);
-                continuation (the targets critic also reads the observed continuation)
+                continuation (the targets critic also reads the observed continuation);
+                observed (targets from the critic stack: the input, the model's
+                prediction and the observed next token; implies targets); gain (the
+                same stack with only a learned trust in the observed token)
+  critic        refresh (a frozen critic copy refreshed from θ every 200 Phase 2 steps)
+  meta-training long (1,000 Phase 1 steps instead of 200); adversarial (the critic
+                meta-trained on the model's drift: 3 inner steps on its targets, all
+                differentiated, before the true loss)
   mitigations   positive (smooth leaky ReLU output) | softplus | head (separate loss
                 head) | disjoint (disjoint upper layers) | mono (monotonicity penalty) |
                 norm (batch-normalised predicted loss) | anchor (true-CE step every 20) |
@@ -23,7 +30,8 @@ Variants are comma-separated parts (`:frozen,hard,smoke`):
   detector      stop | rollback | meta (action on detection; default: continue)
   layout        prefix (loss pass continues the LM pass's keys and values)
   data          file (read ../shared/data/raw/tiny_shakespeare/input.txt as a text file)
-  size          smoke (seconds on a CPU)
+  size          smoke (seconds on a CPU); gpu (6 layers, d = 384, context 256, batch 64,
+                1,000 + 3,000 steps: minutes on one GPU)
 `SWEEP` lists the variants `experiments.sweep_self_loss` runs.
 """
 
@@ -57,6 +65,20 @@ SWEEP = (
     "targets,continuation",
     "targets,frozen,continuation",
     "targets,ema,continuation",
+    # A critic that can produce targets worth learning from: its critic stack reads the
+    # observed next token, with a learned trust in it alone (gain) or also free
+    # embeddings of it and of the model's prediction (observed); each critic and lever.
+    "observed,frozen",
+    "gain,frozen",
+    "gain",
+    "gain,same_sg",
+    "gain,ema",
+    "gain,refresh",
+    "gain,frozen,long",
+    "gain,frozen,adversarial",
+    "observed,frozen,adversarial",
+    "gain,meta",
+    "targets,frozen,continuation,long",
 )
 
 
@@ -100,7 +122,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             "critic": "same",  # or "frozen" | "ema"
             "stop_gradient": False,
             "ema_decay": 0.99,
-            "sees": "input",  # targets: or "input_and_continuation"
+            "sees": "input",  # targets: or "input_and_continuation" | "observed"
+            # sees="observed": what the critic stack learns: "gain" (trust in the
+            # observed token) or "embed" (also embeddings of it and of the prediction).
+            "observe": "embed",
             "layout": "separate",  # or "shared_prefix"
             "monotonicity": 0.0,
         }
@@ -116,9 +141,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             "remat": False,  # recompute inner steps on the backward pass (memory for time)
             "tau": 0.1,
             "split": "train",  # the outer batch's split: or "validation"
+            # > 0: the critic's own parameters (the `loss` group) at this Adam rate.
+            "critic_lr": 0.0,
         }
     )
-    c.phase2 = ml_collections.ConfigDict({"steps": 400, "anchor_every": 0})
+    # refresh_every: a frozen or EMA critic copy becomes θ every this many steps (0: never).
+    c.phase2 = ml_collections.ConfigDict({"steps": 400, "anchor_every": 0, "refresh_every": 0})
     c.detector = ml_collections.ConfigDict(
         {
             "window": 10,  # logged steps
@@ -148,6 +176,23 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             s.signal = "targets"
         elif part == "continuation":
             s.sees = "input_and_continuation"
+        elif part in ("observed", "gain"):
+            s.signal, s.sees = "targets", "observed"
+            s.observe = "embed" if part == "observed" else "gain"
+            c.meta.critic_lr = 0.03
+        elif part == "refresh":
+            s.critic, c.phase2.refresh_every = "frozen", 200
+        elif part == "long":
+            c.meta.steps = 1000
+        elif part == "adversarial":
+            c.meta.inner_steps, c.meta.estimator = 3, "unrolled"
+        elif part == "gpu":
+            c.model.update({"context": 256, "num_layers": 6, "d_model": 384, "num_heads": 6})
+            c.data.batch_size = 64
+            c.meta.steps = max(c.meta.steps, 1000)
+            c.phase2.steps = 3000
+            c.eval.windows = 512
+            c.diagnostics.val_windows = 128
         elif part == "positive":
             s.output = "smooth_leaky_relu"
         elif part == "softplus":
@@ -188,9 +233,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             {"context": 16, "d_model": 32, "num_heads": 2, "mlp_ratio": 2, "num_layers": layers}
         )
         c.data.batch_size = 4
-        c.meta.steps = 4
+        c.meta.steps = 8 if "long" in parts else 4
         c.phase2.steps = 8
         c.phase2.anchor_every = min(c.phase2.anchor_every, 3)
+        c.phase2.refresh_every = min(c.phase2.refresh_every, 3)
         c.detector.window = 3
         c.detector.meta_steps = 2
         c.diagnostics.val_windows = 8

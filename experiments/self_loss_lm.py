@@ -28,6 +28,7 @@ batches of step t are a pure function of (seed, t), so a resumed run is bit-iden
 """
 
 import functools
+import json
 import os
 from typing import Any
 
@@ -49,7 +50,10 @@ from metalearn.types import Array, Params
 
 ACTIONS = ("continue", "stop", "rollback", "meta")
 # Independent random streams under the seed's key.
-_INIT, _INNER, _OUTER, _PHASE2 = range(4)
+_INIT, _INNER, _OUTER, _PHASE2, _SAMPLE = range(5)
+SAMPLE_TOKENS = 96  # bytes of text the hack report samples from θ
+FAVOURED = 8  # tokens the hack report lists by target (or prediction) mass
+QUALITY_TAIL = 10  # logged steps the summary's target-quality columns average over
 
 
 @flax.struct.dataclass
@@ -69,6 +73,14 @@ class SelfLossState:
     meta_left: Array  # Phase 1 steps still to run after a 'meta' action
     stopped: Array  # a 'stop' action froze θ
     rollbacks: Array
+    # At the first detection: θ then and at the onset (the last improvement before it),
+    # the critic in effect, and the step (−1 before): for the hack report.
+    onset_params: Params
+    detect_params: Params
+    detect_critic: Params
+    detect_step: Array
+    onset_step: Array
+    detections: Array  # detections so far (one per Phase 2 cycle with the 'meta' action)
 
 
 def make_spec(config: ml_collections.ConfigDict) -> self_loss.Spec:
@@ -119,16 +131,31 @@ class SelfLossLM(Experiment):
             s: jnp.asarray(text.fixed_windows(data.split(s), c.eval.windows, self.context))
             for s in ("validation", "test")
         }
-        self.model = transformer.make_transformer(c.model, self.context)
+        observe = c.self_loss.get("observe", "embed") if self.spec.sees == "observed" else "none"
+        self.model = transformer.make_transformer(c.model, self.context, observe=observe)
+        self.refresh_every = c.phase2.get("refresh_every", 0)
+        if self.refresh_every and self.spec.critic == "same":
+            raise ValueError(
+                "phase2.refresh_every copies θ into the critic copy: use critic 'frozen' or "
+                "'ema' (the 'same' critic is θ already), or phase2.refresh_every=0."
+            )
+        self.quality = self_loss.QUALITY if self.spec.signal == "targets" else ()
         disjoint = self.spec.disjoint
         inner_opt = make_optimizer(c.inner.optimizer, differentiated=True)
         self.control_opt = make_optimizer(c.inner.optimizer)
         self.self_opt = self_loss.routed(inner_opt, "loss" if disjoint else None)
-        self.meta_opt = self_loss.routed(
-            make_optimizer(c.meta.optimizer), "lm" if disjoint else None
-        )
+        meta_opt = make_optimizer(c.meta.optimizer)
+        if c.meta.get("critic_lr", 0.0):  # the critic's own parameters at their own rate
+            critic_opt = make_optimizer(
+                ml_collections.ConfigDict({**c.meta.optimizer.to_dict(), "lr": c.meta.critic_lr})
+            )
+            meta_opt = optax.multi_transform(
+                {"trunk": meta_opt, "lm": meta_opt, "loss": critic_opt}, transformer.param_groups
+            )
+        self.meta_opt = self_loss.routed(meta_opt, "lm" if disjoint else None)
         self.key = jax.random.key(c.seed)
         self._chunk = self.jit(self._train_chunk, static_argnums=2)
+        self._snapshot = self.jit(self._snapshot_stats)
         self._eval = self.jit(self._evaluate)
         self._init = self.jit(self._init_state)
 
@@ -169,6 +196,12 @@ class SelfLossLM(Experiment):
             meta_left=jnp.zeros((), jnp.int32),
             stopped=jnp.zeros((), bool),
             rollbacks=jnp.zeros((), jnp.int32),
+            onset_params=params,
+            detect_params=params,
+            detect_critic=params,
+            detect_step=jnp.full((), -1, jnp.int32),
+            onset_step=jnp.full((), -1, jnp.int32),
+            detections=jnp.zeros((), jnp.int32),
         )
 
     def _batch(self, key, split="train", num=None) -> Array:
@@ -229,6 +262,7 @@ class SelfLossLM(Experiment):
             "meta/outer_ce": loss,
             "meta/grad_norm": optax.global_norm(grads),
             "self/anchor": jnp.zeros((), jnp.int32),
+            **{k: inner[k][0] for k in self.quality},  # the targets for θ, this step
         }
         return state, metrics
 
@@ -255,7 +289,7 @@ class SelfLossLM(Experiment):
 
         def anchor_objective(p):
             ce = self._ce(p, tokens)
-            return ce, {"pred_loss": ce, "train_ce": ce}
+            return ce, {"pred_loss": ce, "train_ce": ce, **{k: jnp.zeros(()) for k in self.quality}}
 
         if c.phase2.anchor_every > 0:
             anchor = n % c.phase2.anchor_every == 0
@@ -274,6 +308,9 @@ class SelfLossLM(Experiment):
         critic_copy = state.critic
         if self.spec.critic == "ema":
             critic_copy = self_loss.ema(state.critic, params, c.self_loss.ema_decay)
+        if self.refresh_every:  # the critic copy becomes θ every refresh_every steps
+            refresh = n % self.refresh_every == 0
+            critic_copy = jax.tree.map(lambda a, b: jnp.where(refresh, a, b), params, critic_copy)
 
         logged = (t + 1) % c.log_every == 0
         val, control_val = jax.lax.cond(
@@ -292,6 +329,19 @@ class SelfLossLM(Experiment):
         det = jax.tree.map(lambda a, b: jnp.where(logged, a, b), det, state.detector)
         hacked, improved = hacked & logged & ~state.stopped, improved & logged
         best = jax.tree.map(lambda a, b: jnp.where(improved, a, b), params, state.best)
+        new_detection = (det.detected_at >= 0) & (state.detector.detected_at < 0)
+        first = new_detection & (state.detect_step < 0)
+        snap = lambda new, old: jax.tree.map(lambda a, b: jnp.where(first, a, b), new, old)  # noqa: E731
+        state = state.replace(
+            onset_params=snap(best, state.onset_params),
+            detect_params=snap(params, state.detect_params),
+            detect_critic=snap(
+                params if self.spec.critic == "same" else critic_copy, state.detect_critic
+            ),
+            detect_step=jnp.where(first, t + 1, state.detect_step),
+            onset_step=jnp.where(first, det.onset, state.onset_step),
+            detections=state.detections + new_detection.astype(jnp.int32),
+        )
         state = state.replace(
             params=params,
             inner_opt=inner_opt,
@@ -311,6 +361,7 @@ class SelfLossLM(Experiment):
             "meta/outer_ce": jnp.zeros(()),
             "meta/grad_norm": jnp.zeros(()),
             "self/anchor": anchor.astype(jnp.int32),
+            **{k: aux[k] for k in self.quality},
         }
         extra = {"diag/rank_corr": corr, "diag/hacked": hacked.astype(jnp.int32)}
         return state, {**metrics, **extra}
@@ -355,14 +406,78 @@ class SelfLossLM(Experiment):
                 "diag/gap": metrics["self/pred_loss"] - metrics["true/train_ce"],
                 "diag/rollbacks": state.rollbacks,
                 "diag/steps_to_hack": jnp.where(
-                    state.detector.onset >= 0, state.detector.onset - self.config.meta.steps, -1
+                    state.onset_step >= 0, state.onset_step - self.config.meta.steps, -1
                 ),
+                "diag/detections": state.detections,
             }
         )
         return state, metrics
 
     def _train_chunk(self, state, start, num):
         return jax.lax.scan(self._step, state, start + jnp.arange(num))
+
+    def _snapshot_stats(self, params: Params, critic: Params) -> dict[str, Array]:
+        """What θ and its critic do on the diagnostic validation windows: cross-entropy,
+        the targets' quality (signal 'targets'), the mean target and prediction
+        distributions [V], the true next tokens' frequencies [V], and continuations of
+        the first window (greedy and sampled, `SAMPLE_TOKENS` bytes)."""
+        windows = self.diag_windows
+        logits, _ = self.model.apply({"params": params}, windows[:, :-1])
+        v = logits.shape[-1]
+        out = {
+            "val_ce": self._ce(params, windows),
+            "prediction_mass": jnp.mean(jax.nn.softmax(logits), (0, 1)),
+            "true_frequency": jnp.mean(jax.nn.one_hot(windows[:, 1:], v), (0, 1)),
+        }
+        if self.spec.signal == "targets":
+            critic = params if self.spec.live_critic else critic
+            q = self_loss.targets_of(self.model, critic, windows, logits, self.spec)
+            out["target_mass"] = jnp.mean(q, (0, 1))
+            out.update(self_loss.target_quality(q, logits, windows[:, 1:]))
+        prompt = windows[:1, :-1]
+        sample = functools.partial(
+            transformer.generate,
+            self.model,
+            params,
+            prompt,
+            SAMPLE_TOKENS,
+            num_tokens=text.NUM_BYTES,
+        )
+        out["greedy"] = sample()[0]
+        out["sampled"] = sample(jax.random.fold_in(self.key, _SAMPLE))[0]
+        out["prompt"] = prompt[0]
+        return out
+
+    def hack_report(self, state: SelfLossState) -> dict | None:
+        """The targets and samples at the onset of the first hack and at its detection."""
+        if int(state.detect_step) < 0:
+            return None
+        start = self.config.meta.steps
+        onset_critic = state.onset_params if self.spec.critic == "same" else state.detect_critic
+        points = {
+            "onset": (int(state.onset_step), state.onset_params, onset_critic),
+            "detection": (int(state.detect_step), state.detect_params, state.detect_critic),
+        }
+        report = {}
+        for name, (step, params, critic) in points.items():
+            stats = jax.device_get(self._snapshot(params, critic))
+            entry = {
+                "step": step,
+                "phase2_step": step - start,
+                "val_ce": float(stats["val_ce"]),
+                "prompt": text.decode(stats["prompt"]),
+                "greedy": text.decode(stats["greedy"]),
+                "sampled": text.decode(stats["sampled"]),
+                "favoured": _favoured(stats),
+            }
+            entry.update({k.split("/")[1]: float(stats[k]) for k in self.quality})
+            report[name] = entry
+            report[name + "_mass"] = {
+                k: stats[k].tolist()
+                for k in ("target_mass", "prediction_mass", "true_frequency")
+                if k in stats
+            }
+        return report
 
     def _evaluate(self, state: SelfLossState) -> dict[str, Array]:
         return {
@@ -384,13 +499,15 @@ class SelfLossLM(Experiment):
     def finalize(self, state: SelfLossState, history: list[dict], workdir: str) -> dict:
         c = self.config
         start = c.meta.steps
-        onset, detected = int(state.detector.onset), int(state.detector.detected_at)
+        # The first detection (a 'meta' action starts the detector afresh after each).
+        onset, detected = int(state.onset_step), int(state.detect_step)
         test = float(self._eval_ce(state.params, self.eval_windows["test"]))
         summary = {
             "steps_to_hack": onset - start if onset >= 0 else None,
             "hack_detected_at": detected - start if detected >= 0 else None,
             "phase2_steps": c.phase2.steps,
             "rollbacks": int(state.rollbacks),
+            "detections": int(state.detections),
             "test_ce": mean_std([test]),
             **phase2_summary(history, start, c.detector.degrade_margin),
         }
@@ -398,7 +515,36 @@ class SelfLossLM(Experiment):
         plots.self_loss_curves(
             {"": rows}, meta_steps=start, path=os.path.join(workdir, "plots", "self_loss.png")
         )
+        if self.quality:
+            plots.critic_quality(
+                {"": rows}, meta_steps=start, path=os.path.join(workdir, "plots", "critic.png")
+            )
+        report = self.hack_report(state)
+        if report is not None:
+            with open(os.path.join(workdir, "hack_report.json"), "w") as f:
+                json.dump(report, f, indent=1)
+            plots.hack_targets(report, os.path.join(workdir, "plots", "hack_targets.png"))
+            summary["hack_report"] = {
+                name: {k: v for k, v in report[name].items() if k not in ("prompt", "favoured")}
+                for name in ("onset", "detection")
+            }
         return summary
+
+
+def _favoured(stats: dict) -> list[dict]:
+    """The tokens the targets (else the predictions) put most mass on, with the mass the
+    targets, the model and the true next tokens give each."""
+    mass = stats.get("target_mass", stats["prediction_mass"])
+    top = np.argsort(-np.asarray(mass))[:FAVOURED]
+    return [
+        {
+            "token": text.decode([int(i)]) if i < text.NUM_BYTES else f"<{int(i)}>",
+            **({"target": float(stats["target_mass"][i])} if "target_mass" in stats else {}),
+            "model": float(stats["prediction_mass"][i]),
+            "true": float(stats["true_frequency"][i]),
+        }
+        for i in top
+    ]
 
 
 def phase2_summary(history: list[dict], meta_steps: int, margin: float) -> dict:
@@ -411,15 +557,36 @@ def phase2_summary(history: list[dict], meta_steps: int, margin: float) -> dict:
     val = [r["true/val_ce"] for r in phase2]
     pred = [r["self/pred_loss"] for r in phase2 if not r["self/anchor"]] or [np.nan]
     start = next(r["true/val_ce"] for r in rows if r["step"] == meta_steps)
-    return {
+    control = phase2[-1]["control/val_ce"]
+    out = {
         "steps_to_degrade": steps_to_degrade(history, meta_steps, margin),
         "phase1_end_val_ce": mean_std([start]),
         "best_val_ce": mean_std([min(val)]),
         "final_val_ce": mean_std([val[-1]]),
-        "control_final_val_ce": mean_std([phase2[-1]["control/val_ce"]]),
+        "control_final_val_ce": mean_std([control]),
+        # The share of the control's improvement over Phase 2 that self-training made.
+        "recovered": mean_std([(start - val[-1]) / (start - control)]) if start > control else None,
         "min_pred_loss": mean_std([min(pred)]),
         "final_pred_loss": mean_std([pred[-1]]),
     }
+    if "critic/target_ce" in rows[-1]:
+        # The targets' quality against the model's own predictions, at the end of Phase 1
+        # (the mean over its last logged steps) and over the last logged steps of Phase 2.
+        phase1 = [r for r in rows if r["phase"] == 1 and r["step"] <= meta_steps]
+        for name, part in (
+            ("phase1", phase1),
+            ("phase2", [r for r in phase2 if not r["self/anchor"]]),
+        ):
+            tail = part[-QUALITY_TAIL:]
+            out[f"{name}_target_ce"] = mean_std([np.mean([r["critic/target_ce"] for r in tail])])
+            out[f"{name}_model_ce"] = mean_std([np.mean([r["true/train_ce"] for r in tail])])
+            out[f"{name}_target_accuracy"] = mean_std(
+                [np.mean([r["critic/target_accuracy"] for r in tail])]
+            )
+            out[f"{name}_target_entropy"] = mean_std(
+                [np.mean([r["critic/target_entropy"] for r in tail])]
+            )
+    return out
 
 
 def steps_to_degrade(history: list[dict], meta_steps: int, margin: float) -> int | None:

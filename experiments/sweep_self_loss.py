@@ -9,10 +9,14 @@ improved before the detector fired; '—' if it never fired), the step of the de
 value at the end of Phase 1; '—' if never), that value, the best and final
 validation cross-entropy of the self-trained model in Phase 2, the final validation
 cross-entropy of the control trained on the true loss for the same steps, and the
-lowest and final predicted loss. Each variant runs in its own workdir under `--root`
-(re-running resumes or reuses finished runs), and `plots/sweep.png` under the root
-shows every variant's curves. `--variants` takes `+` inside a variant for its parts
-(`frozen+hard`), since `,` separates variants.
+lowest and final predicted loss, the share of the control's improvement over Phase 2
+that self-training recovered, and for targets critics the quality of the targets (their
+cross-entropy to the true next tokens, against the model's own, at the end of each
+phase; their accuracy and entropy). Each variant runs in its own workdir under `--root`
+(re-running resumes or reuses finished runs); `plots/sweep.png` under the root shows
+every variant's curves, `plots/critic.png` the targets' quality of every targets
+critic. `--variants` takes `+` inside a variant for its parts (`frozen+hard`), since `,`
+separates variants.
 """
 
 import json
@@ -38,8 +42,14 @@ COLUMNS = (
     ("best_val_ce", "best val CE", "{:.3f}"),
     ("final_val_ce", "final val CE", "{:.3f}"),
     ("control_final_val_ce", "control val CE", "{:.3f}"),
+    ("recovered", "recovered", "{:.0%}"),
     ("min_pred_loss", "min predicted", "{:.3g}"),
     ("final_pred_loss", "final predicted", "{:.3g}"),
+    ("phase1_target_ce", "targets' CE, end of Phase 1", "{:.3f}"),
+    ("phase1_model_ce", "model's CE, end of Phase 1", "{:.3f}"),
+    ("phase2_target_ce", "targets' CE, end of Phase 2", "{:.3f}"),
+    ("phase2_target_accuracy", "targets' accuracy, end of Phase 2", "{:.2f}"),
+    ("phase2_target_entropy", "targets' entropy, end of Phase 2", "{:.2f}"),
 )
 
 
@@ -93,6 +103,13 @@ def main(argv):
         meta_steps=config["meta"]["steps"],
         path=os.path.join(_ROOT.value, "plots", "sweep.png"),
     )
+    critics = {v: h for v, h in histories.items() if any("critic/target_ce" in r for r in h)}
+    if critics:
+        plots.critic_quality(
+            critics,
+            meta_steps=config["meta"]["steps"],
+            path=os.path.join(_ROOT.value, "plots", "critic.png"),
+        )
     print(table(summaries))
     with open(os.path.join(_ROOT.value, "table.md"), "w") as f:
         f.write(table(summaries) + "\n")

@@ -6,6 +6,7 @@ with a ±1 std band, and writes one PNG.
 
 import os
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import matplotlib
 
@@ -212,6 +213,62 @@ def self_loss_curves(
             ax.legend(lines, [x.get_label() for x in lines], fontsize=7, loc="upper right")
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
+    _save(fig, path)
+
+
+def critic_quality(histories: Mapping[str, Sequence[Mapping]], meta_steps: int, path: str) -> None:
+    """Targets-critic runs, one panel each: the cross-entropy of the critic's targets to
+    the true next tokens against the model's own train cross-entropy, and the targets'
+    entropy, over both phases (Phase 2 starts at the dashed line)."""
+    n = len(histories)
+    cols = min(n, 4)
+    rows_ = -(-n // cols)
+    fig, axes = plt.subplots(rows_, cols, figsize=(4.2 * cols, 3.0 * rows_), squeeze=False)
+    for ax, (name, history) in zip(axes.flat, histories.items(), strict=False):
+        rows = [r for r in history if "critic/target_ce" in r and not r.get("self/anchor")]
+        step = np.array([r["step"] for r in rows])
+        for key, label, color in (
+            ("critic/target_ce", "targets' CE to the truth", "tab:red"),
+            ("true/train_ce", "model's CE (train batch)", "tab:blue"),
+            ("critic/target_entropy", "targets' entropy", "tab:green"),
+        ):
+            ax.plot(step, _smooth([r[key] for r in rows], 5), color=color, lw=1, label=label)
+        ax.axvline(meta_steps, color="k", ls="--", lw=0.8)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.set_ylabel("nats", fontsize=8)
+        if ax is axes.flat[0]:
+            ax.legend(fontsize=7, loc="upper right")
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    _save(fig, path)
+
+
+def hack_targets(report: Mapping[str, Any], path: str) -> None:
+    """The self-loss hack report: at the onset of the hack and at its detection, the
+    tokens the critic's targets favour (mass of the targets, the model's predictions and
+    the true next tokens on each), with the step, validation CE and the targets' CE and
+    entropy in the title."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4), sharey=True)
+    for ax, name in zip(axes, ("onset", "detection"), strict=True):
+        entry = report[name]
+        favoured = entry["favoured"]
+        x = np.arange(len(favoured))
+        bars = [("target", "targets", "tab:red"), ("model", "model", "tab:blue")]
+        bars.append(("true", "true next tokens", "tab:gray"))
+        bars = [b for b in bars if b[0] in favoured[0]]
+        width = 0.8 / len(bars)
+        for i, (key, label, color) in enumerate(bars):
+            ax.bar(x + i * width, [f[key] for f in favoured], width, label=label, color=color)
+        ax.set_xticks(x + 0.4 - width / 2, [repr(f["token"])[1:-1] for f in favoured])
+        title = f"{name}: Phase 2 step {entry['phase2_step']}, val CE {entry['val_ce']:.2f}"
+        if "target_ce" in entry:
+            title += (
+                f"\ntargets: CE {entry['target_ce']:.2f}, entropy {entry['target_entropy']:.2f}"
+            )
+        ax.set_title(title, fontsize=8)
+        ax.set_ylabel("mean probability mass", fontsize=8)
+        ax.legend(fontsize=7)
     _save(fig, path)
 
 

@@ -7,6 +7,10 @@ critic. The self-produced training signal (`Spec.signal`) is either
   `[LOSS]` is the predicted loss of that prediction; or
 - ``"targets"``: the critic produces a target distribution for every next token and the
   model is trained against it with cross-entropy (the research plan's first experiment).
+  It reads the input (`Spec.sees` 'input'), the input and the observed continuation
+  ('input_and_continuation'), or the input, the model's prediction and the observed
+  next token ('observed': the transformer's `critic` stack). `target_quality` measures
+  the targets against the true next tokens.
 
 Phase 1 (`meta_objective`) meta-trains θ: K inner steps on the self-produced loss from
 θ, then the true cross-entropy of another batch at θ', differentiated through the inner
@@ -43,7 +47,7 @@ SIGNALS = ("scalar", "targets")
 PATHS = ("soft", "straight_through", "hard")
 OUTPUTS = ("identity", "softplus", "smooth_leaky_relu")
 CRITICS = ("same", "frozen", "ema")
-SEES = ("input", "input_and_continuation")
+SEES = ("input", "input_and_continuation", "observed")
 LAYOUTS = ("separate", "shared_prefix")
 
 
@@ -106,6 +110,11 @@ class Spec:
             )
         if self.layout == "shared_prefix" and self.signal != "scalar":
             raise ValueError("layout='shared_prefix' applies to signal='scalar' only.")
+        if self.sees != "input" and self.signal != "targets":
+            raise ValueError(
+                f"sees={self.sees!r} says what a targets critic reads: use signal='targets' "
+                "(the scalar critic reads input ⊕ prediction ⊕ [LOSS])."
+            )
 
     @property
     def live_critic(self) -> bool:
@@ -171,15 +180,34 @@ def loss_pass(
     return transform_output(score[:, -1], output)
 
 
-def critic_targets(model: Transformer, critic: Params, tokens: Array, sees: str) -> Array:
+def critic_targets(
+    model: Transformer,
+    critic: Params,
+    tokens: Array,
+    sees: str,
+    prediction: Array | None = None,
+) -> Array:
     """The critic's target distributions [B, T, V] for the next tokens of `tokens` [B, T + 1].
 
     'input': the critic's own next-token distribution on the input. 'input_and_
     continuation': the critic reads the whole window (input and observed continuation),
     then `[LOSS]`, then the input again, and its outputs over that second copy are the
-    targets: it may copy what it has seen, or not.
+    targets: it may copy what it has seen, or not. 'observed': the `critic` stack reads
+    the input and, at every position, the observed next token and `prediction` [B, T, V]
+    (the model's prediction of it, as `prediction_inputs` gives it).
     """
     inputs = tokens[:, :-1]
+    if sees == "observed":
+        if prediction is None:
+            raise ValueError("sees='observed' needs the model's prediction [B, T, V].")
+        logits, _ = model.apply(
+            {"params": critic},
+            inputs,
+            stack="critic",
+            observed=tokens[:, 1:],
+            prediction=prediction,
+        )
+        return jax.nn.softmax(logits)
     if sees == "input":
         logits, _ = model.apply({"params": critic}, inputs)
         return jax.nn.softmax(logits)
@@ -189,6 +217,51 @@ def critic_targets(model: Transformer, critic: Params, tokens: Array, sees: str)
         logits, _ = model.apply({"params": critic}, seq)
         return jax.nn.softmax(logits[:, -t:])
     raise ValueError(f"Unknown critic view {sees!r}; choose one of {SEES}.")
+
+
+def targets_of(model: Transformer, critic: Params, tokens: Array, logits: Array, spec: Spec):
+    """The targets q [B, T, V] a 'targets' critic gives the model whose logits on
+    `tokens[:, :-1]` are `logits` (for a live critic `critic` must be those params)."""
+    if spec.live_critic and spec.sees == "input":
+        return jax.nn.softmax(logits)  # the critic's pass is the model's own pass
+    preds = prediction_inputs(logits, spec.path) if spec.sees == "observed" else None
+    return critic_targets(model, critic, tokens, spec.sees, preds)
+
+
+QUALITY = (
+    "critic/target_ce",
+    "critic/target_entropy",
+    "critic/target_accuracy",
+    "critic/model_accuracy",
+    "critic/agreement",
+)
+
+
+def target_quality(targets: Array, logits: Array, tokens: Array) -> dict[str, Array]:
+    """How good a critic's targets are, against the true next tokens and the model.
+
+    Args:
+      targets: the target distributions q [B, T, V].
+      logits: the model's next-token logits [B, T, V].
+      tokens: the true next tokens y [B, T].
+
+    Returns:
+      Scalars (means over every position): `critic/target_ce` −log q(y), the targets'
+      cross-entropy to the truth (below the model's own `true/train_ce` when the targets
+      are worth learning from); `critic/target_entropy` −Σ q log q; `critic/target_accuracy`
+      [argmax q = y]; `critic/model_accuracy` [argmax p = y]; `critic/agreement`
+      [argmax q = argmax p], how far the targets only echo the model.
+    """
+    q = jax.lax.stop_gradient(targets)
+    logq = jnp.log(jnp.maximum(q, jnp.finfo(q.dtype).tiny))
+    top_q, top_p = jnp.argmax(q, -1), jnp.argmax(jax.lax.stop_gradient(logits), -1)
+    return {
+        "critic/target_ce": -jnp.mean(jnp.take_along_axis(logq, tokens[..., None], -1)),
+        "critic/target_entropy": -jnp.mean(jnp.sum(q * logq, -1)),
+        "critic/target_accuracy": jnp.mean(top_q == tokens),
+        "critic/model_accuracy": jnp.mean(top_p == tokens),
+        "critic/agreement": jnp.mean(top_q == top_p),
+    }
 
 
 def normalise_batch(values: Array, eps: float = 1e-6) -> Array:
@@ -214,26 +287,26 @@ def self_loss(
     (`spec.live_critic`) the critic is `params` itself and `critic` is ignored.
 
     Returns:
-      `(objective, (model_state, {'pred_loss', 'train_ce'}))`; `train_ce` is the true
-      cross-entropy of the batch, a diagnostic that never enters the objective.
+      `(objective, (model_state, {'pred_loss', 'train_ce', ...}))`; `train_ce` is the
+      true cross-entropy of the batch, a diagnostic that never enters the objective; with
+      `signal='targets'` also the targets' `target_quality`.
     """
     del key
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     logits, cache = model.apply({"params": params}, inputs)
     critic = params if spec.live_critic else critic
+    quality = {}
     if spec.signal == "scalar":
         preds = prediction_inputs(logits, spec.path)
         use_cache = cache if spec.layout == "shared_prefix" else None
         values = loss_pass(model, critic, inputs, preds, output=spec.output, cache=use_cache)
         objective = jnp.mean(normalise_batch(values) if spec.normalise else values)
     else:
-        if spec.live_critic and spec.sees == "input":
-            q = jax.nn.softmax(logits)  # the critic's pass is this very pass
-        else:
-            q = critic_targets(model, critic, tokens, spec.sees)
+        q = targets_of(model, critic, tokens, logits, spec)
         objective = jnp.mean(-jnp.sum(q * jax.nn.log_softmax(logits), -1))
+        quality = target_quality(q, logits, targets)
     ce = jax.lax.stop_gradient(jnp.mean(cross_entropy(logits, targets)))
-    return objective, (model_state, {"pred_loss": objective, "train_ce": ce})
+    return objective, (model_state, {"pred_loss": objective, "train_ce": ce, **quality})
 
 
 def true_loss(params: Params, model_state: dict, tokens: Array, key: PRNGKey, *, model) -> Array:

@@ -17,6 +17,14 @@ Inputs are token ids [B, T] or distributions over the vocabulary [B, T, V] (soft
 tokens: the embedding is the probability-weighted mean of the token embeddings, so a
 score is differentiable with respect to the predictions that produced it).
 
+A third stack, `critic` (models built with `observe` 'gain' or 'embed'), is the targets
+critic that reads the observed continuation: the language model's next-token logits at
+position i plus a learned gain g on the logit of the observed next token y_{i+1} (its
+trust in the observation, in nats); with 'embed' also learned embeddings of y_{i+1} and
+of a prediction of it (a distribution over the vocabulary) added to the final hidden
+state before the unembedding, so that the targets can move mass to any token. All start
+at zero, so an untrained critic's targets are its own next-token distribution.
+
 A pass may continue a cached prefix: the language-model pass returns every block's keys
 and values, and a loss pass over `prediction ⊕ [LOSS]` attends to them through a block
 mask (the new tokens see the whole prefix and each other causally) instead of
@@ -37,6 +45,8 @@ from metalearn.types import Array, Params
 POSITIONS = ("rotary", "learned")
 READOUTS = ("mean", "head")
 GROUPS = ("trunk", "lm", "loss")
+STACKS = ("lm", "loss", "critic")
+OBSERVE = ("none", "gain", "embed")
 
 
 def causal_mask(length: int, prefix: int = 0) -> Array:
@@ -116,6 +126,9 @@ class Transformer(nn.Module):
       readout: 'mean' (the mean of the output logits) or 'head' (a linear head).
       vocab_size: token count (bytes plus specials).
       dtype: computation dtype; parameters stay float32.
+      observe: the `critic` stack (`OBSERVE`): 'none' (no critic stack), 'gain' (the
+        observed token's gain, parameter `loss_gain`) or 'embed' (also the embeddings of
+        the observed token and of the prediction, `loss_observed` and `loss_prediction`).
     """
 
     num_layers: int
@@ -128,6 +141,7 @@ class Transformer(nn.Module):
     readout: str
     vocab_size: int = VOCAB_SIZE
     dtype: Any = jnp.float32
+    observe: str = "none"
 
     def setup(self):
         if self.positions not in POSITIONS:
@@ -159,6 +173,16 @@ class Transformer(nn.Module):
             self.loss_head = nn.Dense(1, dtype=self.dtype)
         elif self.loss_layers:  # the "mean" readout of a disjoint critic needs its own logits
             self.loss_unembed = nn.Dense(self.vocab_size, dtype=self.dtype)
+        if self.observe not in OBSERVE:
+            raise ValueError(f"Unknown observe {self.observe!r}; choose one of {OBSERVE}.")
+        zeros = nn.initializers.zeros
+        if self.observe != "none":
+            self.loss_gain = self.param("loss_gain", zeros, ())
+        if self.observe == "embed":
+            self.loss_observed = nn.Embed(self.vocab_size, self.d_model, embedding_init=zeros)
+            self.loss_prediction = nn.Dense(
+                self.d_model, use_bias=False, kernel_init=zeros, dtype=self.dtype
+            )
 
     def __call__(
         self,
@@ -166,20 +190,35 @@ class Transformer(nn.Module):
         *,
         stack: str = "lm",
         cache: dict | None = None,
+        observed: Array | None = None,
+        prediction: Array | None = None,
     ) -> tuple[Array, dict]:
         """One pass.
 
         Args:
           inputs: int token ids [B, T] or float distributions [B, T, V].
           stack: 'lm' returns next-token logits [B, T, V]; 'loss' returns the critic's
-            score at every position [B, T] (the caller reads the `[LOSS]` position).
+            score at every position [B, T] (the caller reads the `[LOSS]` position);
+            'critic' returns target logits [B, T, V] (needs `observe`).
           cache: a previous pass's cache; these T tokens then continue it at positions
             P … P + T − 1 (P the cached length).
+          observed: stack 'critic': the observed next tokens [B, T] (int).
+          prediction: stack 'critic': a prediction of them [B, T, V] (e.g. the model's
+            softmax).
 
         Returns:
           `(output, cache)`: the cache holds every block's keys and values and the trunk's
           output, for a later pass to continue.
         """
+        if stack not in STACKS:
+            raise ValueError(f"Unknown stack {stack!r}; choose one of {STACKS}.")
+        if stack == "critic" and self.observe == "none":
+            raise ValueError(
+                "stack='critic' reads an observed token (and a prediction): build the model "
+                "with observe='gain' or 'embed' (make_transformer(..., observe='gain'))."
+            )
+        if stack == "critic" and (observed is None or prediction is None):
+            raise ValueError("stack='critic' needs `observed` [B, T] and `prediction` [B, T, V].")
         if inputs.ndim == 2:
             h = self.embed(inputs)
         else:
@@ -202,16 +241,21 @@ class Transformer(nn.Module):
             h, kv = blk(h, positions, mask, cached("trunk", i))
             new["trunk"].append(kv)
         new["trunk_out"] = h if cache is None else jnp.concatenate([cache["trunk_out"], h], 1)
-        if stack == "lm" or (stack == "loss" and not self.loss_layers):
+        if stack != "loss" or not self.loss_layers:
             for i, blk in enumerate(self.lm):
                 h, kv = blk(h, positions, mask, cached("lm", i))
                 new["lm"].append(kv)
             h = self.lm_norm(h)
-            if stack == "lm":
-                return self.unembed(h).astype(self._out_dtype), new
-            return self._score(h, self.unembed), new
-        if stack != "loss":
-            raise ValueError(f"Unknown stack {stack!r}; choose 'lm' or 'loss'.")
+            if stack == "loss":
+                return self._score(h, self.unembed), new
+            if stack == "critic" and self.observe == "embed":
+                h = h + self.loss_observed(observed).astype(self.dtype)
+                h = h + self.loss_prediction(prediction.astype(self.dtype))
+            if stack == "critic":
+                logits = self.unembed(h).astype(self._out_dtype)
+                gain = jax.nn.one_hot(observed, self.vocab_size, dtype=logits.dtype)
+                return logits + self.loss_gain.astype(logits.dtype) * gain, new
+            return self.unembed(h).astype(self._out_dtype), new
         # Disjoint loss blocks never ran on a cached prefix: run them over the whole
         # sequence of trunk outputs and keep the new positions.
         h_all = new["trunk_out"]
@@ -233,13 +277,16 @@ class Transformer(nn.Module):
         return jnp.promote_types(self.dtype, jnp.float32)
 
 
-def make_transformer(config: ml_collections.ConfigDict, context: int) -> Transformer:
+def make_transformer(
+    config: ml_collections.ConfigDict, context: int, *, observe: str = "none"
+) -> Transformer:
     """The model a `model` config group describes, sized for a context of `context` tokens.
 
     Args:
       config: fields `num_layers`, `loss_layers`, `d_model`, `num_heads`, `mlp_ratio`,
         `positions`, `readout`, `dtype` ('float32' | 'bfloat16').
       context: the language model's context; passes up to 2·context + 2 long are allowed.
+      observe: the model's `critic` stack, one of `OBSERVE` (see `Transformer`).
     """
     return Transformer(
         num_layers=config.num_layers,
@@ -251,6 +298,7 @@ def make_transformer(config: ml_collections.ConfigDict, context: int) -> Transfo
         positions=config.positions,
         readout=config.readout,
         dtype=jnp.dtype(config.dtype),
+        observe=observe,
     )
 
 
@@ -260,6 +308,9 @@ def init_transformer(model: Transformer, key: Array, context: int) -> Params:
 
     def both(module, x):
         module(x, stack="lm")
+        if module.observe != "none":
+            p = jnp.zeros((*x.shape, module.vocab_size), module.dtype)
+            module(x, stack="critic", observed=x, prediction=p)
         return module(x, stack="loss")
 
     return model.init(key, tokens, method=both)["params"]
@@ -284,3 +335,37 @@ def param_groups(params: Params) -> Params:
 
 def num_params(params: Params) -> int:
     return sum(x.size for x in jax.tree.leaves(params))
+
+
+def generate(
+    model: Transformer,
+    params: Params,
+    prompt: Array,
+    steps: int,
+    key: Array | None = None,
+    *,
+    temperature: float = 1.0,
+    num_tokens: int | None = None,
+) -> Array:
+    """Continues `prompt` [B, T] by `steps` tokens; pure and jit-able (steps static).
+
+    Each step reads the last T tokens (a sliding window of the prompt's length, the
+    context the model was trained on) and takes the next token greedily (`key` None) or
+    by sampling at `temperature`. `num_tokens` limits the choice to ids below it (e.g.
+    `text.NUM_BYTES`: bytes only, no special tokens). Returns the new tokens [B, steps].
+    """
+    limit = model.vocab_size if num_tokens is None else num_tokens
+
+    def step(window, k):
+        logits, _ = model.apply({"params": params}, window)
+        logits = logits[:, -1, :limit]
+        if key is None:
+            token = jnp.argmax(logits, -1)
+        else:
+            token = jax.random.categorical(k, logits / temperature)
+        token = token.astype(window.dtype)
+        return jnp.concatenate([window[:, 1:], token[:, None]], 1), token
+
+    keys = jax.random.split(jax.random.key(0) if key is None else key, steps)
+    _, tokens = jax.lax.scan(step, prompt, keys)
+    return tokens.T

@@ -4,6 +4,8 @@ One frozen-critic smoke run, shared by the default tests; every variant of the s
 every detector action in the slow tier, each checked for the effect its name promises.
 """
 
+import json
+
 import chex
 import jax
 import numpy as np
@@ -150,8 +152,20 @@ REFERENCE = {
     "targets,continuation": "targets",
     "targets,frozen,continuation": "targets,continuation",
     "targets,ema,continuation": "targets,continuation",
+    "observed,frozen": "gain,frozen",  # free embeddings on top of the gain
+    "gain,frozen": "gain",
+    "gain": "targets",
+    "gain,same_sg": "gain",
+    "gain,ema": "gain",
+    "gain,refresh": "gain,frozen",
+    "gain,frozen,long": "gain,frozen",
+    "gain,frozen,adversarial": "gain,frozen",
+    "observed,frozen,adversarial": "observed,frozen",
+    "targets,frozen,continuation,long": "targets,frozen,continuation",
     "prefix,softplus": "soft",
 }
+# Variants whose detector acts (their Phase 1 returns): `test_the_detect_meta_cycle_...`.
+ACTING = [v for v in self_loss_lm.SWEEP if "meta" in v.split(",")]
 TRACED = ("self/pred_loss", "true/val_ce", "meta/outer_ce")
 
 
@@ -210,10 +224,23 @@ def _check_variant(variant, config, rows, states):
         assert not np.allclose(critic, final.params["embed"]["embedding"])
     if "truncated" in parts:  # three inner steps a meta step
         assert config.meta.inner_steps == 3 and config.meta.estimator == "last_window"
+    if "adversarial" in parts:  # three inner steps, every one differentiated
+        assert config.meta.inner_steps == 3 and config.meta.estimator == "unrolled"
+    if "long" in parts:
+        assert config.meta.steps == 8
+    if "gain" in parts or "observed" in parts:  # the critic stack and its quality metrics
+        assert "loss_gain" in final.params
+        assert ("loss_observed" in final.params) == ("observed" in parts)
+        assert all(np.isfinite(r["critic/target_ce"]) for r in rows)
+        assert float(end_of_phase1.params["loss_gain"]) != 0.0  # meta-trained
+    if "refresh" in parts:  # the frozen copy has become θ since the end of Phase 1
+        assert not _equal(final.critic, end_of_phase1.params)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", [*self_loss_lm.SWEEP, "prefix,softplus"])
+@pytest.mark.parametrize(
+    "variant", [*(v for v in self_loss_lm.SWEEP if v not in ACTING), "prefix,softplus"]
+)
 def test_every_variant_runs_and_changes_the_run_it_modifies(variant, variant_runs):
     config, rows, summary, states, spec = variant_runs(variant)
     assert len(rows) == config.meta.steps + config.phase2.steps
@@ -286,3 +313,29 @@ def test_detector_action_meta_runs_phase1_again_then_refreshes_the_critic():
     chex.assert_trees_all_equal(handover.critic, handover.params)
     assert int(handover.detector.count) == 0  # a fresh window for the next Phase 2
     assert 2 in phases[again[-1] + 1 :]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ACTING)
+def test_the_detect_meta_cycle_repeats_and_resumes_exactly(variant, tmp_path):
+    """Detection, a return to meta-training, Phase 2 again, for several cycles; preempted
+    in the middle of a cycle's Phase 1 and resumed, the same rows and summary."""
+    config = _config(variant)
+    config.detector.tolerance = 10.0  # validation never improves by 10 nats: detections
+    config.detector.meta_steps = 6
+    config.phase2.steps = 40
+    experiment = experiments.make(config)
+    whole = train_and_evaluate(experiment, config, str(tmp_path / "whole"))
+    rows = _rows(tmp_path / "whole")
+    assert whole["detections"] >= 2 and rows[-1]["diag/detections"] == whole["detections"]
+    again = [r["step"] for r in rows if r["phase"] == 1 and r["step"] > config.meta.steps]
+    assert len(again) >= 2 * config.detector.meta_steps  # two returns to meta-training
+    # Stop at a chunk boundary inside the first return to Phase 1.
+    stop_at = next(t for t in again if t % config.checkpoint_every == 0 and t + 1 in again)
+    cut = str(tmp_path / "cut")
+    assert train_and_evaluate(experiment, config, cut, stop_at=stop_at) is None
+    assert train_and_evaluate(experiments.make(config), config, cut) == whole
+    assert read_metrics(cut) == read_metrics(str(tmp_path / "whole"))
+    report = json.load(open(tmp_path / "whole" / "hack_report.json"))
+    assert report["detection"]["step"] - config.meta.steps == whole["hack_detected_at"]
+    assert report["onset"]["phase2_step"] == whole["steps_to_hack"]

@@ -30,34 +30,46 @@ V = text.VOCAB_SIZE
 class ToyModel:
     """Token ids [B, L] or distributions [B, L, V] → the running mean of their embeddings
     (causal) → tanh → next-token logits [B, L, V] (stack 'lm') or a score per position
-    [B, L] from a linear head (stack 'loss'), as `Transformer.apply` returns them."""
+    [B, L] from a linear head (stack 'loss'), as `Transformer.apply` returns them; with
+    `observe`, stack 'critic' adds embeddings of the observed token and the prediction
+    before the unembedding, as the transformer's does."""
 
-    def __init__(self, d: int = 4, dtype=jnp.float32):
-        self.d, self.dtype = d, dtype
+    def __init__(self, d: int = 4, dtype=jnp.float32, observe: bool = False):
+        self.d, self.dtype, self.observe = d, dtype, observe
 
     def init(self, key):
-        k1, k2, k3 = jax.random.split(key, 3)
+        k1, k2, k3, k4, k5 = jax.random.split(key, 5)
         normal = lambda k, shape: jax.random.normal(k, shape, self.dtype)  # noqa: E731
-        return {
+        params = {
             "embed": normal(k1, (V, self.d)),
             "unembed": normal(k2, (self.d, V)),
             "loss_head": {"kernel": normal(k3, (self.d, 1))},
         }
+        if self.observe:
+            params["loss_observed"] = normal(k4, (V, self.d))
+            params["loss_prediction"] = normal(k5, (V, self.d))
+            params["loss_gain"] = jnp.asarray(0.5, self.dtype)
+        return params
 
-    def apply(self, variables, inputs, *, stack="lm", cache=None):
+    def apply(self, variables, inputs, *, stack="lm", cache=None, observed=None, prediction=None):
         del cache
         p = variables["params"]
         e = p["embed"][inputs] if inputs.ndim == 2 else inputs @ p["embed"]
         length = e.shape[1]
         causal = jnp.tril(jnp.ones((length, length), e.dtype))
         h = jnp.tanh(jnp.einsum("st,btd->bsd", causal / causal.sum(1, keepdims=True), e))
+        if stack == "critic":
+            h = h + p["loss_observed"][observed] + prediction @ p["loss_prediction"]
+            return h @ p["unembed"] + p["loss_gain"] * jax.nn.one_hot(observed, V), None
         if stack == "lm":
             return h @ p["unembed"], None
         return (h @ p["loss_head"]["kernel"])[..., 0], None
 
 
 @functools.cache
-def _model(loss_layers=0, readout="mean", positions="rotary", d=16, dtype="float32"):
+def _model(
+    loss_layers=0, readout="mean", positions="rotary", d=16, dtype="float32", observe="none"
+):
     """A tiny transformer (one shared block, plus the disjoint ones) and its parameters."""
     cfg = ml_collections.ConfigDict(
         {
@@ -71,14 +83,14 @@ def _model(loss_layers=0, readout="mean", positions="rotary", d=16, dtype="float
             "dtype": dtype,
         }
     )
-    model = transformer.make_transformer(cfg, T)
+    model = transformer.make_transformer(cfg, T, observe=observe)
     init = jax.jit(functools.partial(transformer.init_transformer, model, context=T))
     params = init(jax.random.key(0))
     return model, jax.tree.map(lambda a: a.astype(dtype), params)
 
 
-def _toy(dtype=jnp.float32):
-    model = ToyModel(dtype=dtype)
+def _toy(dtype=jnp.float32, observe=False):
+    model = ToyModel(dtype=dtype, observe=observe)
     return model, model.init(jax.random.key(0))
 
 
@@ -185,11 +197,14 @@ def _random_direction(params, seed=7):
 
 
 # On the toy model: θ as start and live critic through two inner steps, with the
-# monotonicity penalty in the outer loss; a frozen critic; self-produced targets.
+# monotonicity penalty in the outer loss; a frozen critic; self-produced targets; and
+# the `adversarial` variant: the observed-token critic held at θ while the model drifts
+# three steps on its targets, every step differentiated.
 FD_CASES = [
     (dict(path="soft", monotonicity=1.0, output="softplus"), 2),
     (dict(path="hard", critic="frozen"), 1),
     (dict(signal="targets", sees="input_and_continuation"), 1),
+    (dict(signal="targets", sees="observed", critic="frozen"), 3),
 ]
 
 
@@ -202,6 +217,7 @@ FD_CASES = [
             (dict(path="soft"), {}, 2),
             (dict(path="hard", critic="frozen"), dict(readout="head"), 1),
             (dict(signal="targets", sees="input_and_continuation"), {}, 2),
+            (dict(signal="targets", sees="observed", critic="frozen"), dict(observe="embed"), 3),
             (
                 dict(path="soft", monotonicity=1.0, output="softplus", disjoint=True),
                 dict(loss_layers=1),
@@ -215,7 +231,7 @@ def test_phase1_meta_gradient_matches_finite_differences(
 ):
     """On the toy model (model_kw None) and on the transformer."""
     if model_kw is None:
-        model, params = _toy(jnp.float64)
+        model, params = _toy(jnp.float64, observe=spec_kw.get("sees") == "observed")
     else:
         model, params = _model(d=8, dtype="float64", **model_kw)
     spec = self_loss.Spec(**spec_kw)
@@ -438,3 +454,68 @@ def test_bad_specs_fail_with_a_message():
         self_loss.Spec(critic="frozen", layout="shared_prefix")
     with pytest.raises(ValueError, match="Unknown path"):
         self_loss.Spec(path="gumbel")
+
+
+def test_target_quality_against_hand_computed_values():
+    # Two positions, three tokens; the true tokens are 0 and 2.
+    q = jnp.array([[[0.5, 0.25, 0.25], [0.1, 0.6, 0.3]]])
+    logits = jnp.log(jnp.array([[[0.2, 0.7, 0.1], [0.3, 0.3, 0.4]]]))
+    y = jnp.array([[0, 2]])
+    got = jax.device_get(jax.jit(self_loss.target_quality)(q, logits, y))
+    assert set(got) == set(self_loss.QUALITY)
+    np.testing.assert_allclose(got["critic/target_ce"], -(np.log(0.5) + np.log(0.3)) / 2, rtol=1e-6)
+    entropy = lambda p: -sum(x * np.log(x) for x in p)  # noqa: E731
+    want = (entropy([0.5, 0.25, 0.25]) + entropy([0.1, 0.6, 0.3])) / 2
+    np.testing.assert_allclose(got["critic/target_entropy"], want, rtol=1e-6)
+    assert got["critic/target_accuracy"] == 0.5  # argmax q: 0 (right), 1 (wrong)
+    assert got["critic/model_accuracy"] == 0.5  # argmax p: 1 (wrong), 2 (right)
+    assert got["critic/agreement"] == 0.0  # argmax q against argmax p: 0 ≠ 1, 1 ≠ 2
+
+
+def test_the_observed_critic_starts_as_the_language_model_and_reads_the_observed_token():
+    model, params = _model(observe="embed")
+    tokens = _tokens(b=2)
+    spec = self_loss.Spec(signal="targets", sees="observed", critic="frozen")
+
+    @jax.jit
+    def targets(critic):
+        logits, _ = model.apply({"params": params}, tokens[:, :-1])
+        q = self_loss.targets_of(model, critic, tokens, logits, spec)
+        return q, logits, self_loss.target_quality(q, logits, tokens[:, 1:])
+
+    q, logits, before = targets(params)
+    np.testing.assert_allclose(q, jax.nn.softmax(logits), rtol=1e-5, atol=1e-7)
+    # An observed-token embedding along each token's unembedding column (adding 20 to
+    # that token's logit): the targets move to the observed tokens.
+    copying = dict(params)
+    w = params["unembed"]["kernel"].T  # [V, d]
+    copying["loss_observed"] = {"embedding": 20.0 * w / jnp.sum(w**2, -1, keepdims=True)}
+    _, _, after = targets(copying)
+    assert after["critic/target_ce"] < before["critic/target_ce"] - 1.0
+    assert after["critic/target_accuracy"] > before["critic/model_accuracy"]
+    # The gain adds to the observed token's logit alone: at 50 the targets are the truth.
+    q, _, gained = targets({**params, "loss_gain": jnp.asarray(50.0)})
+    assert gained["critic/target_accuracy"] == 1.0 and gained["critic/target_ce"] < 1e-3
+    with pytest.raises(ValueError, match="observe='gain' or 'embed'"):
+        _model()[0].apply({"params": params}, tokens[:, :-1], stack="critic")
+    with pytest.raises(ValueError, match="sees='observed'.*signal='targets'"):
+        self_loss.Spec(sees="observed")
+
+
+def test_generate_continues_greedily_with_a_sliding_window():
+    model, params = _model()
+    prompt = _tokens(b=1, length=T)
+    out = jax.jit(lambda p: transformer.generate(model, params, p, 4, num_tokens=text.NUM_BYTES))(
+        prompt
+    )
+    window, want = prompt, []
+    for _ in range(4):
+        logits, _ = model.apply({"params": params}, window)
+        token = int(jnp.argmax(logits[0, -1, : text.NUM_BYTES]))
+        want.append(token)
+        window = jnp.concatenate([window[:, 1:], jnp.array([[token]])], 1)
+    assert out.shape == (1, 4) and out[0].tolist() == want
+    sampled = transformer.generate(
+        model, params, prompt, 4, jax.random.key(1), num_tokens=text.NUM_BYTES
+    )
+    assert sampled.shape == (1, 4) and int(sampled.max()) < text.NUM_BYTES
