@@ -509,7 +509,13 @@ class SelfLossLM(Experiment):
             "rollbacks": int(state.rollbacks),
             "detections": int(state.detections),
             "test_ce": mean_std([test]),
-            **phase2_summary(history, start, c.detector.degrade_margin),
+            **phase2_summary(
+                history,
+                start,
+                c.detector.degrade_margin,
+                tolerance=c.detector.tolerance,
+                window=c.detector.window,
+            ),
         }
         rows = [r for r in history if "self/pred_loss" in r]
         plots.self_loss_curves(
@@ -547,9 +553,24 @@ def _favoured(stats: dict) -> list[dict]:
     ]
 
 
-def phase2_summary(history: list[dict], meta_steps: int, margin: float) -> dict:
+def phase2_summary(
+    history: list[dict],
+    meta_steps: int,
+    margin: float,
+    *,
+    tolerance: float = 0.01,
+    window: int = 10,
+) -> dict:
     """The numbers of a run's Phase 2 read from its logged rows (see `steps_to_degrade`);
-    predicted-loss figures skip anchor steps, which log the true loss they descend."""
+    predicted-loss figures skip anchor steps, which log the true loss they descend.
+
+    Besides the detector's horizon, `last_improvement` is the Phase 2 step of the last
+    new minimum of the logged validation cross-entropy (by any margin), for θ and for
+    the control; `control_steps_to_stall` is the step at which the control's validation
+    cross-entropy had not improved by `tolerance` over `window` logged steps: the
+    detector's stall condition applied to a model trained on the true loss, which says
+    when slow but real learning looks like a stall to the detector.
+    """
     rows = [r for r in history if "self/pred_loss" in r]
     phase2 = [r for r in rows if r["phase"] == 2]
     if not phase2:
@@ -558,6 +579,8 @@ def phase2_summary(history: list[dict], meta_steps: int, margin: float) -> dict:
     pred = [r["self/pred_loss"] for r in phase2 if not r["self/anchor"]] or [np.nan]
     start = next(r["true/val_ce"] for r in rows if r["step"] == meta_steps)
     control = phase2[-1]["control/val_ce"]
+    steps = [r["step"] - meta_steps for r in phase2]
+    control_val = [r["control/val_ce"] for r in phase2]
     out = {
         "steps_to_degrade": steps_to_degrade(history, meta_steps, margin),
         "phase1_end_val_ce": mean_std([start]),
@@ -568,6 +591,9 @@ def phase2_summary(history: list[dict], meta_steps: int, margin: float) -> dict:
         "recovered": mean_std([(start - val[-1]) / (start - control)]) if start > control else None,
         "min_pred_loss": mean_std([min(pred)]),
         "final_pred_loss": mean_std([pred[-1]]),
+        "last_improvement": _last_minimum(steps, val),
+        "control_last_improvement": _last_minimum(steps, control_val),
+        "control_steps_to_stall": _stall(steps, [start, *control_val], tolerance, window),
     }
     if "critic/target_ce" in rows[-1]:
         # The targets' quality against the model's own predictions, at the end of Phase 1
@@ -587,6 +613,28 @@ def phase2_summary(history: list[dict], meta_steps: int, margin: float) -> dict:
                 [np.mean([r["critic/target_entropy"] for r in tail])]
             )
     return out
+
+
+def _last_minimum(steps: list[int], values: list[float]) -> int:
+    best, at = np.inf, 0
+    for step, value in zip(steps, values, strict=True):
+        if value < best:
+            best, at = value, step
+    return at
+
+
+def _stall(steps: list[int], values: list[float], tolerance: float, window: int) -> int | None:
+    """The first step at which `values` (the reference first, then one per step) had not
+    improved on their best by `tolerance` for `window` steps; None if never."""
+    best, since = values[0], 0
+    for step, value in zip(steps, values[1:], strict=True):
+        if value < best - tolerance:
+            best, since = value, 0
+        else:
+            since += 1
+        if since >= window:
+            return step
+    return None
 
 
 def steps_to_degrade(history: list[dict], meta_steps: int, margin: float) -> int | None:

@@ -6,7 +6,10 @@
 For each variant: `steps_to_hack` (Phase 2 steps until validation cross-entropy last
 improved before the detector fired; '—' if it never fired), the step of the detection,
 `steps_to_degrade` (Phase 2 steps until validation cross-entropy is 0.1 nats above its
-value at the end of Phase 1; '—' if never), that value, the best and final
+value at the end of Phase 1; '—' if never), the step of the last new best validation
+cross-entropy of θ and of the control, the step at which the control would meet the
+detector's stall condition (its slow learning looks like a stall; '—' if never), the
+value at the end of Phase 1, the best and final
 validation cross-entropy of the self-trained model in Phase 2, the final validation
 cross-entropy of the control trained on the true loss for the same steps, and the
 lowest and final predicted loss, the share of the control's improvement over Phase 2
@@ -38,6 +41,9 @@ COLUMNS = (
     ("steps_to_hack", "steps to hack", "{}"),
     ("hack_detected_at", "detected at", "{}"),
     ("steps_to_degrade", "steps to +0.1 nats", "{}"),
+    ("last_improvement", "last new best", "{}"),
+    ("control_last_improvement", "control's last new best", "{}"),
+    ("control_steps_to_stall", "control's stall", "{}"),
     ("phase1_end_val_ce", "val CE, end of Phase 1", "{:.3f}"),
     ("best_val_ce", "best val CE", "{:.3f}"),
     ("final_val_ce", "final val CE", "{:.3f}"),
@@ -81,7 +87,7 @@ def main(argv):
     from metalearn.runtime.metrics import read_metrics
 
     variants = [v.replace("+", ",") for v in (_VARIANTS.value or self_loss_lm.SWEEP)]
-    summaries, histories = {}, {}
+    summaries, histories, meta_steps = {}, {}, {}
     for variant in variants:
         name = f"{variant},{_SUFFIX.value}" if _SUFFIX.value else variant
         workdir = os.path.join(_ROOT.value, name.replace(",", "_"))
@@ -90,24 +96,27 @@ def main(argv):
         histories[variant] = read_metrics(workdir)
         with open(os.path.join(workdir, "config.json")) as f:
             config = json.load(f)
+        meta_steps[variant] = config["meta"]["steps"]
         # Recomputed from the history, so that runs finished by older code agree.
         summaries[variant].update(
             phase2_summary(
                 histories[variant],
                 config["meta"]["steps"],
                 config["detector"].get("degrade_margin", 0.1),
+                tolerance=config["detector"]["tolerance"],
+                window=config["detector"]["window"],
             )
         )
     plots.self_loss_curves(
         histories,
-        meta_steps=config["meta"]["steps"],
+        meta_steps=meta_steps,
         path=os.path.join(_ROOT.value, "plots", "sweep.png"),
     )
     critics = {v: h for v, h in histories.items() if any("critic/target_ce" in r for r in h)}
     if critics:
         plots.critic_quality(
             critics,
-            meta_steps=config["meta"]["steps"],
+            meta_steps=meta_steps,
             path=os.path.join(_ROOT.value, "plots", "critic.png"),
         )
     print(table(summaries))

@@ -177,8 +177,13 @@ def gradient_ratios(histories: Mapping[str, Sequence[Mapping]], init_steps: int,
     _save(fig, path)
 
 
+def _per_run(value, name: str):
+    """`value`, or its entry for run `name` when it is a mapping."""
+    return value[name] if isinstance(value, Mapping) else value
+
+
 def self_loss_curves(
-    histories: Mapping[str, Sequence[Mapping]], meta_steps: int, path: str
+    histories: Mapping[str, Sequence[Mapping]], meta_steps: int | Mapping[str, int], path: str
 ) -> None:
     """Self-loss runs, one panel each: the predicted loss (left axis) and the true
     validation cross-entropy of θ and of the control trained on the true loss (right
@@ -200,7 +205,7 @@ def self_loss_curves(
         if control:  # the control forks at the end of Phase 1
             right.plot(*zip(*control, strict=True), color="tab:gray", ls=":", label="control")
         right.set_ylabel("true cross-entropy (nats)", fontsize=8)
-        ax.axvline(meta_steps, color="k", ls="--", lw=0.8)
+        ax.axvline(_per_run(meta_steps, name), color="k", ls="--", lw=0.8)
         hacked = [r["step"] for r in rows if r.get("diag/hacked")]
         if hacked:
             right.plot(
@@ -216,7 +221,9 @@ def self_loss_curves(
     _save(fig, path)
 
 
-def critic_quality(histories: Mapping[str, Sequence[Mapping]], meta_steps: int, path: str) -> None:
+def critic_quality(
+    histories: Mapping[str, Sequence[Mapping]], meta_steps: int | Mapping[str, int], path: str
+) -> None:
     """Targets-critic runs, one panel each: the cross-entropy of the critic's targets to
     the true next tokens against the model's own train cross-entropy, and the targets'
     entropy, over both phases (Phase 2 starts at the dashed line)."""
@@ -233,7 +240,7 @@ def critic_quality(histories: Mapping[str, Sequence[Mapping]], meta_steps: int, 
             ("critic/target_entropy", "targets' entropy", "tab:green"),
         ):
             ax.plot(step, _smooth([r[key] for r in rows], 5), color=color, lw=1, label=label)
-        ax.axvline(meta_steps, color="k", ls="--", lw=0.8)
+        ax.axvline(_per_run(meta_steps, name), color="k", ls="--", lw=0.8)
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.set_ylabel("nats", fontsize=8)
@@ -260,7 +267,8 @@ def hack_targets(report: Mapping[str, Any], path: str) -> None:
         width = 0.8 / len(bars)
         for i, (key, label, color) in enumerate(bars):
             ax.bar(x + i * width, [f[key] for f in favoured], width, label=label, color=color)
-        ax.set_xticks(x + 0.4 - width / 2, [repr(f["token"])[1:-1] for f in favoured])
+        labels = ["space" if f["token"] == " " else repr(f["token"])[1:-1] for f in favoured]
+        ax.set_xticks(x + 0.4 - width / 2, labels)
         title = f"{name}: Phase 2 step {entry['phase2_step']}, val CE {entry['val_ce']:.2f}"
         if "target_ce" in entry:
             title += (

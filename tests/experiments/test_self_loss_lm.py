@@ -164,6 +164,9 @@ REFERENCE = {
     "targets,frozen,continuation,long": "targets,frozen,continuation",
     "prefix,softplus": "soft",
 }
+# A refreshed critic moves by what a few smoke steps move θ (about 1e-6 in the traced
+# numbers): its effect is checked on the state (`_check_variant`) instead.
+STATE_ONLY = {"gain,refresh"}
 # Variants whose detector acts (their Phase 1 returns): `test_the_detect_meta_cycle_...`.
 ACTING = [v for v in self_loss_lm.SWEEP if "meta" in v.split(",")]
 TRACED = ("self/pred_loss", "true/val_ce", "meta/outer_ce")
@@ -233,8 +236,9 @@ def _check_variant(variant, config, rows, states):
         assert ("loss_observed" in final.params) == ("observed" in parts)
         assert all(np.isfinite(r["critic/target_ce"]) for r in rows)
         assert float(end_of_phase1.params["loss_gain"]) != 0.0  # meta-trained
-    if "refresh" in parts:  # the frozen copy has become θ since the end of Phase 1
+    if "refresh" in parts:  # the copy became θ at a refresh, and θ moved on since
         assert not _equal(final.critic, end_of_phase1.params)
+        assert not _equal(final.critic, final.params)
 
 
 @pytest.mark.slow
@@ -248,9 +252,10 @@ def test_every_variant_runs_and_changes_the_run_it_modifies(variant, variant_run
     assert all(np.isfinite(r["self/pred_loss"]) and np.isfinite(r["true/val_ce"]) for r in rows)
     assert np.isfinite(summary["test_ce"]["mean"])
     reference = variant_runs(REFERENCE[variant])[1]
-    assert np.max(np.abs(_traced(rows) - _traced(reference))) > 1e-5, (
-        f"{variant} gives the numbers of {REFERENCE[variant]}"
-    )
+    n = min(len(rows), len(reference))  # `long` runs more Phase 1 steps
+    assert (
+        variant in STATE_ONLY or np.max(np.abs(_traced(rows[:n]) - _traced(reference[:n]))) > 1e-5
+    ), f"{variant} gives the numbers of {REFERENCE[variant]}"
     _check_variant(variant, config, rows, states)
     if "prefix" in variant.split(","):  # the same numbers as the separate loss pass
         assert spec.layout == "shared_prefix"
