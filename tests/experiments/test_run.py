@@ -162,6 +162,7 @@ def test_resume_says_where_it_resumed_and_ends_as_an_uninterrupted_run(
     assert steps == full_steps  # no duplicated or missing rows across the restart
 
 
+@pytest.mark.slow  # 7 s; resume tests already check that a run is reproducible
 def test_same_seed_same_result_and_other_seed_differs(sine_experiment, sine_full_run, tmp_path):
     config, _ = sine_experiment
     _, a = sine_full_run

@@ -497,7 +497,7 @@ def test_the_observed_critic_starts_as_the_language_model_and_reads_the_observed
     q, _, gained = targets({**params, "loss_gain": jnp.asarray(50.0)})
     assert gained["critic/target_accuracy"] == 1.0 and gained["critic/target_ce"] < 1e-3
     with pytest.raises(ValueError, match="observe='gain' or 'embed'"):
-        _model()[0].apply({"params": params}, tokens[:, :-1], stack="critic")
+        model.clone(observe="none").apply({"params": params}, tokens[:, :-1], stack="critic")
     with pytest.raises(ValueError, match="sees='observed'.*signal='targets'"):
         self_loss.Spec(sees="observed")
 
@@ -505,17 +505,21 @@ def test_the_observed_critic_starts_as_the_language_model_and_reads_the_observed
 def test_generate_continues_greedily_with_a_sliding_window():
     model, params = _model()
     prompt = _tokens(b=1, length=T)
-    out = jax.jit(lambda p: transformer.generate(model, params, p, 4, num_tokens=text.NUM_BYTES))(
-        prompt
-    )
+
+    @jax.jit
+    def run(prompt):
+        greedy = transformer.generate(model, params, prompt, 4, num_tokens=text.NUM_BYTES)
+        sampled = transformer.generate(
+            model, params, prompt, 4, jax.random.key(1), num_tokens=text.NUM_BYTES
+        )
+        return greedy, sampled
+
+    last_logits = jax.jit(lambda w: model.apply({"params": params}, w)[0][0, -1, : text.NUM_BYTES])
+    out, sampled = run(prompt)
     window, want = prompt, []
     for _ in range(4):
-        logits, _ = model.apply({"params": params}, window)
-        token = int(jnp.argmax(logits[0, -1, : text.NUM_BYTES]))
+        token = int(jnp.argmax(last_logits(window)))
         want.append(token)
         window = jnp.concatenate([window[:, 1:], jnp.array([[token]])], 1)
     assert out.shape == (1, 4) and out[0].tolist() == want
-    sampled = transformer.generate(
-        model, params, prompt, 4, jax.random.key(1), num_tokens=text.NUM_BYTES
-    )
     assert sampled.shape == (1, 4) and int(sampled.max()) < text.NUM_BYTES
