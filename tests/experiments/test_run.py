@@ -118,6 +118,7 @@ def test_smoke_variant_runs_through_the_cli(config, tmp_path):
     check_run_directory(workdir)
 
 
+@pytest.mark.slow  # 9 s; the slow tier also runs every config's smoke variant this way
 def test_ml3_sine_through_the_cli(tmp_path):
     workdir = tmp_path / "run"
     proc = run_cli("--config=configs/ml3_sine.py:smoke", f"--workdir={workdir}")
