@@ -35,12 +35,9 @@ Variants are comma-separated parts (`:frozen,hard,smoke`):
 `SWEEP` lists the variants `experiments.sweep_self_loss` runs.
 """
 
-import os
-
 import ml_collections
 
-SHARED_TFDS = "../shared/data/tfds"
-SHARED_TEXT = "../shared/data/raw/tiny_shakespeare/input.txt"
+from configs import _text
 
 # The sweep: the document's setting ([LOSS] scalar read as the mean of the output,
 # unconstrained, hard tokens, the same live weights), each prediction path and critic,
@@ -89,30 +86,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.task = "lm"
     c.fast_compile = False  # most XLA optimisations off (smoke runs: compile-bound)
     c.seed = 0
-    c.data = ml_collections.ConfigDict(
-        {
-            "source": "tfds",  # or "file"
-            "name": "tiny_shakespeare",
-            "data_dir": "",  # '' = $TFDS_DATA_DIR, else tfds's default folder
-            "download": True,
-            "path": "",  # source="file": any UTF-8 text file
-            "split_fractions": (0.05, 0.05),  # source="file": validation, test
-            "batch_size": 16,
-        }
-    )
-    c.model = ml_collections.ConfigDict(
-        {
-            "context": 32,
-            "num_layers": 2,
-            "loss_layers": 0,  # > 0: disjoint upper layers
-            "d_model": 64,
-            "num_heads": 4,
-            "mlp_ratio": 4,
-            "positions": "rotary",  # or "learned"
-            "readout": "mean",  # or "head"
-            "dtype": "float32",
-        }
-    )
+    c.data = _text.text_data()
+    c.model = _text.transformer()
     c.self_loss = ml_collections.ConfigDict(
         {
             "signal": "scalar",  # or "targets"
@@ -147,15 +122,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
     # refresh_every: a frozen or EMA critic copy becomes θ every this many steps (0: never).
     c.phase2 = ml_collections.ConfigDict({"steps": 400, "anchor_every": 0, "refresh_every": 0})
-    c.detector = ml_collections.ConfigDict(
-        {
-            "window": 10,  # logged steps
-            "tolerance": 0.01,  # nats
-            "action": "continue",  # or "stop" | "rollback" | "meta"
-            "meta_steps": 50,  # action "meta": Phase 1 steps before Phase 2 resumes
-            "degrade_margin": 0.1,  # nats above the end of Phase 1: `steps_to_degrade`
-        }
-    )
+    c.detector = _text.detector()
     c.diagnostics = ml_collections.ConfigDict({"val_windows": 64})
     c.eval = ml_collections.ConfigDict({"every": 100, "windows": 256})
     c.log_every = 5
@@ -216,33 +183,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         elif part == "prefix":
             s.layout = "shared_prefix"
         elif part == "file":
-            c.data.source, c.data.path = "file", SHARED_TEXT
+            _text.use_file(c)
         elif part == "shared":
-            c.data.data_dir, c.data.download = SHARED_TFDS, False
+            _text.use_shared_data(c)
         elif part != "smoke":
             raise ValueError(
                 f"Unknown variant part {part!r} of self_loss_lm; see the list in "
                 "configs/self_loss_lm.py's docstring."
             )
     if "smoke" in parts:
-        if c.data.source == "tfds" and not c.data.data_dir and os.path.isdir(SHARED_TFDS):
-            c.data.data_dir = SHARED_TFDS  # the project's machines: no download
-            c.data.download = False
-        layers = c.model.loss_layers + 1  # one shared block (+ the disjoint ones)
-        c.model.update(
-            {"context": 16, "d_model": 32, "num_heads": 2, "mlp_ratio": 2, "num_layers": layers}
-        )
-        c.data.batch_size = 4
+        _text.smoke_sizes(c)
         c.meta.steps = 8 if "long" in parts else 4
         c.phase2.steps = 8
         c.phase2.anchor_every = min(c.phase2.anchor_every, 3)
         c.phase2.refresh_every = min(c.phase2.refresh_every, 3)
-        c.detector.window = 3
         c.detector.meta_steps = 2
-        c.diagnostics.val_windows = 8
         c.eval.every = 4
-        c.eval.windows = 16
-        c.log_every = 1
         c.checkpoint_every = 4
-        c.fast_compile = True
     return c

@@ -68,14 +68,16 @@ def rotary(x: Array, positions: Array, base: float = 10_000.0) -> Array:
 
 
 def attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
-    """Softmax attention: q [B, Tq, N, H], k and v [B, Tk, N, H], mask bool [Tq, Tk].
+    """Softmax attention: q [B, Tq, N, H], k and v [B, Tk, N, H], mask bool [Tq, Tk] (or
+    [B, Tq, Tk], one per sequence).
 
     The softmax runs in at least float32 and in float64 when the inputs are (which
     `jax.nn.dot_product_attention` does not do, and finite-difference tests need).
     """
     dtype = jnp.promote_types(q.dtype, jnp.float32)
     logits = jnp.einsum("bqnh,bknh->bnqk", q, k).astype(dtype) / jnp.sqrt(q.shape[-1])
-    logits = jnp.where(mask[None, None], logits, jnp.finfo(dtype).min)
+    mask = mask[None, None] if mask.ndim == 2 else mask[:, None]
+    logits = jnp.where(mask, logits, jnp.finfo(dtype).min)
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     return jnp.einsum("bnqk,bknh->bqnh", weights, v)
 
@@ -192,6 +194,7 @@ class Transformer(nn.Module):
         cache: dict | None = None,
         observed: Array | None = None,
         prediction: Array | None = None,
+        mask: Array | None = None,
     ) -> tuple[Array, dict]:
         """One pass.
 
@@ -205,10 +208,14 @@ class Transformer(nn.Module):
           observed: stack 'critic': the observed next tokens [B, T] (int).
           prediction: stack 'critic': a prediction of them [B, T, V] (e.g. the model's
             softmax).
+          mask: the attention mask, bool [T, T] or [B, T, T] (query, key), instead of the
+            causal one: e.g. `metalearn.algorithms.gist.gist_mask`. Not with `cache`, and
+            not for disjoint loss blocks (they read the trunk causally).
 
         Returns:
-          `(output, cache)`: the cache holds every block's keys and values and the trunk's
-          output, for a later pass to continue.
+          `(output, cache)`: the cache holds every block's keys and values, the trunk's
+          output, and for the 'lm' and 'critic' stacks the final normed hidden states
+          `hidden` [B, T, D] (what a gist encoding reads), for a later pass to continue.
         """
         if stack not in STACKS:
             raise ValueError(f"Unknown stack {stack!r}; choose one of {STACKS}.")
@@ -234,7 +241,16 @@ class Transformer(nn.Module):
             )
         if self.positions == "learned":
             h = h + self.pos_embed(positions)[None].astype(self.dtype)
-        mask = causal_mask(length, prefix)
+        given_mask = mask is not None
+        if not given_mask:
+            mask = causal_mask(length, prefix)
+        elif cache is not None or mask.shape[-2:] != (length, length):
+            raise ValueError(
+                f"mask must be [{length}, {length}] or [B, {length}, {length}] for a pass of "
+                f"{length} tokens without a cache; got shape {mask.shape}"
+                + (" and a cache" if cache is not None else "")
+                + "."
+            )
         cached = lambda name, i: None if cache is None else cache[name][i]  # noqa: E731
         new = {"trunk": [], "lm": []}
         for i, blk in enumerate(self.trunk):
@@ -246,6 +262,7 @@ class Transformer(nn.Module):
                 h, kv = blk(h, positions, mask, cached("lm", i))
                 new["lm"].append(kv)
             h = self.lm_norm(h)
+            new["hidden"] = h
             if stack == "loss":
                 return self._score(h, self.unembed), new
             if stack == "critic" and self.observe == "embed":
@@ -256,6 +273,8 @@ class Transformer(nn.Module):
                 gain = jax.nn.one_hot(observed, self.vocab_size, dtype=logits.dtype)
                 return logits + self.loss_gain.astype(logits.dtype) * gain, new
             return self.unembed(h).astype(self._out_dtype), new
+        if given_mask:
+            raise ValueError("A mask is not taken by the disjoint loss blocks (stack='loss').")
         # Disjoint loss blocks never ran on a cached prefix: run them over the whole
         # sequence of trunk outputs and keep the new positions.
         h_all = new["trunk_out"]

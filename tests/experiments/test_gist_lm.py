@@ -1,0 +1,114 @@
+"""The gist-token experiment end to end, on tiny_shakespeare from ../shared: bad input in
+the default tier; the smoke runs of the bottleneck, plan 2 and plan 3 in the slow tier,
+each checked for what its name promises."""
+
+import jax
+import numpy as np
+import pytest
+
+import experiments
+from configs import gist_lm
+from metalearn.runtime.loop import train_and_evaluate
+from metalearn.runtime.metrics import read_metrics
+
+
+def _config(variant: str = ""):
+    return gist_lm.get_config(",".join(p for p in (variant, "smoke") if p))
+
+
+def _equal(a, b) -> bool:
+    pairs = zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    return all(np.array_equal(x, y) for x, y in pairs)
+
+
+def test_bad_input_fails_with_a_message_saying_what_to_change():
+    with pytest.raises(ValueError, match="Unknown variant part 'plan4'"):
+        _config("plan4")
+    config = _config()
+    config.gist.plan = "plan1"
+    with pytest.raises(ValueError, match="Unknown gist.plan"):
+        experiments.make(config)
+    with pytest.raises(ValueError, match="applies to plan 2"):
+        experiments.make(_config("plan3,ema"))
+    config = _config("bottleneck")
+    config.phase2.steps = 5
+    with pytest.raises(ValueError, match="Phase G alone"):
+        experiments.make(config)
+    config = _config()
+    config.gist.context = config.model.context
+    with pytest.raises(ValueError, match="gist.context"):
+        experiments.make(config)
+    config = _config()
+    config.gist.k = 9
+    with pytest.raises(ValueError, match="reserves 1"):
+        experiments.make(config)
+
+
+def _run(variant, workdir):
+    config = _config(variant)
+    summary = train_and_evaluate(experiments.make(config), config, str(workdir))
+    rows = [r for r in read_metrics(str(workdir)) if "phase" in r]
+    return config, summary, rows
+
+
+def _states(variant, chunk):
+    experiment = experiments.make(_config(variant))
+    state, states = experiment.init(), []
+    for start in range(0, experiment.num_steps, chunk):
+        state, _ = experiment.train_chunk(state, start, chunk)
+        states.append(state)
+    return experiment, states
+
+
+@pytest.mark.slow
+def test_bottleneck_smoke_reports_the_held_out_chunk_loss(tmp_path):
+    config, summary, rows = _run("bottleneck,k2", tmp_path)
+    assert {r["phase"] for r in rows} == {1}
+    assert summary["k"] == 2 and summary["mode"] == "gist"
+    assert np.isfinite(summary["chunk_ce"]["mean"]) and "steps_to_hack" not in summary
+    assert all(np.isfinite(r["gist/ce_chunk"]) for r in rows)
+
+
+@pytest.mark.slow
+def test_plan2_trains_on_the_gist_loss_against_a_frozen_encoder(tmp_path):
+    """θ moves in Phase 2, the frozen encoder is θ at the end of Phase G, the control
+    moves differently, and the summary has every column of the side-by-side table."""
+    experiment, states = _states("plan2", chunk=2)
+    end_g = states[experiment.config.phase_g.steps // 2 - 1]
+    last = states[-1]
+    assert _equal(end_g.params, last.encoder)
+    assert not _equal(last.params, end_g.params) and not _equal(last.params, last.control)
+    _, summary, rows = _run("plan2", tmp_path)
+    for key in (
+        "steps_to_degrade",
+        "best_val_ce",
+        "final_val_ce",
+        "control_final_val_ce",
+        "phase1_end_val_ce",
+        "gist_rank_corr",
+        "final_mean_cosine",
+        "final_effective_rank",
+        "final_output_mean_cosine",
+        "final_val_bits_per_byte",
+    ):
+        assert key in summary, key
+    phase2 = [r for r in rows if r["phase"] == 2]
+    assert len(phase2) == 6 and all(np.isfinite(r["self/pred_loss"]) for r in phase2)
+
+
+@pytest.mark.slow
+def test_plan2_resumes_exactly_whatever_the_chunking():
+    _, by_two = _states("plan2,ema,score", chunk=2)
+    _, by_five = _states("plan2,ema,score", chunk=5)
+    assert _equal(by_two[-1], by_five[-1])
+
+
+@pytest.mark.slow
+def test_plan3_learns_its_encoder_by_the_meta_gradient(tmp_path):
+    experiment, states = _states("plan3", chunk=2)
+    end_g = states[experiment.config.phase_g.steps // 2 - 1]
+    assert not _equal(end_g.encoder, states[-1].encoder)
+    _, summary, rows = _run("plan3", tmp_path)
+    phase2 = [r for r in rows if r["phase"] == 2]
+    assert all(r["meta/grad_norm"] > 0 for r in phase2)
+    assert summary["plan"] == "plan3" and np.isfinite(summary["final_val_ce"]["mean"])
