@@ -51,7 +51,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             "plan": "plan2",  # or "plan3" | "bottleneck"
             "k": 4,  # gist tokens
             "mode": "gist",  # Phase G's mask: or "positive" | "negative"
-            "context": 16,  # Phase G: the window's first tokens, the compressed context
+            "context": 24,  # Phase G: the window's first tokens, the compressed context
             "chunk": 16,  # Phase 2: the window's last tokens, the encoded continuation
             "path": "soft",  # or "straight_through" | "score_function"
             "encoder": "frozen",  # plan 2: or "ema"
@@ -59,7 +59,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         }
     )
     c.phase_g = ml_collections.ConfigDict(
-        {"steps": 1000, "optimizer": {"name": "adam", "lr": 1e-3}}
+        {"steps": 3000, "optimizer": {"name": "adam", "lr": 1e-3}}
     )
     c.inner = ml_collections.ConfigDict({"optimizer": {"name": "sgd", "lr": 0.02}})
     # Plan 3: the encoder's optimizer, the split of the batch its meta-objective is
@@ -67,10 +67,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.meta = ml_collections.ConfigDict(
         {"optimizer": {"name": "adam", "lr": 1e-4}, "split": "validation", "method": "jvp"}
     )
-    c.phase2 = ml_collections.ConfigDict({"steps": 1000})
+    c.phase2 = ml_collections.ConfigDict({"steps": 2000})
     c.detector = _text.detector()  # its action is always 'continue' here
+    c.detector.window = 40
     c.diagnostics = ml_collections.ConfigDict({"val_windows": 64})
-    c.eval = ml_collections.ConfigDict({"every": 100, "windows": 256})
+    c.eval = ml_collections.ConfigDict({"every": 500, "windows": 1024})
     c.log_every = 5
     c.checkpoint_every = 500
 

@@ -177,6 +177,20 @@ def gradient_ratios(histories: Mapping[str, Sequence[Mapping]], init_steps: int,
     _save(fig, path)
 
 
+def _panels(n: int):
+    """A grid of n panels, at most 4 a row: `(fig, axes)`, axes [rows, cols]."""
+    cols = min(n, 4)
+    rows = -(-n // cols)
+    return plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
+
+
+def _save_panels(fig, axes, n: int, path: str) -> None:
+    """Turns the grid's unused panels off and saves."""
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    _save(fig, path)
+
+
 def _per_run(value, name: str):
     """`value`, or its entry for run `name` when it is a mapping."""
     return value[name] if isinstance(value, Mapping) else value
@@ -190,9 +204,7 @@ def self_loss_curves(
     axis) against the step; Phase 2 starts at the dashed line, a red dot marks the first
     reward-hacking detection."""
     n = len(histories)
-    cols = min(n, 4)
-    rows_ = -(-n // cols)
-    fig, axes = plt.subplots(rows_, cols, figsize=(4.2 * cols, 3.0 * rows_), squeeze=False)
+    fig, axes = _panels(n)
     for ax, (name, history) in zip(axes.flat, histories.items(), strict=False):
         rows = [r for r in history if "self/pred_loss" in r]
         step = np.array([r["step"] for r in rows])
@@ -216,9 +228,7 @@ def self_loss_curves(
         if ax is axes.flat[0]:
             lines = ax.get_lines()[:1] + right.get_lines()[:2]
             ax.legend(lines, [x.get_label() for x in lines], fontsize=7, loc="upper right")
-    for ax in list(axes.flat)[n:]:
-        ax.axis("off")
-    _save(fig, path)
+    _save_panels(fig, axes, n, path)
 
 
 def critic_quality(
@@ -228,9 +238,7 @@ def critic_quality(
     the true next tokens against the model's own train cross-entropy, and the targets'
     entropy, over both phases (Phase 2 starts at the dashed line)."""
     n = len(histories)
-    cols = min(n, 4)
-    rows_ = -(-n // cols)
-    fig, axes = plt.subplots(rows_, cols, figsize=(4.2 * cols, 3.0 * rows_), squeeze=False)
+    fig, axes = _panels(n)
     for ax, (name, history) in zip(axes.flat, histories.items(), strict=False):
         rows = [r for r in history if "critic/target_ce" in r and not r.get("self/anchor")]
         step = np.array([r["step"] for r in rows])
@@ -246,9 +254,7 @@ def critic_quality(
         ax.set_ylabel("nats", fontsize=8)
         if ax is axes.flat[0]:
             ax.legend(fontsize=7, loc="upper right")
-    for ax in list(axes.flat)[n:]:
-        ax.axis("off")
-    _save(fig, path)
+    _save_panels(fig, axes, n, path)
 
 
 def hack_targets(report: Mapping[str, Any], path: str) -> None:
@@ -368,3 +374,72 @@ def reacher_workspace(
     ax.set_title("ReacherGoal workspace (Fig. 6c)", fontsize=9)
     ax.legend(fontsize=6, loc="lower left")
     _save(fig, path)
+
+
+def gist_bottleneck(results: Mapping[str, Mapping[str, Sequence[float]]], path: str) -> None:
+    """CE(x | gists) on held-out text against the number of gists k (mean ± std over
+    seeds), between the two controls as horizontal bands: 'positive' (full attention)
+    and 'negative' (the chunk sees neither the context nor the gists).
+
+    Args:
+      results: {'k1': {'ce': [per seed]}, ..., 'positive': {...}, 'negative': {...}}.
+    """
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ks = sorted((int(name[1:]), name) for name in results if name.startswith("k"))
+    if ks:
+        vals = [np.asarray(results[name]["ce"]) for _, name in ks]
+        ax.errorbar(
+            [k for k, _ in ks],
+            [v.mean() for v in vals],
+            yerr=[v.std() for v in vals],
+            marker="o",
+            color="tab:blue",
+            capsize=3,
+            label="gist mask",
+        )
+    for name, color in (("positive", "tab:green"), ("negative", "tab:red")):
+        if name in results:
+            v = np.asarray(results[name]["ce"])
+            ax.axhline(v.mean(), color=color, ls="--", label=f"{name} control")
+            ax.axhspan(v.mean() - v.std(), v.mean() + v.std(), color=color, alpha=0.15)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("gist tokens k")
+    ax.set_ylabel("CE(x | gists), nats")
+    ax.set_title("The bottleneck: held-out chunk cross-entropy", fontsize=9)
+    ax.legend(fontsize=7)
+    _save(fig, path)
+
+
+def gist_collapse(
+    histories: Mapping[str, Sequence[Mapping]], meta_steps: int | Mapping[str, int], path: str
+) -> None:
+    """Gist-space runs, one panel each: the mean cosine between the gists of different
+    chunks (observed text, and the model's own continuations) and the effective rank of
+    the observed chunks' gists, over both phases (Phase 2 starts at the dashed line)."""
+    n = len(histories)
+    fig, axes = _panels(n)
+    for ax, (name, history) in zip(axes.flat, histories.items(), strict=False):
+        rows = [r for r in history if "gist/mean_cosine" in r]
+        step = np.array([r["step"] for r in rows])
+        for key, label, color in (
+            ("gist/mean_cosine", "mean cosine, observed", "tab:blue"),
+            ("gist/output_mean_cosine", "mean cosine, own continuation", "tab:orange"),
+        ):
+            ax.plot(step, [r[key] for r in rows], color=color, lw=1, label=label)
+        ax.set_ylabel("mean pairwise cosine", fontsize=8)
+        right = ax.twinx()
+        right.plot(
+            step,
+            [r["gist/effective_rank"] for r in rows],
+            color="tab:gray",
+            lw=1,
+            label="effective rank, observed",
+        )
+        right.set_ylabel("effective rank", fontsize=8)
+        ax.axvline(_per_run(meta_steps, name), color="k", ls="--", lw=0.8)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        if ax is axes.flat[0]:
+            lines = ax.get_lines()[:2] + right.get_lines()[:1]
+            ax.legend(lines, [x.get_label() for x in lines], fontsize=7, loc="best")
+    _save_panels(fig, axes, n, path)
