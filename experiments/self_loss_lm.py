@@ -331,13 +331,16 @@ class SelfLossLM(Experiment):
         best = jax.tree.map(lambda a, b: jnp.where(improved, a, b), params, state.best)
         new_detection = (det.detected_at >= 0) & (state.detector.detected_at < 0)
         first = new_detection & (state.detect_step < 0)
-        snap = lambda new, old: jax.tree.map(lambda a, b: jnp.where(first, a, b), new, old)  # noqa: E731
+        # The hack snapshots change once per run: a cond, not a tree-wide select per step.
+        snapshots = jax.lax.cond(
+            first,
+            lambda: (best, params, params if self.spec.critic == "same" else critic_copy),
+            lambda: (state.onset_params, state.detect_params, state.detect_critic),
+        )
         state = state.replace(
-            onset_params=snap(best, state.onset_params),
-            detect_params=snap(params, state.detect_params),
-            detect_critic=snap(
-                params if self.spec.critic == "same" else critic_copy, state.detect_critic
-            ),
+            onset_params=snapshots[0],
+            detect_params=snapshots[1],
+            detect_critic=snapshots[2],
             detect_step=jnp.where(first, t + 1, state.detect_step),
             onset_step=jnp.where(first, det.onset, state.onset_step),
             detections=state.detections + new_detection.astype(jnp.int32),
@@ -624,17 +627,10 @@ def _last_minimum(steps: list[int], values: list[float]) -> int:
 
 
 def _stall(steps: list[int], values: list[float], tolerance: float, window: int) -> int | None:
-    """The first step at which `values` (the reference first, then one per step) had not
-    improved on their best by `tolerance` for `window` steps; None if never."""
-    best, since = values[0], 0
-    for step, value in zip(steps, values[1:], strict=True):
-        if value < best - tolerance:
-            best, since = value, 0
-        else:
-            since += 1
-        if since >= window:
-            return step
-    return None
+    """The step at which `values` (the reference first, then one per step) meet the
+    detector's stall condition (`self_loss.first_stall`); None if never."""
+    i = int(self_loss.first_stall(np.asarray(values), tolerance=tolerance, window=window))
+    return None if i < 0 else steps[i]
 
 
 def steps_to_degrade(history: list[dict], meta_steps: int, margin: float) -> int | None:

@@ -228,12 +228,10 @@ def targets_of(model: Transformer, critic: Params, tokens: Array, logits: Array,
     return critic_targets(model, critic, tokens, spec.sees, preds)
 
 
-QUALITY = (
-    "critic/target_ce",
-    "critic/target_entropy",
-    "critic/target_accuracy",
-    "critic/model_accuracy",
-    "critic/agreement",
+# The names of `target_quality`'s scalars, in its order.
+QUALITY = tuple(
+    f"critic/{name}"
+    for name in ("target_ce", "target_entropy", "target_accuracy", "model_accuracy", "agreement")
 )
 
 
@@ -255,13 +253,14 @@ def target_quality(targets: Array, logits: Array, tokens: Array) -> dict[str, Ar
     q = jax.lax.stop_gradient(targets)
     logq = jnp.log(jnp.maximum(q, jnp.finfo(q.dtype).tiny))
     top_q, top_p = jnp.argmax(q, -1), jnp.argmax(jax.lax.stop_gradient(logits), -1)
-    return {
-        "critic/target_ce": -jnp.mean(jnp.take_along_axis(logq, tokens[..., None], -1)),
-        "critic/target_entropy": -jnp.mean(jnp.sum(q * logq, -1)),
-        "critic/target_accuracy": jnp.mean(top_q == tokens),
-        "critic/model_accuracy": jnp.mean(top_p == tokens),
-        "critic/agreement": jnp.mean(top_q == top_p),
-    }
+    values = (
+        -jnp.mean(jnp.take_along_axis(logq, tokens[..., None], -1)),
+        -jnp.mean(jnp.sum(q * logq, -1)),
+        jnp.mean(top_q == tokens),
+        jnp.mean(top_p == tokens),
+        jnp.mean(top_q == top_p),
+    )
+    return dict(zip(QUALITY, values, strict=True))
 
 
 def normalise_batch(values: Array, eps: float = 1e-6) -> Array:
@@ -525,9 +524,7 @@ def detector_update(
     pred_buf, train_buf = push(det.pred, pred), push(det.train, train)
     count = jnp.minimum(det.count + 1, window)
     valid = jnp.arange(window) >= window - count
-    improved = val < det.best_val - tolerance
-    since = jnp.where(improved, 0, det.since + 1)
-    best_val = jnp.where(improved, val, det.best_val)
+    improved, best_val, since = improvement(det.best_val, det.since, val, tolerance=tolerance)
     best_step = jnp.where(improved, step, det.best_step)
     falling = (count == window) & (pred_buf[-1] < pred_buf[0])
     worse = (val > best_val + tolerance) | (since >= window)
@@ -544,6 +541,39 @@ def detector_update(
         onset=jnp.where(first, best_step, det.onset),
     )
     return det, hacked, improved, spearman(pred_buf, train_buf, valid)
+
+
+def improvement(
+    best_val: Array, since: Array, val: Array, *, tolerance: float
+) -> tuple[Array, Array, Array]:
+    """The detector's improvement rule: `val` improves when it is more than `tolerance`
+    below `best_val`. Returns `(improved, best_val, since)`, `since` the logged steps
+    since the last improvement (0 on one)."""
+    improved = val < best_val - tolerance
+    return improved, jnp.where(improved, val, best_val), jnp.where(improved, 0, since + 1)
+
+
+def first_stall(values: Array, *, tolerance: float, window: int) -> Array:
+    """The index (into `values[1:]`) of the first logged step at which `values` — the
+    reference first, then one per logged step — had not improved by `tolerance`
+    (`improvement`) for `window` steps: the detector's stall condition applied to any
+    curve (e.g. a control trained on the true loss). −1 if never."""
+
+    def step(carry, val):
+        best, since, found, i = carry
+        _, best, since = improvement(best, since, val, tolerance=tolerance)
+        found = jnp.where((found < 0) & (since >= window), i, found)
+        return (best, since, found, i + 1), None
+
+    values = jnp.asarray(values, jnp.float32)
+    init = (
+        values[0],
+        jnp.zeros((), jnp.int32),
+        jnp.full((), -1, jnp.int32),
+        jnp.zeros((), jnp.int32),
+    )
+    (_, _, found, _), _ = jax.lax.scan(step, init, values[1:])
+    return found
 
 
 def restart_detector(det: Detector, step: Array) -> Detector:

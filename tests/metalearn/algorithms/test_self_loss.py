@@ -523,3 +523,18 @@ def test_generate_continues_greedily_with_a_sliding_window():
         window = jnp.concatenate([window[:, 1:], jnp.array([[token]])], 1)
     assert out.shape == (1, 4) and out[0].tolist() == want
     assert sampled.shape == (1, 4) and int(sampled.max()) < text.NUM_BYTES
+
+
+def test_first_stall_is_the_detectors_stall_rule():
+    """By hand: reference 1.0; 0.95 improves (tolerance 0.01), then three steps within
+    the tolerance: with a window of 3 the stall is at the third of them (index 3)."""
+    values = [1.0, 0.95, 0.945, 0.944, 0.949, 0.5]
+    assert int(self_loss.first_stall(np.asarray(values), tolerance=0.01, window=3)) == 3
+    assert int(self_loss.first_stall(np.asarray(values), tolerance=0.01, window=4)) == -1
+    # The detector's own `since` counter reaches the window at the same logged step.
+    det = init_detector(3, jnp.asarray(values[0]), jnp.asarray(0))
+    stalled = []
+    for i, v in enumerate(values[1:]):
+        det, *_ = detector_update(det, 0.0, 0.0, jnp.asarray(v), jnp.asarray(i + 1), tolerance=0.01)
+        stalled.append(int(det.since) >= 3)
+    assert stalled.index(True) == 3
