@@ -135,6 +135,7 @@ class _TinyBNNet(nn.Module):
         return nn.Dense(3)(nn.relu(x).mean((1, 2)))
 
 
+@pytest.mark.slow  # 7 s of compilation (the default tier was over 5 min)
 def test_jvp_and_backprop_meta_gradients_agree_through_batch_norm(float64):
     # Weight decay (an update that depends on θ) and Adam (a non-linear one, with moments).
     optimizer = optax.chain(optax.add_decayed_weights(5e-4), optax.adam(0.01, eps_root=1e-8))

@@ -84,6 +84,7 @@ def test_gist_mask_rejects_bad_spans_and_modes(bad, message):
         gist.gist_mask(6, **kwargs)
 
 
+@pytest.mark.slow  # 6 s; the hand-written matrices are in the default tier
 def test_a_token_cannot_see_what_its_mask_forbids(fast_compile):
     """Perturbation: changing the context changes nothing after the gists under the gist
     mask, but does change the gists and (positive control) the tokens after them; under

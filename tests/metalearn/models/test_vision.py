@@ -181,7 +181,11 @@ def test_no_dropout_needs_no_key():
     [
         # ResNet-8: ResNet-20's class and blocks with one block per stage, because compiling
         # the second-order graph of two unrolled steps of ResNet-20 takes ~30 s on 2 cores.
-        (CifarResNet(10, blocks_per_stage=1, dtype=jnp.float64), (8, 8, 3)),
+        pytest.param(
+            CifarResNet(10, blocks_per_stage=1, dtype=jnp.float64),
+            (8, 8, 3),
+            marks=pytest.mark.slow,
+        ),
         (make_model("lenet5", 10, dtype=jnp.float64), (12, 12, 1)),  # max pooling
     ],
     ids=["resnet8", "lenet5"],
