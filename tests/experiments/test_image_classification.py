@@ -121,6 +121,7 @@ def test_adalfl_resume_mid_offline_phase_and_mid_training_is_exact(adalfl_run, t
     assert _rows(full_dir) == _rows(cut)
 
 
+@pytest.mark.slow  # 6 s (the default tier was at 5 min)
 @needs_mnist
 def test_adalfl_from_ml3s_offline_phase_is_the_same_run(adalfl_run, tmp_path):
     """`reproduce_images` runs one offline phase for ML³ and AdaLFL of a seed: AdaLFL

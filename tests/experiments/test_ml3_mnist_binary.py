@@ -25,6 +25,7 @@ def test_the_default_seeds_meta_train_on_distinct_digit_pairs():
     assert len({frozenset(task_pairs(s)[0].tolist()) for s in seeds}) == len(seeds)
 
 
+@pytest.mark.slow  # 6 s of compilation (the default tier was at 5 min)
 def test_each_seed_meta_trains_on_its_own_task_samples():
     # Other task samples for the first seed only: its φ moves elsewhere and the second
     # seed's φ stays bit for bit, so each episode reads its own slice of the [S, ...]

@@ -74,7 +74,7 @@ def check_run_directory(workdir):
     assert events and tfrecord_events(events[0]) > len(rows)
     assert list((workdir / "plots").glob("*.png"))
     assert ocp.CheckpointManager(str(workdir / "checkpoints")).latest_step() == steps[-1]
-    learned = saved.get("algorithm") not in ("baseline", "self_loss")
+    learned = saved.get("algorithm") not in ("baseline", "self_loss", "gist")
     if learned:
         artifacts = [d for d, _, fs in os.walk(workdir / "learned_loss") if "loss_net.json" in fs]
         assert artifacts
