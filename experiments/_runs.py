@@ -69,3 +69,41 @@ def run(config: str, workdir: str, overrides: list[str] = (), *, quiet: bool = T
             raise RuntimeError(f"{config} in {workdir} failed (exit {proc.returncode}){tail}")
     with open(summary) as f:
         return json.load(f)
+
+
+def markdown_table(rows: dict[str, dict], columns, first: str = "variant") -> str:
+    """A markdown table, one row per entry of `rows` (name → summary): `columns` are
+    `(key, heading, format)`; a summary's `{'mean', 'std'}` shows its mean, None '—'."""
+    lines = [f"| {first} | " + " | ".join(c[1] for c in columns) + " |"]
+    lines.append("|" + "---|" * (len(columns) + 1))
+    for name, summary in rows.items():
+        cells = []
+        for key, _, fmt in columns:
+            value = summary.get(key)
+            if isinstance(value, dict):
+                value = value["mean"]
+            cells.append("—" if value is None else fmt.format(value))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def phase2_record(workdir: str) -> tuple[list[dict], int, dict]:
+    """A finished self-training run's history, the step its Phase 2 starts at (the end
+    of Phase 1 or of Phase G) and its Phase 2 numbers recomputed from the history
+    (`self_loss_lm.phase2_summary`), so that runs finished by older code agree."""
+    from experiments.self_loss_lm import phase2_summary
+    from metalearn.runtime.metrics import read_metrics
+
+    history = read_metrics(workdir)
+    with open(os.path.join(workdir, "config.json")) as f:
+        config = json.load(f)
+    start = config["phase_g"]["steps"] if "phase_g" in config else config["meta"]["steps"]
+    detector = config["detector"]
+    numbers = phase2_summary(
+        history,
+        start,
+        detector.get("degrade_margin", 0.1),
+        tolerance=detector["tolerance"],
+        window=detector["window"],
+    )
+    return history, start, numbers

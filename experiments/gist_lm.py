@@ -148,17 +148,9 @@ class GistLM(Experiment):
     def _ce(self, params: Params, windows: Array) -> Array:
         return self_loss.true_loss(params, {}, windows, None, model=self.model)
 
-    def _batched_mean(self, fn, windows: Array, batch: int = 64) -> Array:
-        """Mean of fn(windows) over many windows, `batch` at a time (bounded memory)."""
-        n = windows.shape[0]
-        full = n - n % batch
-        total = jnp.zeros(())
-        if full:
-            chunks = windows[:full].reshape(-1, batch, windows.shape[-1])
-            total = jnp.sum(jax.lax.map(fn, chunks)) * batch
-        if n % batch:
-            total = total + fn(windows[full:]) * (n % batch)
-        return total / n
+    def _eval_ce(self, params: Params, windows: Array) -> Array:
+        """Mean cross-entropy over many windows (`text.mean_over_windows`)."""
+        return text.mean_over_windows(lambda w: self._ce(params, w), windows)
 
     def _diagnostics(self, params: Params, encoder: Params) -> dict[str, Array]:
         """Collapse of the gist space on the diagnostic windows: the encodings of their
@@ -354,15 +346,13 @@ class GistLM(Experiment):
     def _held_out_chunk_ce(self, params: Params, mode: str) -> Array:
         """CE(x | gists) on the held-out validation windows under the mask `mode`."""
         fn = lambda w: self.bottleneck(params, w, mode=mode)[1]["ce_chunk"]  # noqa: E731
-        return self._batched_mean(fn, self.eval_windows["validation"])
+        return text.mean_over_windows(fn, self.eval_windows["validation"])
 
     def _evaluate(self, state: GistState) -> dict[str, Array]:
         windows = self.eval_windows["validation"]
         return {
-            "eval/val_ce": self._batched_mean(lambda w: self._ce(state.params, w), windows),
-            "eval/control_val_ce": self._batched_mean(
-                lambda w: self._ce(state.control, w), windows
-            ),
+            "eval/val_ce": self._eval_ce(state.params, windows),
+            "eval/control_val_ce": self._eval_ce(state.control, windows),
         }
 
     # ---- the runtime.loop protocol ----------------------------------------------------
@@ -379,7 +369,7 @@ class GistLM(Experiment):
     def finalize(self, state: GistState, history: list[dict], workdir: str) -> dict:
         c = self.config
         start = c.phase_g.steps
-        test = self._batched_mean(lambda w: self._ce(state.params, w), self.eval_windows["test"])
+        test = self._eval_ce(state.params, self.eval_windows["test"])
         chunk_ce = float(self._chunk_ce(state.params, c.gist.mode))
         summary = {
             "plan": c.gist.plan,

@@ -164,17 +164,9 @@ class SelfLossLM(Experiment):
     def _ce(self, params: Params, windows: Array) -> Array:
         return self_loss.true_loss(params, {}, windows, None, model=self.model)
 
-    def _eval_ce(self, params: Params, windows: Array, batch: int = 64) -> Array:
-        """Mean cross-entropy over many windows, `batch` at a time (bounded memory)."""
-        n = windows.shape[0]
-        full = n - n % batch
-        total = jnp.zeros(())
-        if full:
-            chunks = windows[:full].reshape(-1, batch, windows.shape[-1])
-            total = jnp.sum(jax.lax.map(lambda w: self._ce(params, w), chunks)) * batch
-        if n % batch:
-            total = total + self._ce(params, windows[full:]) * (n % batch)
-        return total / n
+    def _eval_ce(self, params: Params, windows: Array) -> Array:
+        """Mean cross-entropy over many windows (`text.mean_over_windows`)."""
+        return text.mean_over_windows(lambda w: self._ce(params, w), windows)
 
     def _init_state(self) -> SelfLossState:
         c = self.config

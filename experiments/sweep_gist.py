@@ -22,7 +22,6 @@ Each run has its own workdir under `--root` (re-running resumes or reuses finish
 runs). `+` joins the parts of a variant in the list flags, since `,` separates variants.
 """
 
-import json
 import math
 import os
 
@@ -117,9 +116,6 @@ def _window_rank_corr(history: list[dict]) -> float:
 
 def plans() -> tuple[str, dict, dict, dict]:
     """Runs plans 1-3; returns the table and the histories and handover steps."""
-    from experiments.self_loss_lm import phase2_summary
-    from metalearn.runtime.metrics import read_metrics
-
     runs = [
         ("plan 1", f"configs/self_loss_lm.py:{v.replace('+', ',')}", _PLAN1_OVERRIDE.value)
         for v in _PLAN1.value
@@ -137,33 +133,12 @@ def plans() -> tuple[str, dict, dict, dict]:
         workdir = _workdir("plans", f"{os.path.basename(base)[:-3]},{name}")
         print(f"running {base}:{name} in {workdir}", flush=True)
         summary = _runs.run(f"{base}:{name}", workdir, overrides)
-        history = read_metrics(workdir)
-        with open(os.path.join(workdir, "config.json")) as f:
-            cfg = json.load(f)
-        start[label] = cfg["phase_g"]["steps"] if "phase_g" in cfg else cfg["meta"]["steps"]
-        summary.update(
-            phase2_summary(
-                history,
-                start[label],
-                cfg["detector"].get("degrade_margin", 0.1),
-                tolerance=cfg["detector"]["tolerance"],
-                window=cfg["detector"]["window"],
-            )
-        )
+        history, start[label], numbers = _runs.phase2_record(workdir)
+        summary.update(numbers)
         summary["window_rank_corr"] = _window_rank_corr(history)
         summary["final_bits"] = summary["final_val_ce"]["mean"] / math.log(2)
         summaries[label], histories[label] = summary, history
-    head = "| run | " + " | ".join(c[1] for c in PLAN_COLUMNS) + " |"
-    lines = [head, "|" + "---|" * (len(PLAN_COLUMNS) + 1)]
-    for label, summary in summaries.items():
-        cells = []
-        for key, _, fmt in PLAN_COLUMNS:
-            value = summary.get(key)
-            if isinstance(value, dict):
-                value = value["mean"]
-            cells.append("—" if value is None else fmt.format(value))
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return "\n".join(lines), summaries, histories, start
+    return _runs.markdown_table(summaries, PLAN_COLUMNS, "run"), summaries, histories, start
 
 
 def main(argv):

@@ -22,7 +22,6 @@ critic. `--variants` takes `+` inside a variant for its parts (`frozen+hard`), s
 separates variants.
 """
 
-import json
 import os
 
 from absl import app, flags
@@ -66,25 +65,13 @@ def run_variant(variant: str, workdir: str, overrides: list[str]) -> dict:
 
 def table(rows: dict[str, dict]) -> str:
     """A markdown table: one row per variant."""
-    head = "| variant | " + " | ".join(c[1] for c in COLUMNS) + " |"
-    lines = [head, "|" + "---|" * (len(COLUMNS) + 1)]
-    for variant, summary in rows.items():
-        cells = []
-        for key, _, fmt in COLUMNS:
-            value = summary.get(key)
-            if isinstance(value, dict):
-                value = value["mean"]
-            cells.append("—" if value is None else fmt.format(value))
-        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return _runs.markdown_table(rows, COLUMNS)
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-    from experiments.self_loss_lm import phase2_summary
     from metalearn import plots
-    from metalearn.runtime.metrics import read_metrics
 
     variants = [v.replace("+", ",") for v in (_VARIANTS.value or self_loss_lm.SWEEP)]
     summaries, histories, meta_steps = {}, {}, {}
@@ -93,20 +80,8 @@ def main(argv):
         workdir = os.path.join(_ROOT.value, name.replace(",", "_"))
         print(f"running {name} in {workdir}", flush=True)
         summaries[variant] = run_variant(name, workdir, _OVERRIDE.value)
-        histories[variant] = read_metrics(workdir)
-        with open(os.path.join(workdir, "config.json")) as f:
-            config = json.load(f)
-        meta_steps[variant] = config["meta"]["steps"]
-        # Recomputed from the history, so that runs finished by older code agree.
-        summaries[variant].update(
-            phase2_summary(
-                histories[variant],
-                config["meta"]["steps"],
-                config["detector"].get("degrade_margin", 0.1),
-                tolerance=config["detector"]["tolerance"],
-                window=config["detector"]["window"],
-            )
-        )
+        histories[variant], meta_steps[variant], numbers = _runs.phase2_record(workdir)
+        summaries[variant].update(numbers)
     plots.self_loss_curves(
         histories,
         meta_steps=meta_steps,

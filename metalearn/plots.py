@@ -191,6 +191,19 @@ def _save_panels(fig, axes, n: int, path: str) -> None:
     _save(fig, path)
 
 
+def _finish_panel(ax, name: str, meta_steps: int | Mapping[str, int]) -> None:
+    """A run's panel: the dashed line where Phase 2 starts, its title and step axis."""
+    ax.axvline(_per_run(meta_steps, name), color="k", ls="--", lw=0.8)
+    ax.set_title(name, fontsize=9)
+    ax.set_xlabel("step", fontsize=8)
+
+
+def _twin_legend(ax, right, left_lines: int, right_lines: int, loc: str) -> None:
+    """One legend for a panel with a twin axis: its first lines on each side."""
+    lines = ax.get_lines()[:left_lines] + right.get_lines()[:right_lines]
+    ax.legend(lines, [x.get_label() for x in lines], fontsize=7, loc=loc)
+
+
 def _per_run(value, name: str):
     """`value`, or its entry for run `name` when it is a mapping."""
     return value[name] if isinstance(value, Mapping) else value
@@ -217,17 +230,14 @@ def self_loss_curves(
         if control:  # the control forks at the end of Phase 1
             right.plot(*zip(*control, strict=True), color="tab:gray", ls=":", label="control")
         right.set_ylabel("true cross-entropy (nats)", fontsize=8)
-        ax.axvline(_per_run(meta_steps, name), color="k", ls="--", lw=0.8)
+        _finish_panel(ax, name, meta_steps)
         hacked = [r["step"] for r in rows if r.get("diag/hacked")]
         if hacked:
             right.plot(
                 hacked[0], next(r["true/val_ce"] for r in rows if r["step"] == hacked[0]), "ro"
             )
-        ax.set_title(name, fontsize=9)
-        ax.set_xlabel("step", fontsize=8)
         if ax is axes.flat[0]:
-            lines = ax.get_lines()[:1] + right.get_lines()[:2]
-            ax.legend(lines, [x.get_label() for x in lines], fontsize=7, loc="upper right")
+            _twin_legend(ax, right, 1, 2, "upper right")
     _save_panels(fig, axes, n, path)
 
 
@@ -248,9 +258,7 @@ def critic_quality(
             ("critic/target_entropy", "targets' entropy", "tab:green"),
         ):
             ax.plot(step, _smooth([r[key] for r in rows], 5), color=color, lw=1, label=label)
-        ax.axvline(_per_run(meta_steps, name), color="k", ls="--", lw=0.8)
-        ax.set_title(name, fontsize=9)
-        ax.set_xlabel("step", fontsize=8)
+        _finish_panel(ax, name, meta_steps)
         ax.set_ylabel("nats", fontsize=8)
         if ax is axes.flat[0]:
             ax.legend(fontsize=7, loc="upper right")
@@ -436,10 +444,7 @@ def gist_collapse(
             label="effective rank, observed",
         )
         right.set_ylabel("effective rank", fontsize=8)
-        ax.axvline(_per_run(meta_steps, name), color="k", ls="--", lw=0.8)
-        ax.set_title(name, fontsize=9)
-        ax.set_xlabel("step", fontsize=8)
+        _finish_panel(ax, name, meta_steps)
         if ax is axes.flat[0]:
-            lines = ax.get_lines()[:2] + right.get_lines()[:1]
-            ax.legend(lines, [x.get_label() for x in lines], fontsize=7, loc="best")
+            _twin_legend(ax, right, 2, 1, "best")
     _save_panels(fig, axes, n, path)

@@ -163,3 +163,17 @@ def fixed_windows(tokens: np.ndarray, num: int, length: int) -> np.ndarray:
     deterministic evaluation set. int32 [num, length + 1]."""
     starts = np.linspace(0, len(tokens) - length - 1, num).astype(np.int64)
     return np.stack([tokens[s : s + length + 1] for s in starts]).astype(np.int32)
+
+
+def mean_over_windows(fn, windows: Array, batch: int = 64) -> Array:
+    """The mean of fn(w) (a per-batch mean, e.g. a cross-entropy) over many windows
+    [N, L], `batch` windows at a time (bounded memory); pure and jit-able."""
+    n = windows.shape[0]
+    full = n - n % batch
+    total = jnp.zeros(())
+    if full:
+        chunks = windows[:full].reshape(-1, batch, windows.shape[-1])
+        total = jnp.sum(jax.lax.map(fn, chunks)) * batch
+    if n % batch:
+        total = total + fn(windows[full:]) * (n % batch)
+    return total / n

@@ -1,6 +1,7 @@
 """Byte-level text: tokens, windows, and the corpora (tiny_shakespeare from ../shared)."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from configs import self_loss_lm
@@ -29,3 +30,14 @@ def test_tiny_shakespeare_and_a_text_file_give_three_splits(tmp_path):
     config.path, config.split_fractions = str(path), (0.1, 0.2)
     split = text.load_text(config)
     assert (len(split.train), len(split.validation), len(split.test)) == (70, 10, 20)
+
+
+def test_mean_over_windows_is_the_mean_over_every_window_in_full_batches_and_a_rest():
+    windows = jnp.arange(70 * 3, dtype=jnp.float32).reshape(70, 3)
+    fn = lambda w: jnp.mean(w[:, 0])  # noqa: E731
+    np.testing.assert_allclose(
+        text.mean_over_windows(fn, windows, batch=32), jnp.mean(windows[:, 0]), rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        text.mean_over_windows(fn, windows[:64], batch=32), jnp.mean(windows[:64, 0]), rtol=1e-6
+    )
