@@ -53,6 +53,7 @@ def test_an_unknown_intermediate_goal_term_is_rejected():
         MountainCar(c)
 
 
+@pytest.mark.slow  # compilation-bound (the default tier was at 5 min 5 s in CI)
 def test_inner_gradient_does_not_use_the_dynamics_derivatives(experiment):
     # A step with the same values but a different Jacobian changes ∇_θ M_φ only if
     # the dynamics are differentiated through: with detached states it must not.

@@ -113,12 +113,14 @@ def test_a_token_cannot_see_what_its_mask_forbids(fast_compile):
     assert np.abs(logits(seq, mask("gist")) - logits(other_gists, mask("gist")))[:, 6:].max() > 1e-3
 
 
+@pytest.mark.slow  # compilation-bound (the default tier was at 5 min 5 s in CI)
 def test_a_mask_of_the_wrong_shape_is_refused():
     model, params = _model()
     with pytest.raises(ValueError, match="mask must be"):
         model.apply({"params": params}, _tokens(b=1, n=5), mask=jnp.ones((4, 4), bool))
 
 
+@pytest.mark.slow  # compilation-bound (the default tier was at 5 min 5 s in CI)
 def test_negative_control_chunk_loss_is_the_chunk_read_alone(fast_compile):
     """Under the negative mask the chunk's predictions see only the chunk, so (rotary
     positions are relative) CE(x | gists) is the cross-entropy of x read on its own."""
@@ -136,6 +138,7 @@ def test_negative_control_chunk_loss_is_the_chunk_read_alone(fast_compile):
     np.testing.assert_allclose(parts["ce_chunk"], alone, rtol=1e-5)
 
 
+@pytest.mark.slow  # compilation-bound (the default tier was at 5 min 5 s in CI)
 def test_positive_control_context_loss_is_plain_cross_entropy(fast_compile):
     """The context part of the bottleneck loss is plain next-token cross-entropy over c."""
     model, params = _model()

@@ -472,6 +472,7 @@ def test_target_quality_against_hand_computed_values():
     assert got["critic/agreement"] == 0.0  # argmax q against argmax p: 0 ≠ 1, 1 ≠ 2
 
 
+@pytest.mark.slow  # compilation-bound (the default tier was at 5 min 5 s in CI)
 def test_the_observed_critic_starts_as_the_language_model_and_reads_the_observed_token():
     model, params = _model(observe="embed")
     tokens = _tokens(b=2)
