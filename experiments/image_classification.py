@@ -63,14 +63,15 @@ NO_ERROR_YET = 2.0  # the best selection error before any (above every error rat
 
 @flax.struct.dataclass
 class TrainState:
-    """θ (with optimizer and batch-norm state), φ (with its optimizer state), and the
-    best φ of the offline phase's selection runs so far with its validation error
-    (`NO_ERROR_YET` before the first; unused without `meta.select_every`)."""
+    """θ (with optimizer and batch-norm state), φ (with its optimizer state), and, with
+    `meta.select_every`, the best φ of the offline phase's selection runs so far with its
+    validation error (`NO_ERROR_YET` before the first); without selection both are None,
+    so the state carries no second copy of φ."""
 
     inner: InnerState
     meta: MetaState
-    best_meta_params: Any
-    best_error: Array
+    best_meta_params: Any = None
+    best_error: Array | None = None
 
 
 def forward(
@@ -260,12 +261,12 @@ class ImageClassification(Experiment):
         phi = learned_losses.init_learned_loss(
             self.config.loss_net, jax.random.fold_in(self.key, 1), self.info.num_classes
         )
-        return TrainState(
-            inner=inner,
-            meta=init_meta_state(phi, self.meta_optimizer),
-            best_meta_params=phi,
-            best_error=jnp.asarray(NO_ERROR_YET, jnp.float32),
-        )
+        state = TrainState(inner=inner, meta=init_meta_state(phi, self.meta_optimizer))
+        if self.select_every:
+            state = state.replace(
+                best_meta_params=phi, best_error=jnp.asarray(NO_ERROR_YET, jnp.float32)
+            )
+        return state
 
     def lockstep_step(
         self, state: TrainState, batch: Batch, meta_batch: Batch, step: Array, offline: Array

@@ -132,21 +132,23 @@ def final(workdir: str, key: str) -> float | None:
     return rows[-1][f"eval/{key}"] if rows else None
 
 
-def ce_search(args, dataset: str, seeds: list[int]) -> tuple[str, list[dict]]:
+def ce_search(args, dataset: str, seeds: list[int], pool) -> tuple[str, list[dict]]:
     """The strongest cross-entropy baseline: the learning rate of the lowest validation
-    error on the first seed, then every seed. Returns (label, results per seed)."""
-    opt = _runs.OPTIMIZERS[args.ce_optimizer]
+    error on the first seed, then every seed (`--jobs` runs at once, in `pool`).
+    Returns (label, results per seed)."""
+
+    def run_at(lr: str, seed: int) -> dict:
+        extra = [*_runs.OPTIMIZERS[args.ce_optimizer], f"--config.inner.optimizer.lr={lr}"]
+        return run_one(args, dataset, "baseline", seed, extra, f"ce_{args.ce_optimizer}_lr{lr}")
+
+    rates = args.ce_search.split(",")
     scores = {}
-    for lr in args.ce_search.split(","):
-        extra = [*opt, f"--config.inner.optimizer.lr={lr}"]
-        r = run_one(args, dataset, "baseline", seeds[0], extra, f"ce_{args.ce_optimizer}_lr{lr}")
+    for lr, r in zip(rates, pool.map(run_at, rates, [seeds[0]] * len(rates)), strict=True):
         val = final(r["workdir"], "val_error")
         print(f"{dataset} CE {args.ce_optimizer} lr {lr}: validation error {val}", flush=True)
         scores[lr] = np.inf if val is None else val
     best = min(scores, key=scores.get)
-    extra = [*opt, f"--config.inner.optimizer.lr={best}"]
-    name = f"ce_{args.ce_optimizer}_lr{best}"
-    results = [run_one(args, dataset, "baseline", s, extra, name) for s in seeds]
+    results = list(pool.map(run_at, [best] * len(seeds), seeds))
     return f"baseline, {args.ce_optimizer} lr {best} (best of {args.ce_search})", results
 
 
@@ -166,7 +168,9 @@ def row(dataset: str, label: str, results: list[dict]) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--datasets", default="mnist,fashion_mnist")
-    p.add_argument("--algorithms", default="baseline,ml3,adalfl")
+    p.add_argument(
+        "--algorithms", default="baseline,ml3,adalfl", help="'' with --ce_search: that alone"
+    )
     p.add_argument("--seeds", default="0,1,2,3,4")
     p.add_argument("--model", default="", help="a model variant, e.g. resnet20")
     p.add_argument("--variant", default="", help="other config variants, e.g. subset")
@@ -183,9 +187,11 @@ def main() -> None:
     args = p.parse_args()
     if args.init_steps % args.eval_every:
         p.error("--init_steps must be a multiple of --eval_every")
+    if not args.algorithms.strip(",") and not args.ce_search:
+        p.error("no --algorithms and no --ce_search: nothing to run")
 
     datasets = args.datasets.split(",")
-    algorithms = args.algorithms.split(",")
+    algorithms = [a for a in args.algorithms.split(",") if a]  # none: only --ce_search
     seeds = [int(s) for s in args.seeds.split(",")]
     groups = [(d, s) for d in datasets for s in seeds]
     results = {}
@@ -195,7 +201,7 @@ def main() -> None:
             d, s = futures[future]
             for a, r in future.result().items():
                 results[(d, a, s)] = r
-    searched = {d: ce_search(args, d, seeds) for d in datasets} if args.ce_search else {}
+        searched = {d: ce_search(args, d, seeds, pool) for d in datasets if args.ce_search}
 
     print(f"\nsteps={args.steps}, init_steps={args.init_steps}, seeds={seeds}")
     print("| dataset | algorithm | test error (mean ± std) | per seed | diverged | wall s (sum) |")

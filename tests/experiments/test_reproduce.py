@@ -28,3 +28,38 @@ def test_a_finished_job_is_reused_and_a_failing_one_says_why(tmp_path):
     assert summary["x"] == {"mean": 1.0, "std": 0.0}
     with pytest.raises(RuntimeError, match=r"(?s)nope.py in .* failed \(exit 2\).*does not exist"):
         _runs.run("configs/nope.py", str(tmp_path / "new"))
+
+
+def test_ce_search_runs_every_seed_at_the_rate_of_the_lowest_validation_error(
+    tmp_path, monkeypatch
+):
+    """The strongest-CE search: each rate on the first seed, then every seed at the rate
+    whose validation error is lowest (not the last one tried, not the test error)."""
+    import argparse
+    import concurrent.futures
+
+    from experiments import reproduce_images
+
+    val = {"0.01": 0.30, "0.03": 0.10, "0.1": 0.20}
+    test = {"0.01": 0.05, "0.03": 0.40, "0.1": 0.50}  # would pick 0.01
+    calls = []
+
+    def fake_run_one(args, dataset, algorithm, seed, extra=(), name=None):
+        lr = extra[-1].split("=")[1]
+        calls.append((lr, seed))
+        workdir = tmp_path / f"{name}_seed{seed}"
+        workdir.mkdir(exist_ok=True)
+        summary = {
+            k: {"mean": v[lr], "std": 0.0} for k, v in (("val_error", val), ("test_error", test))
+        }
+        (workdir / "summary.json").write_text(json.dumps(summary))
+        return {"workdir": str(workdir), "error": "", "diverged": None, "wall": 1.0}
+
+    monkeypatch.setattr(reproduce_images, "run_one", fake_run_one)
+    args = argparse.Namespace(ce_search="0.01,0.03,0.1", ce_optimizer="nesterov")
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        label, results = reproduce_images.ce_search(args, "mnist", [3, 4, 5], pool)
+    assert label == "baseline, nesterov lr 0.03 (best of 0.01,0.03,0.1)"
+    assert sorted(calls[:3]) == [("0.01", 3), ("0.03", 3), ("0.1", 3)]
+    assert sorted(calls[3:]) == [("0.03", 3), ("0.03", 4), ("0.03", 5)]
+    assert [r["workdir"].rsplit("_seed", 1)[1] for r in results] == ["3", "4", "5"]
