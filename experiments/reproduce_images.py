@@ -184,11 +184,11 @@ def main() -> None:
     args = p.parse_args()
     if args.init_steps % args.eval_every:
         p.error("--init_steps must be a multiple of --eval_every")
-    if not args.algorithms.strip(",") and not args.ce_search:
+    algorithms = [a for a in args.algorithms.split(",") if a]  # none: only --ce_search
+    if not algorithms and not args.ce_search:
         p.error("no --algorithms and no --ce_search: nothing to run")
 
     datasets = args.datasets.split(",")
-    algorithms = [a for a in args.algorithms.split(",") if a]  # none: only --ce_search
     seeds = [int(s) for s in args.seeds.split(",")]
     groups = [(d, s) for d in datasets for s in seeds]
     results = {}
