@@ -448,3 +448,20 @@ def gist_collapse(
         if ax is axes.flat[0]:
             _twin_legend(ax, right, 2, 1, "best")
     _save_panels(fig, axes, n, path)
+
+
+def policy_learning_curves(
+    curves: Mapping[str, tuple[Sequence[float], np.ndarray]], metric: str, title: str, path: str
+) -> None:
+    """Fig. 4: a policy's score against environment samples, one curve per method.
+
+    curves: label -> (samples [P], scores [seeds, goals, P]); each curve is the mean over
+    goals of the seeds' mean, with a ±1 std band over the goals.
+    """
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for (label, (x, rows)), color in zip(curves.items(), COLORS, strict=False):
+        _band(ax, x, np.asarray(rows, np.float64).mean(0), label, color)
+    ax.set(xlabel="environment samples", ylabel=metric.replace("_", " "))
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    _save(fig, path)

@@ -1,7 +1,8 @@
 """Flax Linen modules: optimizees and the bodies of learned loss networks.
 
 Submodules: `mlp`, `vision` (re-exported here), `transformer` (the self-loss LM),
-`inertia` (a DeLaN inertia matrix), `ensemble` (ensemble dynamics models).
+`inertia` (a DeLaN inertia matrix), `ensemble` (ensemble dynamics models), `policy`
+(Gaussian policies for policy-gradient learning).
 """
 
 from metalearn.models.mlp import MLP, SineFrequency, activation, smooth_leaky_relu

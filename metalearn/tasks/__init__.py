@@ -3,7 +3,8 @@
 Submodules: `sine` (sine tasks), `images` and `prepared` (tfds image data), `digit_pairs`
 (binary MNIST tasks), `text` (byte tokens), `dynamics` (arms, point mass, mountain car),
 `trajectories` (arm trajectories), `control` (rollouts, iLQR, expert demonstrations,
-mountain-car losses), `replay` (replay buffers). The image and sine samplers are
+mountain-car losses), `replay` (replay buffers), `goal_envs` (brax's reacher and ant on
+MuJoCo MJX as goal-reaching tasks; imports brax). The image and sine samplers are
 re-exported here; import the others from their modules.
 """
 
