@@ -533,6 +533,7 @@ class ModelFreeRL(ML3Experiment):
             summary[m] = {
                 "initial_return": mean_std(rows[:, :, 0].mean(1)),
                 "final_return": mean_std(rows[:, :, -1].mean(1)),
+                "initial_mean_distance": mean_std(dist[:, :, 0].mean(1)),
                 "mean_distance": mean_std(dist[:, :, -1].mean(1)),
                 "samples_to_80pct_own_final": speed[m],
                 "samples_to_80pct_common_target": common[m],

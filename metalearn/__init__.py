@@ -37,6 +37,7 @@ from metalearn.losses import (
     load_learned_loss,
     make_loss_network,
     mse,
+    reinforce,
     save_learned_loss,
     softmax_cross_entropy,
 )
@@ -71,6 +72,7 @@ __all__ = [
     "momentum_lookahead",
     "mse",
     "one_step_meta_grad",
+    "reinforce",
     "save_learned_loss",
     "smooth_leaky_relu",
     "softmax_cross_entropy",

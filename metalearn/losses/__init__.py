@@ -9,7 +9,7 @@ from metalearn.losses.learned import (
     make_loss_network,
     save_learned_loss,
 )
-from metalearn.losses.task import mse, softmax_cross_entropy
+from metalearn.losses.task import mse, reinforce, softmax_cross_entropy
 
 __all__ = [
     "apply_learned_loss",
@@ -19,6 +19,7 @@ __all__ = [
     "load_learned_loss",
     "make_loss_network",
     "mse",
+    "reinforce",
     "save_learned_loss",
     "softmax_cross_entropy",
 ]

@@ -65,7 +65,7 @@ def _episodes(experiment, key, num, dtype):
 
 
 def test_meta_gradient_of_reinforce_through_one_inner_step_matches_finite_differences(
-    experiment, float64
+    experiment, float64, fast_compile
 ):
     """∇_φ REINFORCE(θ − α∇_θ M_φ(D_in); D_out) with fixed episodes D_in and D_out."""
     e, f64 = experiment, jnp.float64
