@@ -107,8 +107,8 @@ def samples_to_fraction(samples, curve, target=None, fraction: float = THRESHOLD
     """The first sample count at which `curve` reaches `fraction` of its improvement.
 
     The improvement is measured from curve[0] to `target` (default: the curve's last
-    value). Returns the budget's end + 1 marker `inf` if it never gets there, and 0 if
-    there is no improvement to make.
+    value). Returns `inf` if the curve never gets there, and 0 if there is no improvement
+    to make.
     """
     curve = np.asarray(curve, np.float64)
     target = curve[-1] if target is None else target
@@ -447,7 +447,7 @@ class ModelFreeRL(ML3Experiment):
         """Environment samples each method trains one policy with."""
         return self.config.eval.test_updates * self.samples_per_update
 
-    def ppo_all(self, workdir: str) -> dict:
+    def ppo_all(self, workdir: str) -> list[dict]:
         """Every (seed, goal) PPO run, each cached in `workdir/ppo` once finished."""
         folder = os.path.join(workdir, "ppo")
         os.makedirs(folder, exist_ok=True)
@@ -508,9 +508,10 @@ class ModelFreeRL(ML3Experiment):
 
         arch = {}
         for hidden in c.eval.architectures:
-            traces = ml3_traces if tuple(hidden) == tuple(c.policy.hidden) else None
-            traces = traces or self.meta_test(state.params, hidden)
-            arch[f"{len(hidden)}x{hidden[0]}"] = traces
+            if tuple(hidden) == tuple(c.policy.hidden):
+                arch[f"{len(hidden)}x{hidden[0]}"] = ml3_traces
+            else:
+                arch[f"{len(hidden)}x{hidden[0]}"] = self.meta_test(state.params, hidden)
 
         summary = {
             "env": c.env,
