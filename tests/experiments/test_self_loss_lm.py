@@ -1,7 +1,8 @@
 """The self-loss language-model experiment end to end, on tiny_shakespeare from ../shared.
 
-One frozen-critic smoke run, shared by the default tests; every variant of the sweep and
-every detector action in the slow tier, each checked for the effect its name promises.
+In the slow tier: one smoke run of the document's setting shared by three tests (moved
+there from the default tier, whose time it dominated), every variant of the sweep and
+every detector action, each checked for the effect its name promises.
 """
 
 import json
@@ -89,6 +90,7 @@ def hard_run(tmp_path_factory):
     return experiment, workdir, summary, states
 
 
+@pytest.mark.slow  # the shared smoke run compiles for ~35 s
 def test_a_run_logs_both_phases_and_writes_its_summary_and_figure(hard_run):
     experiment, workdir, summary, _ = hard_run
     config = experiment.config
@@ -100,6 +102,7 @@ def test_a_run_logs_both_phases_and_writes_its_summary_and_figure(hard_run):
     assert list((workdir / "tensorboard").iterdir())
 
 
+@pytest.mark.slow  # the shared smoke run compiles for ~35 s
 def test_the_control_forks_at_the_end_of_phase1_and_learns_on_the_true_loss(hard_run):
     experiment, workdir, _, states = hard_run
     config = experiment.config
@@ -116,6 +119,7 @@ def test_the_control_forks_at_the_end_of_phase1_and_learns_on_the_true_loss(hard
     )
 
 
+@pytest.mark.slow  # the shared smoke run compiles for ~35 s
 def test_resume_is_exact(hard_run, tmp_path):
     """Preempted in the middle of Phase 2 and re-run on the same workdir: the same metrics
     and summary as the uninterrupted run (the programs are shared; the state is restored)."""
