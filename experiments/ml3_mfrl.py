@@ -358,11 +358,13 @@ class ModelFreeRL(ML3Experiment):
         return jax.device_get(self._meta_test_jit[hidden](phis, self.seed_keys))
 
     def evaluate(self, state: MetaState, step: int) -> dict:
-        traces = self.meta_test(state.params)
+        """Meta-test returns and goal distances, per meta seed, averaged over test goals."""
+        del step
+        traces = self.meta_test(state.params)  # [S, goals, K + 1]
         return {
-            "ml3_return": float(np.mean(traces["return"][..., -1])),
-            "ml3_mean_distance": float(np.mean(traces["mean_distance"][..., -1])),
-            "init_return": float(np.mean(traces["return"][..., 0])),
+            "eval/return/initial": traces["return"][..., 0].mean(-1),
+            "eval/return/ml3": traces["return"][..., -1].mean(-1),
+            "eval/mean_distance/ml3": traces["mean_distance"][..., -1].mean(-1),
         }
 
     # -- PPO --
