@@ -311,6 +311,7 @@ class InverseDynamics(ML3Experiment):
             outer_loss=self.outer_loss(problem, shaped),
             optimizer=self.inner_opt,
             estimator=c.meta.estimator,
+            options=self.estimator_options,
             remat=c.meta.remat,
         )
 

@@ -362,6 +362,7 @@ class ModelBasedRL(ML3Experiment):
             outer_loss=outer_loss,
             optimizer=self.inner_opt,
             estimator=c.meta.estimator,
+            options=self.estimator_options,
             remat=c.meta.remat,
         )
         state = state.replace(meta=meta)

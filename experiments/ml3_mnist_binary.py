@@ -165,6 +165,7 @@ class MnistBinary(ML3Experiment):
             outer_loss=self._outer_loss,
             optimizer=self.inner_opt,
             estimator=c.meta.estimator,
+            options=self.estimator_options,
             remat=c.meta.remat,
         )
 

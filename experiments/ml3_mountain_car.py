@@ -190,6 +190,7 @@ class MountainCar(ML3Experiment):
             outer_loss=self._outer_loss(variant),
             optimizer=self.inner_opt,
             estimator=c.meta.estimator,
+            options=self.estimator_options,
             remat=c.meta.remat,
         )
 

@@ -247,6 +247,7 @@ class ReacherDemos(ML3Experiment):
             outer_loss=self._bc_outer,
             optimizer=self.inner_opt,
             estimator=c.meta.estimator,
+            options=self.estimator_options,
             remat=c.meta.remat,
         )
 

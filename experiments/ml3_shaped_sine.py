@@ -103,6 +103,7 @@ class ShapedSine(ML3Experiment):
             outer_loss=self._outer_loss(variant),
             optimizer=self.inner_opt,
             estimator=c.meta.estimator,
+            options=self.estimator_options,
             remat=c.meta.remat,
         )
 

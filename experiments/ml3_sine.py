@@ -90,6 +90,7 @@ class SineRegression(ML3Experiment):
             outer_loss=lambda p, ms, b, k: mse(b["y"], self.model.apply(p, b["x"])),
             optimizer=self.inner_opt,
             estimator=c.meta.estimator,
+            options=self.estimator_options,
             remat=c.meta.remat,
         )
 

@@ -33,6 +33,22 @@ what to use (checked in Python when the function is traced, never inside the pro
   `window` of them: the first K − W steps run forward as usual, and the state entering
   the last W is cut from them (its parameters by a straight-through identity, see
   `meta_loss`), so memory and time of the backward pass are those of W steps.
+- ``"es"``: antithetic evolution strategies on φ (`metalearn.estimators`): 2P forward
+  unrolls under φ ± ε, no backward pass, so memory does not grow with K and the inner
+  loop need not be differentiable. In `windowed_meta_steps` with W < K each window
+  restarts its perturbations from the unperturbed state: truncated ES, biased like
+  "truncated".
+- ``"pes"``: `windowed_meta_steps` only, W < K: persistent ES (Vicol et al. 2021), 2P
+  particles that keep their own inner states across the windows and accumulate their
+  perturbations; unbiased for the whole unroll at the cost of ES's variance.
+- ``"implicit"``: implicit differentiation at the end of the unroll, taken to be a fixed
+  point of the inner loss (evaluated on the last inner batch): a conjugate-gradient
+  solve with Hessian-vector products; memory of one inner gradient, exact at
+  convergence.
+
+The settings of the last three (σ, pairs, CG iterations, damping) are an
+`EstimatorOptions`, passed as `options=`; ES and PES draw their perturbations from
+`noise_key`, by default a key derived from the outer key.
 
 Differentiating through Adam needs `eps_root > 0`: d√ν/dν is infinite at ν = 0, which
 any parameter with an exactly zero gradient reaches, and the meta-gradient turns into
@@ -55,6 +71,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from metalearn import estimators
+from metalearn.estimators import EstimatorOptions
 from metalearn.state import InnerState, MetaState
 from metalearn.types import (
     Array,
@@ -75,7 +93,23 @@ ESTIMATORS: dict[str, str] = {
     ),
     "first_order": "the inner gradient at stop_gradient(θ): no second-order terms in θ",
     "last_window": "one unroll of K steps of which only the last `window` are differentiated",
+    "es": (
+        "antithetic evolution strategies: forward unrolls under φ ± ε, memory independent "
+        "of K (per window of windowed_meta_steps: truncated ES)"
+    ),
+    "pes": (
+        "windowed_meta_steps only: persistent ES, particles carried across windows, "
+        "unbiased for the whole unroll"
+    ),
+    "implicit": (
+        "implicit differentiation at the unroll's end as a fixed point: CG with "
+        "Hessian-vector products"
+    ),
 }
+
+# Estimators that compute a gradient themselves instead of differentiating `meta_loss`.
+_NOT_BACKPROP = ("es", "pes", "implicit")
+_NOISE_SALT = 0x5E5
 
 
 def check_estimator_name(name: Any) -> None:
@@ -90,7 +124,7 @@ def check_estimator_name(name: Any) -> None:
     """
     if isinstance(name, str) and name in ESTIMATORS:
         return
-    close = difflib.get_close_matches(str(name), ESTIMATORS, n=1, cutoff=0.6)
+    close = difflib.get_close_matches(str(name).lower(), ESTIMATORS, n=1, cutoff=0.6)
     hint = f" Did you mean {close[0]!r}?" if close else ""
     listing = "; ".join(f"{k!r} ({v})" for k, v in ESTIMATORS.items())
     raise ValueError(f"Unknown gradient estimator {name!r}.{hint} Choose one of: {listing}.")
@@ -120,6 +154,12 @@ def check_estimator(name: str, window: int, episode_length: int) -> None:
                 f"for all of them say estimator='unrolled'."
             )
         return
+    if name == "pes" and window == episode_length:
+        raise ValueError(
+            "estimator='pes' carries its particles across windows; with one window of the "
+            f"whole episode ({episode_length} steps) it is plain ES: say estimator='es', "
+            "or use a shorter window."
+        )
     if episode_length % window:
         raise ValueError(
             f"The episode length ({episode_length} inner steps between resets of θ) must be a "
@@ -139,8 +179,14 @@ def check_estimator(name: str, window: int, episode_length: int) -> None:
 
 
 def _check_one_unroll(estimator: Any, window: int | None, num_steps: int) -> None:
-    """The estimator checks of `meta_loss`: one unroll of `num_steps`, one meta-gradient."""
+    """The estimator checks of `meta_grad`: one unroll of `num_steps`, one meta-gradient."""
     check_estimator_name(estimator)
+    if estimator == "pes":
+        raise ValueError(
+            "estimator='pes' carries particles from one window of an unroll to the next: use "
+            "windowed_meta_steps(..., window=W, estimator='pes'). For a single unroll the "
+            "same estimate is estimator='es'."
+        )
     if estimator == "truncated":
         raise ValueError(
             "estimator='truncated' does nothing in a single meta_loss / meta_grad / "
@@ -349,6 +395,12 @@ def meta_loss(
     """
     num_steps = _num_steps(keys)
     _check_one_unroll(estimator, window, num_steps)
+    if estimator in _NOT_BACKPROP:
+        raise ValueError(
+            f"estimator={estimator!r} computes the meta-gradient itself instead of "
+            "differentiating meta_loss: call meta_grad, meta_grad_over_tasks or "
+            "windowed_meta_steps with it."
+        )
     check_differentiable_optimizer(optimizer, state.params)
     head_metrics = None
     if estimator == "last_window":
@@ -387,6 +439,73 @@ def meta_loss(
     return loss, (final, metrics)
 
 
+def _noise_key(noise_key: PRNGKey | None, outer_key: PRNGKey) -> PRNGKey:
+    return jax.random.fold_in(outer_key, _NOISE_SALT) if noise_key is None else noise_key
+
+
+def _window_loss(
+    meta_params, state, batches, keys, outer_batch, outer_key, *, inner_loss, outer_loss, optimizer
+):
+    """A forward unroll and its outer loss: `(loss, (final_state, metrics))`."""
+    final, metrics = unroll(
+        state, meta_params, batches, keys, inner_loss=inner_loss, optimizer=optimizer
+    )
+    return outer_loss(final.params, final.model_state, outer_batch, outer_key), (final, metrics)
+
+
+def _estimated_grad(
+    meta_params: MetaParams,
+    state: InnerState,
+    batches: Batch,
+    keys: PRNGKey,
+    outer_batch: Batch,
+    outer_key: PRNGKey,
+    noise_key: PRNGKey | None,
+    *,
+    inner_loss: InnerLossFn,
+    outer_loss: OuterLossFn,
+    optimizer: optax.GradientTransformation,
+    estimator: str,
+    options: EstimatorOptions,
+) -> tuple[Array, MetaParams, InnerState, Metrics]:
+    """`meta_grad` for "es" and "implicit": the unperturbed unroll runs forward only."""
+    window_loss = functools.partial(
+        _window_loss, inner_loss=inner_loss, outer_loss=outer_loss, optimizer=optimizer
+    )
+    phi = jax.lax.stop_gradient(meta_params)
+    loss, (final, metrics) = window_loss(phi, state, batches, keys, outer_batch, outer_key)
+    final = jax.lax.stop_gradient(final)
+    if estimator == "es":
+        grads, losses = estimators.antithetic_es(
+            lambda f: window_loss(f, state, batches, keys, outer_batch, outer_key),
+            phi,
+            _noise_key(noise_key, outer_key),
+            sigma=options.sigma,
+            pairs=options.pairs,
+        )
+        extra = {"meta/es_loss_spread": jnp.std(losses)}
+    else:  # implicit, at the Hessian of the last inner batch
+        last_batch = jax.tree.map(lambda x: x[-1], batches)
+
+        def inner_grad(params, mp):
+            fn = lambda p: inner_loss(p, final.model_state, mp, last_batch, keys[-1])[0]  # noqa: E731
+            return jax.grad(fn)(params)
+
+        outer_grad = jax.grad(outer_loss)(final.params, final.model_state, outer_batch, outer_key)
+        grads, residual = estimators.implicit_hypergradient(
+            inner_grad,
+            final.params,
+            meta_params,
+            outer_grad,
+            cg_iters=options.cg_iters,
+            damping=options.damping,
+        )
+        extra = {"meta/cg_residual": residual}
+    num_steps = _num_steps(keys)
+    metrics = {**metrics, **{k: jnp.broadcast_to(v, (num_steps,)) for k, v in extra.items()}}
+    return loss, grads, final, metrics
+
+
 def meta_grad(
     meta_params: MetaParams,
     state: InnerState,
@@ -401,19 +520,43 @@ def meta_grad(
     estimator: str = "unrolled",
     window: int | None = None,
     remat: bool = False,
+    options: EstimatorOptions | None = None,
+    noise_key: PRNGKey | None = None,
 ) -> tuple[Array, MetaParams, InnerState, Metrics]:
     """∇_φ of `meta_loss`, with its value: the meta-gradient of one K-step unroll.
 
     Args:
       As `meta_loss`: `meta_params` φ; `state` the starting inner state; `batches` leaves
       [K, ...] and `keys` [K]; `outer_batch`, `outer_key` for the outer loss at θ_K; the
-      losses, inner optimizer, `estimator` ("unrolled", "first_order", "last_window"),
-      `window` (for "last_window") and `remat`.
+      losses, inner optimizer, `estimator` ("unrolled", "first_order", "last_window",
+      or "es" and "implicit", which do not backpropagate through the unroll), `window`
+      (for "last_window") and `remat`.
+      options: σ and pairs of "es", CG iterations and damping of "implicit"
+        (`EstimatorOptions`; defaults if None).
+      noise_key: the key of ES's perturbations; by default derived from `outer_key`.
 
     Returns:
       `(loss, grads, final_state, inner_metrics)`: scalar loss, grads shaped like φ, the
-      state after K steps and metrics stacked over K.
+      state after K steps and metrics stacked over K ("es" adds `meta/es_loss_spread`,
+      the std of the perturbed losses; "implicit" `meta/cg_residual`, the relative
+      residual of its linear solve, each broadcast over K).
     """
+    _check_one_unroll(estimator, window, _num_steps(keys))
+    if estimator in _NOT_BACKPROP:
+        return _estimated_grad(
+            meta_params,
+            state,
+            batches,
+            keys,
+            outer_batch,
+            outer_key,
+            noise_key,
+            inner_loss=inner_loss,
+            outer_loss=outer_loss,
+            optimizer=optimizer,
+            estimator=estimator,
+            options=EstimatorOptions.from_config(options),
+        )
     fn = functools.partial(
         meta_loss,
         inner_loss=inner_loss,
@@ -538,6 +681,7 @@ def meta_grad_over_tasks(
     estimator: str = "unrolled",
     window: int | None = None,
     remat: bool = False,
+    options: EstimatorOptions | None = None,
 ) -> tuple[Array, MetaParams, InnerState, Metrics]:
     """Meta-gradient of the mean outer loss over T independent tasks sharing one φ.
 
@@ -549,12 +693,28 @@ def meta_grad_over_tasks(
       states: the T inner states, leaves [T, ...].
       batches: inner batches, leaves [T, K, ...]; keys: [T, K].
       outer_batches: one outer batch per task, leaves [T, ...]; outer_keys: [T].
-      inner_loss, outer_loss, optimizer, estimator, window, remat: as in `meta_loss`.
+      inner_loss, outer_loss, optimizer, estimator, window, remat, options: as in
+        `meta_grad`; ES draws each task's perturbations from a key derived from its
+        outer key.
 
     Returns:
       `(mean_loss, grads, final_states, inner_metrics)`: the scalar mean over tasks, grads
       shaped like φ, final states with leaves [T, ...], metrics [T, K].
     """
+    if estimator in _NOT_BACKPROP:
+        _check_one_unroll(estimator, window, jax.tree.leaves(keys)[0].shape[1])
+        one = functools.partial(
+            meta_grad,
+            inner_loss=inner_loss,
+            outer_loss=outer_loss,
+            optimizer=optimizer,
+            estimator=estimator,
+            options=EstimatorOptions.from_config(options),
+        )
+        losses, grads, finals, metrics = jax.vmap(one, in_axes=(None, 0, 0, 0, 0, 0))(
+            meta_params, states, batches, keys, outer_batches, outer_keys
+        )
+        return losses.mean(), jax.tree.map(lambda g: g.mean(0), grads), finals, metrics
     per_task = functools.partial(
         meta_loss,
         inner_loss=inner_loss,
@@ -600,6 +760,76 @@ def _check_windowed(estimator: Any, window: int, num_steps: int) -> None:
             f"estimator='truncated' with window={window}, all the inner steps given, cuts "
             f"nothing: say estimator='unrolled' so the choice is explicit."
         )
+    if estimator == "pes" and window == num_steps:
+        raise ValueError(
+            f"estimator='pes' with window={window}, all the inner steps given, has nothing to "
+            "carry across windows: it is plain ES, say estimator='es'."
+        )
+
+
+def init_pes_over_tasks(states: InnerState, meta_params: MetaParams, pairs: int):
+    """PES particles of T tasks at the start of an unroll: 2P copies of each task's state
+    (leaves [T, 2P, ...]) and zero accumulated perturbations [T, P, n]."""
+    return jax.vmap(lambda s: estimators.init_pes(s, meta_params, pairs))(states)
+
+
+def pes_meta_grad_over_tasks(
+    meta_params: MetaParams,
+    states: InnerState,
+    pes_states: estimators.PESState,
+    batches: Batch,
+    keys: PRNGKey,
+    outer_batches: Batch,
+    outer_keys: PRNGKey,
+    *,
+    inner_loss: InnerLossFn,
+    outer_loss: OuterLossFn,
+    optimizer: optax.GradientTransformation,
+    options: EstimatorOptions | None = None,
+) -> tuple[Array, MetaParams, InnerState, estimators.PESState, Metrics]:
+    """One window of PES for T tasks: the PES estimate of this window's mean outer loss.
+
+    Summed over the windows of an unroll with φ fixed, the estimates are unbiased for
+    the gradient of the summed window losses through the whole unroll
+    (`metalearn.estimators`). The unperturbed states run alongside, forward only, for
+    the loss and metrics reported and the states returned.
+
+    Args:
+      meta_params: φ (no task axis).
+      states: the unperturbed inner states, leaves [T, ...].
+      pes_states: the particles, from `init_pes_over_tasks` at the unroll's start.
+      batches: this window's inner batches, leaves [T, W, ...]; keys: [T, W].
+      outer_batches: one outer batch per task, leaves [T, ...]; outer_keys: [T] (each
+        task's perturbations are drawn from a key derived from its outer key).
+      inner_loss, outer_loss, optimizer, options: as in `meta_grad`.
+
+    Returns:
+      `(mean_loss, grads, states, pes_states, metrics)`, metrics [T, W] plus
+      `meta/es_loss_spread` (the std of the particles' losses).
+    """
+    options = EstimatorOptions.from_config(options)
+    window_loss = functools.partial(
+        _window_loss, inner_loss=inner_loss, outer_loss=outer_loss, optimizer=optimizer
+    )
+    phi = jax.lax.stop_gradient(meta_params)
+
+    def one(state, pes_state, batch, key, outer_batch, outer_key):
+        loss, (final, metrics) = window_loss(phi, state, batch, key, outer_batch, outer_key)
+
+        def particle(f, s):
+            value, (end, _) = window_loss(f, s, batch, key, outer_batch, outer_key)
+            return value, end
+
+        grads, pes_state, losses = estimators.pes_step(
+            particle, phi, pes_state, _noise_key(None, outer_key), sigma=options.sigma
+        )
+        spread = jnp.broadcast_to(jnp.std(losses), (_num_steps(key),))
+        return loss, grads, final, pes_state, {**metrics, "meta/es_loss_spread": spread}
+
+    losses, grads, finals, pes_states, metrics = jax.vmap(one)(
+        states, pes_states, batches, keys, outer_batches, outer_keys
+    )
+    return losses.mean(), jax.tree.map(lambda g: g.mean(0), grads), finals, pes_states, metrics
 
 
 def windowed_meta_steps(
@@ -617,13 +847,16 @@ def windowed_meta_steps(
     optimizer: optax.GradientTransformation,
     estimator: str,
     remat: bool = False,
+    options: EstimatorOptions | None = None,
 ) -> tuple[MetaState, InnerState, Metrics]:
     """K inner steps of T tasks in windows of W, one meta update after each window.
 
-    With W == K this is one meta step on the full unroll ("unrolled" or "first_order");
-    with a shorter window it is truncated backpropagation ("truncated", or "first_order"
-    within each window): each window starts from the state the previous one left, as a
-    constant, and φ is updated between windows. AdaLFL's online lock-step is W = 1 over
+    With W == K this is one meta step on the full unroll ("unrolled", "first_order",
+    "es" or "implicit"); with a shorter window it is truncated backpropagation
+    ("truncated", or "first_order", "es" or "implicit" within each window): each window
+    starts from the state the previous one left, as a constant, and φ is updated between
+    windows. "pes" (W < K) instead carries its perturbed particles across the windows
+    too, which removes the truncation's bias. AdaLFL's online lock-step is W = 1 over
     the whole run.
 
     Args:
@@ -635,7 +868,9 @@ def windowed_meta_steps(
       window: W, inner steps per meta update; must divide K.
       meta_optimizer: the outer optax optimizer.
       inner_loss, outer_loss, optimizer, remat: as in `meta_loss`.
-      estimator: "unrolled" (W == K), "truncated" (W < K) or "first_order" (any W).
+      estimator: "unrolled" (W == K), "truncated" or "pes" (W < K), or "first_order",
+        "es" or "implicit" (any W).
+      options: the settings of "es", "pes" and "implicit" (`EstimatorOptions`).
 
     Returns:
       `(meta_state, final_states, metrics)`: φ after K // W updates, the inner states
@@ -645,33 +880,40 @@ def windowed_meta_steps(
     num_steps = jax.tree.leaves(keys)[0].shape[1]
     _check_windowed(estimator, window, num_steps)
     num_windows = num_steps // window
+    options = EstimatorOptions.from_config(options)
+    losses = dict(inner_loss=inner_loss, outer_loss=outer_loss, optimizer=optimizer)
     per_window = functools.partial(
         meta_grad_over_tasks,
-        inner_loss=inner_loss,
-        outer_loss=outer_loss,
-        optimizer=optimizer,
+        **losses,
         # Each window is one exact unroll; the truncation is this scan's carry.
         estimator="unrolled" if estimator == "truncated" else estimator,
         remat=remat,
+        options=options,
     )
+    pes_window = functools.partial(pes_meta_grad_over_tasks, **losses, options=options)
 
     def by_window(x):  # [T, K, ...] -> [K // W, T, W, ...]
         x = x.reshape(x.shape[0], num_windows, window, *x.shape[2:])
         return jnp.swapaxes(x, 0, 1)
 
     def body(carry, xs):
-        meta_state, states = carry
+        meta_state, states, pes_states = carry
         batch, key, outer_batch, outer_key = xs
-        loss, grads, states, metrics = per_window(
-            meta_state.params, states, batch, key, outer_batch, outer_key
-        )
+        if estimator == "pes":
+            loss, grads, states, pes_states, metrics = pes_window(
+                meta_state.params, states, pes_states, batch, key, outer_batch, outer_key
+            )
+        else:
+            loss, grads, states, metrics = per_window(
+                meta_state.params, states, batch, key, outer_batch, outer_key
+            )
         meta_state = meta_step(meta_state, grads, meta_optimizer=meta_optimizer)
         metrics = {
             "meta/loss": loss,
             "meta/grad_norm": optax.global_norm(grads),
             **{k: jnp.mean(v) for k, v in metrics.items()},
         }
-        return (meta_state, states), metrics
+        return (meta_state, states, pes_states), metrics
 
     xs = (
         jax.tree.map(by_window, batches),
@@ -679,7 +921,10 @@ def windowed_meta_steps(
         jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), outer_batches),
         jnp.swapaxes(outer_keys, 0, 1),
     )
-    (meta_state, states), metrics = jax.lax.scan(body, (meta_state, states), xs)
+    pes_states = (
+        init_pes_over_tasks(states, meta_state.params, options.pairs) if estimator == "pes" else ()
+    )
+    (meta_state, states, _), metrics = jax.lax.scan(body, (meta_state, states, pes_states), xs)
     return meta_state, states, metrics
 
 

@@ -418,6 +418,11 @@ def check_estimator(name: str, window: int, inner_steps: int) -> None:
       inner_steps: K, the inner steps of a meta step.
     """
     bilevel.check_estimator_name(name)
+    if name in ("es", "pes", "implicit"):
+        raise ValueError(
+            f"estimator={name!r} is not wired into the self-loss meta step yet: choose "
+            "'unrolled', 'first_order' or 'last_window'."
+        )
     if name == "truncated":
         raise ValueError(
             "estimator='truncated' updates the meta-parameters after every window of a "

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from metalearn.estimators import EstimatorOptions
 from metalearn.losses import learned as learned_losses
 from metalearn.types import MetaParams, PRNGKey
 
@@ -116,6 +117,8 @@ class ML3Experiment(Experiment):
     def __init__(self, config: ml_collections.ConfigDict, *, mesh: jax.sharding.Mesh | None = None):
         super().__init__(config, mesh=mesh)
         self.num_steps = config.meta.steps
+        # σ and pairs of "es"/"pes", CG iterations and damping of "implicit".
+        self.estimator_options = EstimatorOptions.from_config(config.meta.get("estimator_options"))
         self.seed_keys = jax.vmap(jax.random.key)(jnp.asarray(config.seeds))
         self._chunk = self.jit(self._train_chunk, static_argnums=2)
         self._init = self.jit(self._init_all)

@@ -158,6 +158,7 @@ def train_and_evaluate(
                     f"{ckpt.latest_step() or 0} was checkpointed. Usual causes: a learning rate "
                     "too high for the inner or meta optimizer, or Adam differentiated without "
                     "eps_root; lower it and re-run on a fresh --workdir."
+                    + _ESTIMATOR_HINT.get((config.get("meta") or {}).get("estimator"), "")
                 )
             for i in range(num):
                 if (step + i + 1) % log_every == 0:
@@ -196,6 +197,20 @@ def train_and_evaluate(
         json.dump(summary, f, indent=2)
     os.replace(path + ".tmp", path)
     return summary
+
+
+_ES_HINT = (
+    " With estimator='{}' the perturbed unrolls can overflow first: lower "
+    "meta.estimator_options.sigma (now the loss is evaluated at φ ± σ·noise)."
+)
+_ESTIMATOR_HINT = {
+    "es": _ES_HINT.format("es"),
+    "pes": _ES_HINT.format("pes"),
+    "implicit": (
+        " With estimator='implicit' a Hessian that is not positive definite makes the "
+        "conjugate-gradient solve diverge: raise meta.estimator_options.damping."
+    ),
+}
 
 
 def _raise_if_diverged(found: tuple[int, str] | None) -> None:

@@ -194,6 +194,21 @@ def test_non_finite_inner_loss_stops_with_the_step_and_quantity(tmp_path):
     assert manager.latest_step() is None  # nothing non-finite was saved
 
 
+def test_an_exploding_es_estimate_stops_the_run_and_names_sigma(tmp_path):
+    config = ml3_sine.get_config("smoke")
+    config.meta.estimator = "es"
+    config.meta.estimator_options = {"sigma": 1e30, "pairs": 2}  # φ ± 1e30: losses overflow
+    with pytest.raises(NonFiniteError, match=r"at step 1 .*lower meta.estimator_options.sigma"):
+        train_and_evaluate(experiments.make(config), config, str(tmp_path / "es"))
+
+
+def test_unknown_estimator_options_are_refused_when_the_experiment_is_built():
+    config = ml3_sine.get_config("smoke")
+    config.meta.estimator_options = {"pairs": 4, "sigma_": 0.1}
+    with pytest.raises(ValueError, match=r"Unknown estimator options \['sigma_'\]; known"):
+        experiments.make(config)
+
+
 def test_non_finite_evaluation_is_reported_too(tmp_path):
     config = ml3_sine.get_config("smoke")
     config.inner.optimizer.lr = 1e12  # the meta-test fits explode at the first evaluation

@@ -331,8 +331,11 @@ def test_estimator_choices_of_a_config_are_validated():
     bilevel.check_estimator("truncated", 1, 10)
     bilevel.check_estimator("first_order", 2, 10)
     bilevel.check_estimator("last_window", 3, 10)
-    with pytest.raises(ValueError, match="Unknown gradient estimator 'implicit'"):
-        bilevel.check_estimator("implicit", 1, 1)
+    bilevel.check_estimator("es", 2, 10)
+    bilevel.check_estimator("pes", 2, 10)
+    bilevel.check_estimator("implicit", 10, 10)
+    with pytest.raises(ValueError, match="Unknown gradient estimator 'implict'"):
+        bilevel.check_estimator("implict", 1, 1)
     with pytest.raises(ValueError, match="must equal the episode length"):
         bilevel.check_estimator("unrolled", 1, 10)
     with pytest.raises(ValueError, match="multiple of the window"):

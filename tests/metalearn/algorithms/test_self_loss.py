@@ -340,7 +340,10 @@ def test_first_order_keeps_the_forward_pass_and_drops_second_order_terms(fast_co
     assert diff > 1e-4 * optax.global_norm(exact_grad)
 
 
-@pytest.mark.parametrize("estimator, message", [("truncated", "last_window"), ("es", "Unknown")])
+@pytest.mark.parametrize(
+    "estimator, message",
+    [("truncated", "last_window"), ("ES", "Unknown"), ("pes", "not wired into the self-loss")],
+)
 def test_an_estimator_phase1_cannot_use_fails_with_a_message(estimator, message):
     with pytest.raises(ValueError, match=message):
         self_loss.check_estimator(estimator, 1, 3)
