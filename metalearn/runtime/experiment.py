@@ -25,6 +25,7 @@ import ml_collections
 
 from metalearn.estimators import EstimatorOptions
 from metalearn.losses import learned as learned_losses
+from metalearn.runtime import sharding
 from metalearn.types import MetaParams, PRNGKey
 
 # The XLA options of `jax_disable_most_optimizations`, applied per program.
@@ -119,7 +120,13 @@ class ML3Experiment(Experiment):
         self.num_steps = config.meta.steps
         # σ and pairs of "es"/"pes", CG iterations and damping of "implicit".
         self.estimator_options = EstimatorOptions.from_config(config.meta.get("estimator_options"))
-        self.seed_keys = jax.vmap(jax.random.key)(jnp.asarray(config.seeds))
+        # The seeds are independent: each device of the mesh meta-trains its share of them.
+        # Every program of the experiment takes the seed keys, so XLA keeps what it
+        # computes per seed on the seed's device (the state, the meta-test's fits).
+        self.mesh = sharding.seed_mesh(len(config.seeds), mesh)
+        self.seed_keys = jax.device_put(
+            jax.vmap(jax.random.key)(jnp.asarray(config.seeds)), sharding.data_sharded(self.mesh)
+        )
         self._chunk = self.jit(self._train_chunk, static_argnums=2)
         self._init = self.jit(self._init_all)
 

@@ -5,6 +5,9 @@ steps take their state replicated and their batches sharded along the leading ax
 inserts the cross-device reductions (gradient means, batch-norm statistics), so a step
 on N devices computes the same numbers as on one, up to float reassociation.
 
+ML³ experiments shard their independent seeds instead (`seed_mesh`, `seed_sharded`): each
+device meta-trains its own seeds, with no communication until the host reads metrics.
+
 On several hosts, call `initialize_distributed()` first (the entry point does); each host
 then reads only its own slice of every global batch (`metalearn.tasks.images.host_batches`).
 """
@@ -62,3 +65,15 @@ def check_batch_size(batch_size: int, mesh: Mesh, what: str = "batch size") -> N
             f"The {what} ({batch_size}) must be divisible by the number of devices ({n}); "
             f"use a multiple of {n}."
         )
+
+
+def seed_mesh(num_seeds: int, mesh: Mesh | None = None) -> Mesh:
+    """The 1-D `data` mesh an ML³ experiment spreads its `num_seeds` seeds over.
+
+    The largest number of devices of `mesh` (default: every device) that divides the
+    seeds evenly: 8 seeds on 8 devices one each, 5 seeds on 8 devices one each on 5 of
+    them, 2 seeds on 1 device both.
+    """
+    devices = list((mesh.devices if mesh is not None else np.asarray(jax.devices())).flat)
+    used = max(d for d in range(1, min(num_seeds, len(devices)) + 1) if num_seeds % d == 0)
+    return Mesh(np.asarray(devices[:used]), (DATA_AXIS,))
