@@ -12,9 +12,10 @@ protocol (`configs/ml3_sine.py`, one training task, fresh θ each episode) and p
 - the peak temporary memory of one episode's compiled program (XLA's `memory_analysis`:
   what backpropagation through the unroll stores grows with K, ES/PES/implicit's not).
 
-The estimators: "unrolled" (exact, W = K), "truncated" and "pes" (10 windows of K/10
-steps, a φ update after each), "first_order", "es" and "implicit" (W = K). ES and PES use
-σ = 0.01 and 8 antithetic pairs; implicit 20 CG iterations with damping 0.1.
+The estimators: "none" (the initial φ, for reference), "unrolled" (exact, W = K),
+"truncated" and "pes" (10 windows of K/10 steps, a φ update after each), "first_order",
+"es" and "implicit" (W = K). ES and PES use σ = 0.01 and 8 antithetic pairs; implicit 20
+CG iterations with damping 0.1.
 """
 
 import time
@@ -32,8 +33,8 @@ _SEEDS = flags.DEFINE_integer("seeds", 2, "Meta-training seeds (φ per seed).")
 _META_LR = flags.DEFINE_float("meta_lr", 1e-2, "φ's Adam step (the protocol's: 1e-3).")
 _ESTIMATORS = flags.DEFINE_list(
     "estimators",
-    ["unrolled", "truncated", "first_order", "es", "pes", "implicit"],
-    "Estimators to compare.",
+    ["none", "unrolled", "truncated", "first_order", "es", "pes", "implicit"],
+    "Estimators to compare ('none': the initial φ, not meta-trained).",
 )
 
 WINDOWS = 10  # "truncated" and "pes": windows per episode
@@ -60,6 +61,10 @@ def timed(fn, *args):
 
 
 def run(estimator: str, length: int) -> dict:
+    if estimator == "none":  # the meta-test of the initial φ, for reference
+        exp = experiments.make(config_for("unrolled", length))
+        traces = np.asarray(jax.device_get(exp._meta_test(exp.init())))
+        return {"learned": float(traces[:, 0, 1:, -1].mean()), "updates": 0, "reference": True}
     c = config_for(estimator, length)
     exp = experiments.make(c)
     state = exp.init()
@@ -99,6 +104,9 @@ def main(argv):
     for length in map(int, _LENGTHS.value):
         for estimator in _ESTIMATORS.value:
             r = run(estimator, length)
+            if r.get("reference"):
+                print(f"| {length} | none (φ at init) | 0 | {r['learned']:.3f} | | | | |")
+                continue
             print(
                 f"| {length} | {estimator} | {r['updates']} | {r['learned']:.3f} | "
                 f"{r['mse']:.3f} | {r['ms_per_update']:.2f} | {r['ms_per_episode']:.1f} | "
