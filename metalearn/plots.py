@@ -4,15 +4,26 @@ Every function takes plain arrays (per-seed rows where there are seeds), draws t
 with a ±1 std band, and writes one PNG.
 """
 
+import functools
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+
+@functools.cache
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, imported at the first figure: an experiment
+    imports this module at start, and matplotlib's import is a good part of a short
+    run's time (`runtime.loop` imports it in a thread beside the first compilation)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
 
 COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple")
 
@@ -29,14 +40,14 @@ def _save(fig, path: str) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
+    pyplot().close(fig)
 
 
 def meta_train_curve(
     steps: Sequence[int], series: Mapping[str, Sequence], *, ylabel: str, title: str, path: str
 ) -> None:
     """A quantity vs meta iteration. series: name -> [num_evals, num_seeds]."""
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig, ax = pyplot().subplots(figsize=(5, 3.5))
     for (name, values), color in zip(series.items(), COLORS, strict=False):
         _band(ax, steps, np.asarray(values).T, name, color)
     ax.set(xlabel="meta-train iteration", ylabel=ylabel)
@@ -49,7 +60,7 @@ def meta_test_curve(
     series: Mapping[str, np.ndarray], *, ylabel: str, title: str, path: str, log: bool = False
 ) -> None:
     """A quantity vs gradient step at meta-test. series: name -> [num_seeds, num_steps + 1]."""
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig, ax = pyplot().subplots(figsize=(5, 3.5))
     for (name, rows), color in zip(series.items(), COLORS, strict=False):
         rows = np.atleast_2d(rows)
         _band(ax, np.arange(rows.shape[-1]), rows, name, color)
@@ -74,7 +85,9 @@ def loss_landscapes(
 
     landscapes: name -> [num_seeds, len(grid)] (each row min-max normalised for display).
     """
-    fig, axes = plt.subplots(len(landscapes), 1, figsize=(5, 2.2 * len(landscapes)), sharex=True)
+    fig, axes = pyplot().subplots(
+        len(landscapes), 1, figsize=(5, 2.2 * len(landscapes)), sharex=True
+    )
     for ax, ((name, rows), color) in zip(
         np.atleast_1d(axes), zip(landscapes.items(), COLORS, strict=False), strict=False
     ):
@@ -95,7 +108,7 @@ def image_training_curves(histories: Mapping[str, Sequence[Mapping]], path: str)
     histories: label -> one run's metric rows, or a list of runs (seeds) whose rows share
     their evaluation steps; the rows are those of `metrics.jsonl`.
     """
-    fig, (ax_err, ax_ce) = plt.subplots(1, 2, figsize=(9, 3.5))
+    fig, (ax_err, ax_ce) = pyplot().subplots(1, 2, figsize=(9, 3.5))
     for (label, runs), color in zip(histories.items(), COLORS, strict=False):
         if runs and isinstance(runs[0], Mapping):
             runs = [runs]
@@ -135,8 +148,8 @@ def learned_loss_shapes(history: Sequence[Mapping], init_steps: int, path: str) 
     rows = [r for r in history if "curve/true_class" in r]
     if len(rows) > 6:
         rows = [rows[int(round(i))] for i in np.linspace(0, len(rows) - 1, 6)]
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-    cmap = plt.get_cmap("viridis")
+    fig, axes = pyplot().subplots(1, 2, figsize=(9, 3.5))
+    cmap = pyplot().get_cmap("viridis")
     for i, row in enumerate(rows):
         p = np.linspace(0.0, 1.0, len(row["curve/true_class"]))
         step = row["step"]
@@ -157,7 +170,7 @@ def gradient_ratios(histories: Mapping[str, Sequence[Mapping]], init_steps: int,
     model step, log scale; right: the size of the base update ‖θ_{t+1} − θ_t‖. The
     offline phase is left of the dashed line (negative model steps).
     """
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    fig, axes = pyplot().subplots(1, 2, figsize=(10, 3.5))
     for name, history in histories.items():
         rows = [r for r in history if "train/grad_ratio" in r]
         if not rows:
@@ -181,7 +194,7 @@ def _panels(n: int):
     """A grid of n panels, at most 4 a row: `(fig, axes)`, axes [rows, cols]."""
     cols = min(n, 4)
     rows = -(-n // cols)
-    return plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
+    return pyplot().subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
 
 
 def _save_panels(fig, axes, n: int, path: str) -> None:
@@ -270,7 +283,7 @@ def hack_targets(report: Mapping[str, Any], path: str) -> None:
     tokens the critic's targets favour (mass of the targets, the model's predictions and
     the true next tokens on each), with the step, validation CE and the targets' CE and
     entropy in the title."""
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4), sharey=True)
+    fig, axes = pyplot().subplots(1, 2, figsize=(10, 3.4), sharey=True)
     for ax, name in zip(axes, ("onset", "detection"), strict=True):
         entry = report[name]
         favoured = entry["favoured"]
@@ -307,7 +320,7 @@ def goal_trajectories(
     paths: set name -> positions [N, T + 1, 2]; goals: set name -> goals [N, 2] (drawn as
     crosses); start: the start position [2] (a black dot).
     """
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    fig, ax = pyplot().subplots(figsize=(4.5, 4.5))
     for (name, trajectories), color in zip(paths.items(), COLORS, strict=False):
         for i, traj in enumerate(np.asarray(trajectories)):
             label = name.replace("_", " ") if i == 0 else None
@@ -333,7 +346,7 @@ def mountain_car_trajectories(
     positions: name -> [num_runs, T + 1] (one line per run); goal and intermediate_goal
     are drawn as horizontal lines.
     """
-    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    fig, ax = pyplot().subplots(figsize=(5.5, 3.5))
     for (name, rows), color in zip(positions.items(), COLORS, strict=False):
         rows = np.atleast_2d(np.asarray(rows))
         for i, row in enumerate(rows):
@@ -364,7 +377,7 @@ def reacher_workspace(
       reach: the arm's reach, drawn as a circle.
       path: the PNG to write.
     """
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    fig, ax = pyplot().subplots(figsize=(4.5, 4.5))
     angle = np.linspace(0, 2 * np.pi, 200)
     ax.plot(reach * np.cos(angle), reach * np.sin(angle), color="0.8", lw=1)
     for p in expert_paths:
@@ -392,7 +405,7 @@ def gist_bottleneck(results: Mapping[str, Mapping[str, Sequence[float]]], path: 
     Args:
       results: {'k1': {'ce': [per seed]}, ..., 'positive': {...}, 'negative': {...}}.
     """
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig, ax = pyplot().subplots(figsize=(5, 3.5))
     ks = sorted((int(name[1:]), name) for name in results if name.startswith("k"))
     if ks:
         vals = [np.asarray(results[name]["ce"]) for _, name in ks]
@@ -458,7 +471,7 @@ def policy_learning_curves(
     curves: label -> (samples [P], scores [seeds, goals, P]); each curve is the mean over
     goals of the seeds' mean, with a ±1 std band over the goals.
     """
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig, ax = pyplot().subplots(figsize=(5, 3.5))
     for (label, (x, rows)), color in zip(curves.items(), COLORS, strict=False):
         _band(ax, x, np.asarray(rows, np.float64).mean(0), label, color)
     ax.set(xlabel="environment samples", ylabel=metric.replace("_", " "))

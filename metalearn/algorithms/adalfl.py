@@ -8,6 +8,10 @@ Two pure steps, both one call of the bilevel heart with a one-step unroll:
   meta-gradient was taken through (computed once, not twice).
 - `offline_init_step` (Algorithm 1 with S_inner = 1, the ML³ initialisation): the same
   from a freshly initialised θ, which is then discarded; repeated S_init times.
+- `offline_unroll_step` (Algorithm 1 with S_inner > 1): S_inner inner steps from a fresh
+  θ, differentiated by any one-unroll estimator of the heart; "implicit" (the paper's
+  suggestion for S_inner > 1) treats θ_S as a fixed point of the learned loss, so its
+  memory and cost do not grow with S_inner.
 
 Cost of `lockstep`: a forward and backward pass at θ_t, a forward at θ_{t+1}, and the
 backward through both, about three plain training steps.
@@ -18,10 +22,14 @@ import jax.numpy as jnp
 import optax
 
 from metalearn import bilevel
+from metalearn.estimators import EstimatorOptions
 from metalearn.state import InnerState, MetaState
 from metalearn.types import Array, Batch, InnerLossFn, Metrics, OuterLossFn, PRNGKey
 
 ONLINE_ESTIMATORS = ("unrolled",)
+# The estimators of one S_inner-step unroll from a fresh θ (`offline_unroll_step`):
+# "truncated" and "pes" need windows of a longer unroll, "last_window" a window size.
+OFFLINE_ESTIMATORS = ("unrolled", "first_order", "es", "implicit")
 # Two exact ways to differentiate the one inner step: a forward-mode JVP of the inner
 # loss (`bilevel.one_step_meta_grad`) or backpropagating through the backward pass.
 METHODS = ("jvp", "backprop")
@@ -48,6 +56,34 @@ def check_online_estimator(name: str) -> None:
         raise ValueError(
             f"AdaLFL's meta step differentiates a single inner step, so the estimator must be "
             f"'unrolled'; got {name!r}{hint}."
+        )
+
+
+def check_offline_estimator(name: str, inner_steps: int) -> None:
+    """The offline phase's estimator for `inner_steps` (S_inner) inner steps a meta step.
+
+    Raises:
+      ValueError: naming the valid choices, for an unknown name, an estimator that needs
+        windows, `inner_steps` < 1, or anything but "unrolled" for S_inner = 1 (one step
+        from a fresh θ is differentiated exactly and cheaply; it is no fixed point).
+    """
+    bilevel.check_estimator_name(name)
+    if not isinstance(inner_steps, int) or isinstance(inner_steps, bool) or inner_steps < 1:
+        raise ValueError(
+            f"S_inner (meta.init_inner_steps) must be an integer ≥ 1; got {inner_steps!r}."
+        )
+    if inner_steps == 1 and name != "unrolled":
+        raise ValueError(
+            f"With one inner step per offline meta step (meta.init_inner_steps=1) the "
+            f"estimator must be 'unrolled' (exact, three plain steps' cost); got {name!r}. "
+            "'implicit' assumes θ has reached a fixed point of the learned loss: raise "
+            "meta.init_inner_steps (e.g. 20) to use it."
+        )
+    if name not in OFFLINE_ESTIMATORS:
+        raise ValueError(
+            f"The offline phase differentiates one unroll of S_inner steps from a fresh θ, "
+            f"so its estimator must be one of {OFFLINE_ESTIMATORS}; got {name!r} (it needs "
+            "windows of a longer unroll)."
         )
 
 
@@ -200,3 +236,66 @@ def offline_init_step(
         lookahead=lookahead,
     )
     return meta_state, metrics
+
+
+def offline_unroll_step(
+    meta_state: MetaState,
+    fresh_state: InnerState,
+    batches: Batch,
+    meta_batch: Batch,
+    key: PRNGKey,
+    *,
+    inner_loss: InnerLossFn,
+    outer_loss: OuterLossFn,
+    optimizer: optax.GradientTransformation,
+    meta_optimizer: optax.GradientTransformation,
+    estimator: str = "implicit",
+    options: EstimatorOptions | None = None,
+) -> tuple[MetaState, Metrics]:
+    """One step of the ML³ initialisation with S_inner > 1 (Algorithm 1).
+
+    θ takes S_inner steps on ℓ_φ from a fresh initialisation (one a leading entry of
+    `batches`); φ takes one meta step on the task loss at θ_S, whose gradient the
+    `estimator` gives: "implicit" by the implicit function theorem at θ_S (a conjugate-
+    gradient solve with Hessian-vector products of ℓ_φ at the last batch: exact when
+    θ_S is a fixed point, its memory independent of S_inner), "unrolled" by
+    backpropagating through all S_inner steps, "es" by antithetic perturbations of φ
+    (forward unrolls only), "first_order" without second-order terms. θ_S is dropped.
+
+    Args:
+      meta_state: φ and the meta-optimizer state.
+      fresh_state: a newly initialised θ with its optimizer and model state.
+      batches: the inner batches, leaves [S_inner, ...].
+      meta_batch: the batch the task loss is measured on at θ_S.
+      key: this step's PRNG key.
+      inner_loss, outer_loss, optimizer, meta_optimizer: as in `lockstep`.
+      estimator: one of `OFFLINE_ESTIMATORS`.
+      options: σ and pairs of "es", CG iterations and damping of "implicit".
+
+    Returns:
+      `(meta_state, metrics)`: `meta/loss` (task loss at θ_S), `meta/grad_norm`, the
+      inner loss's metrics at the last inner step and the estimator's own
+      (`meta/cg_residual` for "implicit", `meta/es_loss_spread` for "es").
+    """
+    num_steps = jax.tree.leaves(batches)[0].shape[0]
+    check_offline_estimator(estimator, num_steps)
+    inner_key, outer_key = jax.random.split(key)
+    loss, grads, _, metrics = bilevel.meta_grad(
+        meta_state.params,
+        fresh_state,
+        batches,
+        jax.random.split(inner_key, num_steps),
+        meta_batch,
+        outer_key,
+        inner_loss=inner_loss,
+        outer_loss=outer_loss,
+        optimizer=optimizer,
+        estimator=estimator,
+        options=options,
+    )
+    meta_state = bilevel.meta_step(meta_state, grads, meta_optimizer=meta_optimizer)
+    return meta_state, {
+        "meta/loss": loss,
+        "meta/grad_norm": optax.global_norm(grads),
+        **{k: v[-1] for k, v in metrics.items()},
+    }

@@ -10,12 +10,15 @@ result.
 
 import json
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
 
+from metalearn import plots
 from metalearn.runtime.checkpoint import Checkpointer
 from metalearn.runtime.experiment import Experiment
 from metalearn.runtime.metrics import MetricWriter, read_metrics, truncate_metrics
@@ -139,8 +142,15 @@ def train_and_evaluate(
         truncate_metrics(workdir, start)
     writer = MetricWriter(workdir)
     log_every = config.get("log_every", 1)
+    # matplotlib (for finalize's figures) imports while XLA compiles, which frees the GIL.
+    threading.Thread(target=plots.pyplot, daemon=True).start()
+    pool = ThreadPoolExecutor(max_workers=1)
     try:
-        if start == 0:
+        first_evaluation = None
+        if start == 0 and experiment.concurrent_first_evaluation:
+            # Its program and the first chunk's compile at the same time, on two cores.
+            first_evaluation = pool.submit(experiment.evaluate, state, 0)
+        elif start == 0:
             _write_checked(writer, 0, experiment.evaluate(state, 0), "evaluation")
         progress = Progress(experiment.num_steps, initial=start)
         step = start
@@ -149,6 +159,9 @@ def train_and_evaluate(
                 experiment.eval_every - step % experiment.eval_every, experiment.num_steps - step
             )
             state, metrics = experiment.train_chunk(state, step, num)
+            if first_evaluation is not None:
+                _write_checked(writer, 0, first_evaluation.result(), "evaluation")
+                first_evaluation = None
             metrics = jax.device_get(metrics)
             bad = first_non_finite(metrics)
             if bad is not None:
@@ -158,7 +171,7 @@ def train_and_evaluate(
                     f"{ckpt.latest_step() or 0} was checkpointed. Usual causes: a learning rate "
                     "too high for the inner or meta optimizer, or Adam differentiated without "
                     "eps_root; lower it and re-run on a fresh --workdir."
-                    + _ESTIMATOR_HINT.get((config.get("meta") or {}).get("estimator"), "")
+                    + _estimator_hint(config.get("meta") or {})
                 )
             for i in range(num):
                 if (step + i + 1) % log_every == 0:
@@ -179,6 +192,8 @@ def train_and_evaluate(
                     raise NonFiniteError(f"The state became non-finite by step {step}; not saved.")
                 writer.flush()
                 ckpt.save(step, state)
+        if first_evaluation is not None:  # stopped before the first chunk
+            _write_checked(writer, 0, first_evaluation.result(), "evaluation")
         progress.close()
         if step < experiment.num_steps:
             return None
@@ -190,6 +205,7 @@ def train_and_evaluate(
             json.dump({"step": getattr(e, "step", None), "message": str(e)}, f, indent=2)
         raise
     finally:
+        pool.shutdown()
         writer.close()
         ckpt.close()
     path = os.path.join(workdir, SUMMARY_FILE)
@@ -211,6 +227,13 @@ _ESTIMATOR_HINT = {
         "conjugate-gradient solve diverge: raise meta.estimator_options.damping."
     ),
 }
+
+
+def _estimator_hint(meta) -> str:
+    """The hint for the estimators a run uses (`meta.estimator`, and the offline phase's
+    `meta.init_estimator` of the image experiments)."""
+    names = dict.fromkeys((meta.get("estimator"), meta.get("init_estimator")))
+    return "".join(_ESTIMATOR_HINT.get(name, "") for name in names)
 
 
 def _raise_if_diverged(found: tuple[int, str] | None) -> None:

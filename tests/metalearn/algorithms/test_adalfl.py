@@ -219,3 +219,70 @@ def test_logit_gradient_ratio_is_the_learned_steps_size_relative_to_cross_entrop
     )
     grads = jax.grad(lambda p: adalfl.logit_gradient_ratio(loss_fn, p, y, logits))(phi)
     assert np.isfinite(optax.global_norm(grads)) and optax.global_norm(grads) > 0
+
+
+def _convex_problem():
+    """A ridge regression whose loss φ weights and shifts: θ*(φ) exists and is unique."""
+    x = jax.random.normal(jax.random.key(3), (16, 3))
+    batch = {"x": x, "y": x @ jnp.array([[1.0], [-2.0], [0.5]])}
+    meta_batch = {"x": x[::-1] * 0.5, "y": batch["y"][::-1] * 0.5 + 0.1}
+
+    def inner_loss(params, model_state, phi, b, key):
+        del key
+        r = b["x"] @ params - b["y"] - phi["shift"]
+        loss = jnp.mean(jnp.exp(phi["log_w"]) * r**2) + 0.05 * jnp.sum(params**2)
+        return loss, (model_state, {})
+
+    def outer_loss(params, model_state, b, key):
+        del model_state, key
+        return jnp.mean((b["x"] @ params - b["y"]) ** 2)
+
+    phi = {"log_w": jnp.array(0.3), "shift": jnp.array([[0.2]])}
+    return inner_loss, outer_loss, phi, batch, meta_batch
+
+
+@pytest.mark.parametrize("inner_steps", [3, 300])
+def test_offline_unroll_step_implicit_equals_the_unroll_at_a_fixed_point(inner_steps):
+    """S_inner > 1 by implicit differentiation (the AdaLFL paper's suggestion): after
+    300 steps θ is at ℓ_φ's minimiser and φ's step equals backprop through all 300; after
+    3 it is not, and the two differ, as they must."""
+    inner_loss, outer_loss, phi, batch, meta_batch = _convex_problem()
+    opt, meta_opt = optax.sgd(0.1), optax.sgd(1.0)
+    state = init_inner_state(jnp.zeros((3, 1)), opt)
+    meta = init_meta_state(phi, meta_opt)
+    batches = jax.tree.map(lambda x: jnp.stack([x] * inner_steps), batch)
+    kw = dict(inner_loss=inner_loss, outer_loss=outer_loss, optimizer=opt, meta_optimizer=meta_opt)
+    step = jax.jit(
+        functools.partial(adalfl.offline_unroll_step, **kw),
+        static_argnames="estimator",
+        compiler_options=FAST_COMPILE_OPTIONS,
+    )
+    new = {
+        e: step(meta, state, batches, meta_batch, jax.random.key(4), estimator=e)
+        for e in ("implicit", "unrolled")
+    }
+    delta = {e: jax.tree.map(jnp.subtract, phi, m.params) for e, (m, _) in new.items()}
+    assert float(optax.global_norm(delta["unrolled"])) > 1e-3  # φ moved
+    np.testing.assert_allclose(new["implicit"][1]["meta/loss"], new["unrolled"][1]["meta/loss"])
+    if inner_steps == 300:
+        assert float(new["implicit"][1]["meta/cg_residual"]) < 1e-4
+        chex.assert_trees_all_close(delta["implicit"], delta["unrolled"], rtol=1e-3, atol=1e-6)
+    else:
+        gap = optax.global_norm(jax.tree.map(jnp.subtract, delta["implicit"], delta["unrolled"]))
+        assert float(gap) > 0.1 * float(optax.global_norm(delta["unrolled"]))
+
+
+@pytest.mark.parametrize(
+    "estimator, inner_steps, match",
+    [
+        ("implicit", 1, "raise meta.init_inner_steps"),
+        ("es", 1, "must be 'unrolled'"),
+        ("truncated", 5, "needs\nwindows|needs windows"),
+        ("pes", 5, "needs windows"),
+        ("implicit", 0, "integer ≥ 1"),
+        ("implict", 5, "implicit"),
+    ],
+)
+def test_check_offline_estimator_says_what_to_choose(estimator, inner_steps, match):
+    with pytest.raises(ValueError, match=match):
+        adalfl.check_offline_estimator(estimator, inner_steps)
