@@ -26,7 +26,8 @@ Variants are comma-separated parts (`:frozen,hard,smoke`):
                 head) | disjoint (disjoint upper layers) | mono (monotonicity penalty) |
                 norm (batch-normalised predicted loss) | anchor (true-CE step every 20) |
                 first_order | truncated (3 inner steps, the last one differentiated:
-                estimator last_window)
+                estimator last_window) | es (the meta-gradient by antithetic ES from
+                forward unrolls: on hard tokens it sees how θ moves the token choice)
   detector      stop | rollback | meta (action on detection; default: continue)
   layout        prefix (loss pass continues the LM pass's keys and values)
   data          file (read ../shared/data/raw/tiny_shakespeare/input.txt as a text file)
@@ -111,8 +112,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             "steps": 200,
             "optimizer": {"name": "adam", "lr": 1e-3},
             "inner_steps": 1,
-            "estimator": "unrolled",  # or "first_order" | "last_window"
+            "estimator": "unrolled",  # or "first_order" | "last_window" | "es"
             "window": 1,  # last_window: the last inner steps, the ones differentiated
+            # es: the std σ of the perturbation of every weight of θ, and the antithetic
+            # pairs (2 × pairs forward unrolls a meta step).
+            "estimator_options": {"sigma": 0.01, "pairs": 8},
             "remat": False,  # recompute inner steps on the backward pass (memory for time)
             "tau": 0.1,
             "split": "train",  # the outer batch's split: or "validation"
@@ -176,6 +180,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             c.phase2.anchor_every = 20
         elif part == "first_order":
             c.meta.estimator = "first_order"
+        elif part == "es":
+            c.meta.estimator = "es"
         elif part == "truncated":
             c.meta.inner_steps, c.meta.estimator, c.meta.window = 3, "last_window", 1
         elif part in ("stop", "rollback", "meta"):

@@ -3,9 +3,10 @@
 Global step t is a Phase 1 meta step for t < `meta.steps` (and while a "return to
 meta-training" action is running) and a Phase 2 self-loss step after it:
 
-- Phase 1 (`self_loss.meta_objective`): K inner steps on the self-produced loss from θ,
+- Phase 1 (`self_loss.meta_grad`): K inner steps on the self-produced loss from θ,
   the true cross-entropy of another batch at θ', an outer update of θ through the
-  unroll, then θ ← (1 − τ)θ + τθ'.
+  unroll (or by antithetic ES over forward unrolls, `meta.estimator` 'es', with σ and
+  pairs from `meta.estimator_options`), then θ ← (1 − τ)θ + τθ'.
 - Phase 2: θ ← θ − α ∇ (self-produced loss), nothing else; every `phase2.anchor_every`
   steps one step on the true cross-entropy instead, if configured. A control copy of θ,
   forked at the end of Phase 1, takes the same number of steps on the true
@@ -41,6 +42,7 @@ import optax
 
 from metalearn import plots
 from metalearn.algorithms import self_loss
+from metalearn.estimators import EstimatorOptions
 from metalearn.models import transformer
 from metalearn.optim import make_optimizer
 from metalearn.runtime.experiment import Experiment
@@ -50,7 +52,7 @@ from metalearn.types import Array, Params
 
 ACTIONS = ("continue", "stop", "rollback", "meta")
 # Independent random streams under the seed's key.
-_INIT, _INNER, _OUTER, _PHASE2, _SAMPLE = range(5)
+_INIT, _INNER, _OUTER, _PHASE2, _SAMPLE, _NOISE = range(6)
 SAMPLE_TOKENS = 96  # bytes of text the hack report samples from θ
 FAVOURED = 8  # tokens the hack report lists by target (or prediction) mass
 QUALITY_TAIL = 10  # logged steps the summary's target-quality columns average over
@@ -112,6 +114,10 @@ class SelfLossLM(Experiment):
         if c.detector.action == "meta" and c.detector.meta_steps < 1:
             raise ValueError("detector.action='meta' needs detector.meta_steps >= 1.")
         self_loss.check_estimator(c.meta.estimator, c.meta.window, c.meta.inner_steps)
+        # σ and pairs of "es"; unknown keys are refused here, before anything compiles.
+        self.estimator_options = EstimatorOptions.from_config(c.meta.get("estimator_options"))
+        # The spread of ES's perturbed outer losses, logged (zero in Phase 2) under "es".
+        self.es_metrics = ("meta/es_loss_spread",) if c.meta.estimator == "es" else ()
         if c.meta.steps < 1 or c.phase2.steps < 0:
             raise ValueError("meta.steps must be >= 1 and phase2.steps >= 0.")
         for name, value in (("eval.every", c.eval.every), ("meta.steps", c.meta.steps)):
@@ -207,17 +213,20 @@ class SelfLossLM(Experiment):
         tokens = self._batch(jax.random.fold_in(key, _INNER), num=c.meta.inner_steps)
         outer = self._batch(jax.random.fold_in(key, _OUTER), split=c.meta.split)
         keys = jax.random.split(jax.random.fold_in(key, _INNER + 10), c.meta.inner_steps)
-        objective = functools.partial(
-            self_loss.meta_objective,
+        loss, grads, (theta_prime, inner) = self_loss.meta_grad(
+            state.params,
+            tokens,
+            keys,
+            outer,
+            key,
             model=self.model,
             spec=self.spec,
             inner_optimizer=self.self_opt,
             estimator=c.meta.estimator,
             window=c.meta.window,
             remat=c.meta.remat,
-        )
-        (loss, (theta_prime, inner)), grads = jax.value_and_grad(objective, has_aux=True)(
-            state.params, tokens, keys, outer, key
+            options=self.estimator_options,
+            noise_key=jax.random.fold_in(key, _NOISE),
         )
         updates, meta_opt = self.meta_opt.update(grads, state.meta_opt, state.params)
         params = self_loss.interpolate(
@@ -255,6 +264,7 @@ class SelfLossLM(Experiment):
             "meta/grad_norm": optax.global_norm(grads),
             "self/anchor": jnp.zeros((), jnp.int32),
             **{k: inner[k][0] for k in self.quality},  # the targets for θ, this step
+            **{k: inner[k.split("/")[1]][0] for k in self.es_metrics},
         }
         return state, metrics
 
@@ -357,6 +367,7 @@ class SelfLossLM(Experiment):
             "meta/grad_norm": jnp.zeros(()),
             "self/anchor": anchor.astype(jnp.int32),
             **{k: aux[k] for k in self.quality},
+            **{k: jnp.zeros(()) for k in self.es_metrics},
         }
         extra = {"diag/rank_corr": corr, "diag/hacked": hacked.astype(jnp.int32)}
         return state, {**metrics, **extra}

@@ -14,9 +14,10 @@ critic. The self-produced training signal (`Spec.signal`) is either
 
 Phase 1 (`meta_objective`) meta-trains θ: K inner steps on the self-produced loss from
 θ, then the true cross-entropy of another batch at θ', differentiated through the inner
-steps with the heart (`bilevel.meta_loss`); the outer update is followed by
-θ ← (1 − τ)θ + τθ' (`interpolate`). Phase 2 updates θ by the self-produced loss
-(`self_loss`) alone.
+steps with the heart (`bilevel.meta_loss`) or estimated from forward unrolls alone by
+antithetic ES (`meta_grad`, estimator 'es': on path 'hard', where the token choice has no
+gradient); the outer update is followed by θ ← (1 − τ)θ + τθ' (`interpolate`). Phase 2
+updates θ by the self-produced loss (`self_loss`) alone.
 
 The critic (`Spec.critic`) is θ itself ('same'), a copy frozen at the end of Phase 1
 ('frozen') or an exponential moving average of θ ('ema'). Only for 'same' without
@@ -36,7 +37,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from metalearn import bilevel
+from metalearn import bilevel, estimators
+from metalearn.estimators import EstimatorOptions
 from metalearn.models.mlp import smooth_leaky_relu
 from metalearn.models.transformer import Transformer, param_groups
 from metalearn.state import init_inner_state
@@ -383,7 +385,8 @@ def meta_objective(
         `bilevel.meta_loss`): 'unrolled' (through all K steps), 'first_order' (the inner
         gradient at stop_gradient(θ)) or 'last_window' (only the last `window` steps are
         differentiated; the earlier ones enter the start of the window with an identity
-        Jacobian to θ, since θ is also where the unroll starts).
+        Jacobian to θ, since θ is also where the unroll starts). 'es' does not
+        differentiate this function: `meta_grad` estimates its gradient.
       window: steps differentiated by 'last_window'.
       remat: rematerialise each differentiated inner step on the backward pass.
 
@@ -391,6 +394,11 @@ def meta_objective(
       `(outer loss, (θ', inner metrics stacked over K))`.
     """
     check_estimator(estimator, window, tokens.shape[0])
+    if estimator == "es":
+        raise ValueError(
+            "estimator='es' estimates the meta-gradient from forward unrolls instead of "
+            "differentiating meta_objective: call self_loss.meta_grad(..., estimator='es')."
+        )
     loss, (final, metrics) = bilevel.meta_loss(
         theta,
         init_inner_state(theta, inner_optimizer),
@@ -408,26 +416,106 @@ def meta_objective(
     return loss, (final.params, metrics)
 
 
+def meta_grad(
+    theta: Params,
+    tokens: Array,
+    keys: PRNGKey,
+    outer_tokens: Array,
+    outer_key: PRNGKey,
+    *,
+    model: Transformer,
+    spec: Spec,
+    inner_optimizer: optax.GradientTransformation,
+    estimator: str,
+    window: int,
+    remat: bool = False,
+    options: EstimatorOptions | None = None,
+    noise_key: PRNGKey | None = None,
+) -> tuple[Array, Params, tuple[Params, dict[str, Array]]]:
+    """Phase 1's meta-gradient: ∇_θ `meta_objective`, backpropagated or estimated.
+
+    'es' (antithetic ES, `estimators.antithetic_es`) perturbs all of θ — the start of
+    the unroll and the critic together — and runs 2P forward unrolls from θ ± ε, so its
+    memory does not grow with K and it sees what backpropagation cannot: on path 'hard'
+    how θ moves the argmax tokens the critic reads, and so the inner steps. It estimates
+    the gradient of the Gaussian-smoothed objective; its variance grows with the number
+    of parameters.
+
+    Args:
+      theta, tokens, keys, outer_tokens, outer_key, model, spec, inner_optimizer,
+        window, remat: as in `meta_objective`.
+      estimator: 'unrolled', 'first_order', 'last_window' (backpropagation through
+        `meta_objective`) or 'es' (see `check_estimator`).
+      options: σ and pairs P of 'es' (`EstimatorOptions`, or a mapping; defaults if None).
+      noise_key: the key of ES's perturbations (required by 'es').
+
+    Returns:
+      `(outer loss, grads shaped like θ, (θ', inner metrics stacked over K))`: the loss,
+      θ' and metrics of the unperturbed unroll; 'es' adds `es_loss_spread` [K], the std
+      of the 2P perturbed outer losses.
+    """
+    objective = functools.partial(
+        meta_objective,
+        tokens=tokens,
+        keys=keys,
+        outer_tokens=outer_tokens,
+        outer_key=outer_key,
+        model=model,
+        spec=spec,
+        inner_optimizer=inner_optimizer,
+        window=window,
+        remat=remat,
+    )
+    if estimator != "es":
+        (loss, aux), grads = jax.value_and_grad(
+            functools.partial(objective, estimator=estimator), has_aux=True
+        )(theta)
+        return loss, grads, aux
+    check_estimator(estimator, window, tokens.shape[0])
+    if noise_key is None:
+        raise ValueError("estimator='es' draws its perturbations from noise_key: pass one.")
+    options = EstimatorOptions.from_config(options)
+    forward = functools.partial(objective, estimator="unrolled")  # never differentiated
+    theta = jax.lax.stop_gradient(theta)
+    loss, (theta_prime, metrics) = forward(theta)
+    grads, losses = estimators.antithetic_es(
+        forward, theta, noise_key, sigma=options.sigma, pairs=options.pairs
+    )
+    spread = jnp.broadcast_to(jnp.std(losses), (tokens.shape[0],))
+    return loss, grads, (theta_prime, {**metrics, "es_loss_spread": spread})
+
+
 def check_estimator(name: str, window: int, inner_steps: int) -> None:
     """Validates Phase 1's gradient estimator; raises ValueError saying how to fix it.
 
     Args:
       name: a name of `bilevel.ESTIMATORS` that fits one meta step from θ: 'unrolled',
-        'first_order' or 'last_window'.
+        'first_order', 'last_window' or 'es' (`meta_grad`).
       window: the inner steps 'last_window' differentiates (ignored by the others).
       inner_steps: K, the inner steps of a meta step.
     """
     bilevel.check_estimator_name(name)
-    if name in ("es", "pes", "implicit"):
+    if name == "pes":
         raise ValueError(
-            f"estimator={name!r} is not wired into the self-loss meta step yet: choose "
-            "'unrolled', 'first_order' or 'last_window'."
+            "estimator='pes' carries perturbed inner states from one window of a long unroll "
+            "to the next; a Phase 1 meta step is one unroll that starts afresh from θ, with "
+            "nothing carried between meta steps, so PES would be plain ES: say "
+            "estimator='es' (forward unrolls only, memory independent of meta.inner_steps)."
+        )
+    if name == "implicit":
+        raise ValueError(
+            "estimator='implicit' differentiates the fixed point of the inner loss, where θ' "
+            "no longer depends on where the unroll started; a Phase 1 unroll is "
+            f"meta.inner_steps ({inner_steps}) steps from θ, not solved to a fixed point, and "
+            "its dependence on that start is most of its meta-gradient: choose 'unrolled', "
+            "'first_order', 'last_window', or 'es' (forward only, e.g. for path='hard')."
         )
     if name == "truncated":
         raise ValueError(
             "estimator='truncated' updates the meta-parameters after every window of a "
             "longer unroll; a Phase 1 meta step is one unroll from θ: choose 'unrolled', "
-            "'first_order' or 'last_window' (differentiate the last meta.window inner steps)."
+            "'first_order', 'last_window' (differentiate the last meta.window inner steps) or "
+            "'es'."
         )
     if name == "last_window" and not 0 < window < inner_steps:
         raise ValueError(

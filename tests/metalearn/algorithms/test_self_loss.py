@@ -342,7 +342,12 @@ def test_first_order_keeps_the_forward_pass_and_drops_second_order_terms(fast_co
 
 @pytest.mark.parametrize(
     "estimator, message",
-    [("truncated", "last_window"), ("ES", "Unknown"), ("pes", "not wired into the self-loss")],
+    [
+        ("truncated", "last_window"),
+        ("ES", "Unknown"),
+        ("pes", "PES would be plain ES: say estimator='es'"),
+        ("implicit", "not solved to a fixed point"),
+    ],
 )
 def test_an_estimator_phase1_cannot_use_fails_with_a_message(estimator, message):
     with pytest.raises(ValueError, match=message):
