@@ -12,8 +12,13 @@ Fields (protocol in `experiments/ml3_mfrl.py`):
   policy: the Gaussian policy's hidden widths (tanh) and initial log std.
   loss_net: M_φ, two hidden layers of 40 as in the paper, one row per transition.
   inner: SGD on M_φ, rollouts per update, episode_length (updates per meta episode).
-  meta: φ's Adam, the truncated estimator with a meta step after every update, the
-    REINFORCE task loss's rollouts, meta iterations.
+  meta: φ's Adam, the estimator, the task loss's rollouts, meta iterations. 'truncated'
+    (default) or 'first_order' with window 1: a meta step after every update on the
+    REINFORCE surrogate of `rollouts` episodes, backpropagated through the update. 'es'
+    (any window dividing inner.episode_length, up to all of it) or 'pes' (a shorter
+    window): a meta step after every window on the mean return of `rollouts` episodes of
+    the updated policy, estimated from 2 × estimator_options.pairs perturbations of φ of
+    scale estimator_options.sigma (forward only; ignored by the others).
   data.goals_per_step: training goals per meta iteration (fresh from the goal region).
   eval: held-out goals (num_goals from goal_seed, the same for every seed and method),
     test_updates (the budget is test_updates × inner.rollouts × horizon samples),
@@ -68,6 +73,7 @@ def mfrl_config(env: str, arg: str | None = None) -> ml_collections.ConfigDict:
             "remat": False,
             "rollouts": 10,
             "steps": 200,
+            "estimator_options": {"sigma": 0.01, "pairs": 8},
         }
     )
     c.data = ml_collections.ConfigDict({"goals_per_step": 4})

@@ -2,6 +2,8 @@
 
     python -m experiments.run --config=configs/ml3_mfrl_ant.py
     python -m experiments.run --config=configs/ml3_mfrl_ant.py:smoke
+    python -m experiments.run --config=configs/ml3_mfrl_ant.py --config.meta.estimator=es \
+        --config.meta.window=20  # ES on the return after all 20 inner steps
 
 Every field is described in configs/_mfrl.py, the protocol in experiments/ml3_mfrl.py.
 """

@@ -22,6 +22,21 @@ update after each (the truncated estimator, window 1: the episodes each step nee
 only once its θ does, so the episode is scanned here, one `bilevel.meta_grad_over_tasks`
 of one step per update).
 
+`meta.estimator = "es"` (or "pes") meta-trains on the return itself instead, with no
+surrogate and no derivative through the simulator, the episodes or the inner steps
+(`bilevel.windowed_meta_steps`, antithetic ES of `metalearn.estimators`). The K inner
+steps run in windows of `meta.window` (any divisor of K, up to the whole episode), with a
+meta step after each. Per goal, each of the 2P perturbations φ ± σε
+(`meta.estimator_options`: sigma, pairs) runs the window's inner steps, each on fresh
+episodes of its own current θ (`es_inner_loss`), and scores −(mean return) of
+`meta.rollouts` fresh episodes of the final θ (`return_loss`); all perturbations use the
+same episode keys (common random numbers). Only forward unrolls: memory does not grow
+with the window. The unperturbed θ runs alongside and is carried to the next window;
+"pes" (window < K) carries the perturbed particles too, which removes the truncation's
+bias. 'implicit' is refused: it needs θ at a fixed point of one inner objective and the
+task loss's gradient in θ, and here every step trains on new episodes and the return is
+not differentiable.
+
 Meta-test (Fig. 4): `eval.num_goals` held-out goals (drawn from a key no training goal
 uses), the same for every seed and every method. From a fresh θ per goal, the learned loss
 trains the policy for `eval.test_updates` inner steps; PPO (brax's trainer,
@@ -125,14 +140,28 @@ class ModelFreeRL(ML3Experiment):
     def __init__(self, config: ml_collections.ConfigDict, *, mesh=None):
         c = config
         bilevel.check_estimator(c.meta.estimator, c.meta.window, c.inner.episode_length)
-        if c.meta.estimator not in ("truncated", "first_order") or c.meta.window != 1:
+        if c.meta.estimator == "implicit":
             raise ValueError(
-                "ml3_mfrl collects fresh episodes at every inner step, so it steps φ after "
-                "each one: use meta.window=1 with meta.estimator='truncated' (exact through "
-                f"the step) or 'first_order'; got {c.meta.estimator!r}, window {c.meta.window}."
+                "ml3_mfrl cannot use meta.estimator='implicit': it needs θ at a fixed point of "
+                "one inner objective and the task loss's gradient in θ, but every inner step "
+                "trains on fresh episodes (no fixed point) and the return is not "
+                "differentiable through the simulator. Use 'es' or 'pes' (the return itself, "
+                "forward only) or 'truncated' / 'first_order' (the REINFORCE surrogate)."
             )
-        # One inner step per meta-gradient: exact ('unrolled' over it) or first-order.
-        self.estimator = "unrolled" if c.meta.estimator == "truncated" else "first_order"
+        if c.meta.estimator in ("es", "pes"):
+            self.estimator = c.meta.estimator  # forward only: any window (checked above)
+        elif c.meta.estimator not in ("truncated", "first_order") or c.meta.window != 1:
+            raise ValueError(
+                "ml3_mfrl collects fresh episodes at every inner step, so backpropagating its "
+                "REINFORCE surrogate steps φ after each one: use meta.window=1 with "
+                "meta.estimator='truncated' (exact through the step) or 'first_order'. For "
+                "windows of several inner steps use 'es' or 'pes', which score the return of "
+                "the updated policy and never differentiate. Got "
+                f"{c.meta.estimator!r}, window {c.meta.window}."
+            )
+        else:
+            # One inner step per meta-gradient: exact ('unrolled' over it) or first-order.
+            self.estimator = "unrolled" if c.meta.estimator == "truncated" else "first_order"
         super().__init__(config, mesh=mesh)
         self.env = goal_envs.make_env(c.env)
         self.obs_dim, self.action_dim = self.env.observation_size, self.env.action_size
@@ -220,6 +249,29 @@ class ModelFreeRL(ML3Experiment):
         log_probs = policies.log_prob(self.policy_net, params, data["obs"], data["actions"])
         return reinforce(log_probs, jnp.sum(data["rewards"], -1))
 
+    def es_inner_loss(self, net):
+        """Inner objective of "es"/"pes" for a batch {'goal'}: `inner.rollouts` fresh
+        episodes of π_θ from the step's key, then M_φ on them (`learned_inner_loss`);
+        reports their 'train/return' and 'train/mean_distance'."""
+        inner_loss = self.learned_inner_loss(net)
+
+        def collect_and_fit(params, model_state, phi, batch, key):
+            goal = batch["goal"]
+            data = self.rollouts(net, params, goal, key, self.config.inner.rollouts)
+            value, (model_state, _) = inner_loss(
+                params, model_state, phi, {"goal": goal, "data": data}, key
+            )
+            return value, (model_state, {f"train/{k}": v for k, v in self.scores(data).items()})
+
+        return collect_and_fit
+
+    def return_loss(self, params, model_state, batch, key):
+        """Task loss of "es"/"pes": −(mean return) of `meta.rollouts` fresh episodes of
+        π_θ' on batch['goal'] (never differentiated)."""
+        del model_state
+        data = self.rollouts(self.policy_net, params, batch["goal"], key, self.config.meta.rollouts)
+        return -self.scores(data)["return"]
+
     # -- meta-training --
 
     def init_one(self, seed_key: PRNGKey) -> MetaState:
@@ -251,6 +303,8 @@ class ModelFreeRL(ML3Experiment):
             jax.random.split(jax.random.fold_in(key, 2), num)
         )
         states = jax.vmap(lambda p: init_inner_state(p, self.inner_opt))(thetas)
+        if self.estimator in ("es", "pes"):
+            return self.es_episode(meta, key, goals, states)
         inner_loss = self.learned_inner_loss(net)
         step_fn = functools.partial(
             bilevel.inner_step, inner_loss=inner_loss, optimizer=self.inner_opt
@@ -302,6 +356,39 @@ class ModelFreeRL(ML3Experiment):
         metrics = jax.tree.map(lambda x: jnp.mean(x[1:]), metrics)
         metrics["train/final_return"] = last["train/return"]
         metrics["train/final_mean_distance"] = last["train/mean_distance"]
+        return meta, metrics
+
+    def es_episode(self, meta: MetaState, key: PRNGKey, goals: Array, states):
+        """The meta iteration of "es"/"pes" (module docstring) from fresh `states` [G].
+
+        Returns:
+          `(meta, metrics)`: metrics averaged over the windows; 'meta/loss' is −(mean
+          return) of the unperturbed θ at each window's end, 'train/final_return' the
+          return at θ_K, 'train/return' that of the inner steps' episodes.
+        """
+        c = self.config
+        num, length, window = c.data.goals_per_step, c.inner.episode_length, c.meta.window
+
+        def per_goal(n, salt):  # {'goal'} leaves [G, n, 2] and keys [G, n]
+            batch = {"goal": jnp.broadcast_to(goals[:, None], (num, n, goals.shape[-1]))}
+            return batch, jax.random.split(jax.random.fold_in(key, salt), (num, n))
+
+        meta, _, metrics = bilevel.windowed_meta_steps(
+            meta,
+            states,
+            *per_goal(length, 3),  # the inner steps' episodes
+            *per_goal(length // window, 4),  # the scored episodes (and ES's noise)
+            window=window,
+            meta_optimizer=self.meta_opt,
+            inner_loss=self.es_inner_loss(self.policy_net),
+            outer_loss=self.return_loss,
+            optimizer=self.inner_opt,
+            estimator=self.estimator,
+            options=self.estimator_options,
+        )
+        final_return = -metrics["meta/loss"][-1]
+        metrics = {k: jnp.mean(v) for k, v in metrics.items()}
+        metrics["train/final_return"] = final_return
         return meta, metrics
 
     # -- meta-test --

@@ -2,12 +2,17 @@
 
 Default tier: the REINFORCE surrogate, the meta-gradient through one inner step against
 finite differences on fixed episodes (float64), the samples-to-80 % measure and the
-config checks. Slow tier (MuJoCo MJX programs take a while to compile on a CPU): the goal
-environments' rewards, and a smoke run whose PPO and ML³ see the same goals and budget.
+config checks; and, on a cheap stand-in for the brax environments (`PointGoal`, nothing
+to compile), meta.estimator='es' and 'pes' on the return itself: their estimates against
+finite differences of the return with the same episodes, memory that does not grow with
+the window, and a run whose ES estimate explodes. Slow tier (MuJoCo MJX programs take a
+while to compile on a CPU): the goal environments' rewards, and a smoke run whose PPO and
+ML³ see the same goals and budget.
 The CLI smoke runs of both configs are in tests/experiments/test_run.py (slow tier).
 """
 
 import json
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -18,17 +23,22 @@ import experiments
 from configs._mfrl import mfrl_config
 from experiments.ml3_mfrl import reward_to_go, samples_to_fraction
 from metalearn import bilevel
+from metalearn.estimators import EstimatorOptions
 from metalearn.losses.task import reinforce
-from metalearn.runtime.loop import train_and_evaluate
+from metalearn.runtime.loop import NonFiniteError, train_and_evaluate
 from metalearn.state import init_inner_state
 from metalearn.tasks import goal_envs
 
 
 @pytest.fixture(autouse=True, scope="module")
 def brax_broadcasts():
-    """brax's own code relies on rank promotion, which conftest.py makes an error."""
-    with jax.numpy_rank_promotion("allow"):
-        yield
+    """brax's own code relies on rank promotion, which conftest.py makes an error. Allowed
+    globally, not by the thread-local context manager: the loop evaluates step 0 in a
+    worker thread."""
+    previous = jax.config.jax_numpy_rank_promotion
+    jax.config.update("jax_numpy_rank_promotion", "allow")
+    yield
+    jax.config.update("jax_numpy_rank_promotion", previous)
 
 
 @pytest.fixture(scope="module")
@@ -137,6 +147,199 @@ def test_settings_that_would_give_ppo_another_budget_are_refused():
         goal_envs.make_env("cheetah")
 
 
+class PointState(NamedTuple):
+    position: jax.Array
+    goal: jax.Array
+    obs: jax.Array
+    reward: jax.Array
+
+
+class PointGoal:
+    """A stand-in for the goal environments with nothing to compile: a point in the plane
+    moved by 0.1 × the action and rewarded −‖position − goal‖², smooth in the actions, so
+    the return of episodes with fixed keys is a smooth function of φ."""
+
+    observation_size, action_size, goal_dim = 4, 2, 2
+
+    def _state(self, position, goal, reward):
+        return PointState(position, goal, jnp.concatenate([position, goal - position]), reward)
+
+    def reset_to(self, rng, goal):
+        position = 0.05 * jax.random.normal(rng, (2,), goal.dtype)
+        return self._state(position, goal, jnp.zeros((), goal.dtype))
+
+    def step(self, state, action):
+        position = state.position + 0.1 * action
+        return self._state(position, state.goal, -jnp.sum((position - state.goal) ** 2))
+
+    def goal_distance(self, state):
+        return jnp.linalg.norm(state.position - state.goal)
+
+
+def point_config(estimator="es", window=2):
+    """The reacher smoke config, meta-trained by `estimator` in windows of `window` of 4."""
+    c = mfrl_config("reacher", "smoke")
+    c.meta.estimator, c.meta.window = estimator, window
+    c.inner.episode_length = 4
+    c.horizon = 5
+    c.loss_net.hidden = (8,)  # 97 parameters: ES's variance grows with their number
+    c.policy.init_log_std = -1.5  # the actions stay inside the environment's clip to [-1, 1]
+    c.eval.ppo = False
+    return c
+
+
+def point_experiment(config):
+    """`experiments.make(config)` on `PointGoal` instead of the brax environment."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(goal_envs, "make_env", lambda name: PointGoal())
+        return experiments.make(config)
+
+
+def to64(tree):
+    return jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), tree)
+
+
+def return_after_inner_steps(e, num_steps):
+    """`bilevel.meta_grad`'s arguments but φ and the estimator, for one goal: θ₀ takes
+    `num_steps` inner steps of the ES objective (fresh episodes each), then −(mean return)
+    of `meta.rollouts` episodes; every key fixed."""
+    goal = jnp.asarray([0.1, -0.05], jnp.float64)
+    theta = to64(jax.jit(e.init_policy, static_argnums=0)(e.policy_net, jax.random.key(1)))
+    return dict(
+        state=init_inner_state(theta, e.inner_opt),
+        batches={"goal": jnp.broadcast_to(goal, (num_steps, 2))},
+        keys=jax.random.split(jax.random.key(3), num_steps),
+        outer_batch={"goal": goal},
+        outer_key=jax.random.key(4),
+        inner_loss=e.es_inner_loss(e.policy_net),
+        outer_loss=e.return_loss,
+        optimizer=e.inner_opt,
+    )
+
+
+def tree_vdot(a, b):
+    return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+
+
+def assert_matches_finite_differences(estimate, objective, phi, num_draws):
+    """Checks an unbiased estimate of ∇`objective`(φ) by its mean over draws.
+
+    Half the draws of `estimate(noise_key)` give a pilot direction (their mean, ≈ the
+    gradient, so the derivative along it is large and a wrong scale shows); the other
+    half, independent of it, are projected on it and on two random directions. Each mean
+    must lie within 3 standard errors of the central difference of `objective`, and
+    along the pilot the standard error must be under 1/10 of the derivative.
+
+    Returns:
+      (z-scores [3], |derivative| / standard error [3]), the pilot first.
+    """
+    h = 1e-5
+
+    @jax.jit
+    def along_directions(noise_keys, direction_keys):
+        draws = jax.vmap(estimate)(noise_keys)
+        pilot = jax.tree.map(lambda g: g[: num_draws // 2].mean(0), draws)
+        held_out = jax.tree.map(lambda g: g[num_draws // 2 :], draws)
+
+        def random_direction(key):
+            leaves, treedef = jax.tree.flatten(phi)
+            keys = jax.random.split(key, len(leaves))
+            normal = [
+                jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys, strict=True)
+            ]
+            return jax.tree.unflatten(treedef, normal)
+
+        def one(d):
+            step = lambda sign: jax.tree.map(lambda p, v: p + sign * h * v, phi, d)  # noqa: E731
+            numeric = (objective(step(1.0)) - objective(step(-1.0))) / (2 * h)
+            return numeric, jax.vmap(lambda g: tree_vdot(g, d))(held_out)
+
+        directions = jax.tree.map(
+            lambda a, b: jnp.concatenate([a[None], b]),
+            pilot,
+            jax.vmap(random_direction)(direction_keys),
+        )
+        return jax.vmap(one)(directions)
+
+    numeric, along = along_directions(
+        jax.random.split(jax.random.key(5), num_draws), jax.random.split(jax.random.key(6), 2)
+    )
+    numeric, along = np.asarray(numeric), np.asarray(along)
+    mean, se = along.mean(1), along.std(1, ddof=1) / np.sqrt(along.shape[1])
+    z, resolution = (mean - numeric) / se, np.abs(numeric) / se
+    assert np.all(np.abs(z) < 3), (mean, numeric, se)
+    assert resolution[0] > 10, (numeric, se)  # the check can tell a wrong estimate
+    return z, resolution
+
+
+def test_es_estimate_of_the_return_matches_finite_differences(float64, fast_compile):
+    """ES's mean over many draws against the directional derivatives of −(mean return)
+    after two inner steps, with the same episode keys in both (common random numbers)."""
+    e = point_experiment(point_config())
+    args = return_after_inner_steps(e, 2)
+    phi = to64(jax.jit(e.init_one)(jax.random.key(2)).params)
+
+    def estimate(noise_key):
+        options = dict(estimator="es", options=e.estimator_options, noise_key=noise_key)
+        return bilevel.meta_grad(phi, **args, **options)[1]
+
+    assert_matches_finite_differences(
+        estimate, lambda p: bilevel.meta_loss(p, **args)[0], phi, num_draws=1000
+    )
+
+
+def test_the_config_chooses_the_estimator_and_unusable_ones_are_refused():
+    c = point_config("es", window=4)
+    c.meta.estimator_options = {"sigma": 0.05, "pairs": 3}
+    e = point_experiment(c)
+    assert (e.estimator, e.estimator_options) == ("es", EstimatorOptions(sigma=0.05, pairs=3))
+    assert point_experiment(point_config("truncated", window=1)).estimator == "unrolled"
+    for estimator, window, match in [
+        ("implicit", 1, r"cannot use meta.estimator='implicit': .* \(no fixed point\)"),
+        ("truncated", 2, r"use meta.window=1 .* For windows of several inner steps use 'es'"),
+        ("unrolled", 4, r"use meta.window=1 .* For windows of several inner steps use 'es'"),
+        ("pes", 4, r"plain ES: say estimator='es'"),
+        ("ES", 2, r"Did you mean 'es'"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            point_experiment(point_config(estimator, window))
+
+
+def compiled_meta_iteration(config):
+    """A meta iteration (`train_chunk` of one step) compiled, its initial state, and the
+    compilation's temporary memory."""
+    config.fast_compile = False  # jax refuses compiler options on a nested jit: the fixture's
+    e = point_experiment(config)
+    state = e.init()
+    compiled = jax.jit(e.train_chunk, static_argnums=(1, 2)).lower(state, 0, 1).compile()
+    return compiled, state, compiled.memory_analysis().temp_size_in_bytes
+
+
+@pytest.mark.parametrize(("estimator", "window"), [("es", 2), ("pes", 2)])
+def test_es_and_pes_meta_train_on_the_return_in_memory_independent_of_the_window(
+    estimator, window, fast_compile
+):
+    run, state, temp_bytes = compiled_meta_iteration(point_config(estimator, window))
+    new, metrics = run(state)
+    assert all(np.isfinite(v).all() for v in metrics.values()), metrics
+    assert np.all(metrics["meta/es_loss_spread"] > 0)  # the perturbations score differently
+    assert np.all(metrics["meta/loss"] > 0)  # −(mean return), and PointGoal's rewards are ≤ 0
+    kernel = lambda s: s.params["params"]["Dense_0"]["kernel"]  # noqa: E731
+    assert not np.allclose(kernel(new), kernel(state))
+    if estimator == "es":  # forward unrolls only: a window 8× as long needs no more memory
+        long = point_config(estimator, 16)
+        long.inner.episode_length = 16
+        assert compiled_meta_iteration(long)[2] <= 1.05 * temp_bytes
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
+def test_an_exploding_es_estimate_stops_the_run_and_names_sigma(tmp_path):
+    c = point_config("es", window=4)
+    c.meta.estimator_options = {"sigma": 1e30, "pairs": 2}  # φ ± 1e30: the returns overflow
+    with pytest.raises(NonFiniteError, match=r"at step 1 .*lower meta.estimator_options.sigma"):
+        train_and_evaluate(point_experiment(c), c, str(tmp_path))
+
+
 @pytest.mark.slow
 def test_ant_goal_reward_is_the_negative_goal_distance(fast_compile):
     env = goal_envs.make_env("ant")
@@ -200,3 +403,20 @@ def test_smoke_run_gives_ppo_and_ml3_the_same_goals_and_budget(tmp_path):
     for method in ("ml3", "ppo"):
         assert np.isfinite(summary[method]["final_return"]["mean"])
     assert set(summary["architectures"]) == {"1x8", "2x8"}
+
+
+@pytest.mark.slow
+def test_es_smoke_run_on_the_reacher_scores_the_return_of_the_whole_inner_episode(tmp_path):
+    config = mfrl_config("reacher", "smoke")
+    config.meta.estimator, config.meta.window = "es", config.inner.episode_length
+    config.meta.estimator_options.pairs = 2
+    config.eval.ppo = False
+    summary = train_and_evaluate(experiments.make(config), config, str(tmp_path))
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    train = [m for m in map(json.loads, lines) if "meta/grad_norm" in m]
+    assert len(train) == config.meta.steps
+    for m in train:
+        assert np.all(np.asarray(m["meta/es_loss_spread"]) > 0)
+        # one window of the whole episode: its loss is −(return) at θ_K
+        np.testing.assert_allclose(m["meta/loss"], -np.asarray(m["train/final_return"]))
+    assert np.isfinite(summary["ml3"]["final_return"]["mean"])
