@@ -315,7 +315,10 @@ def compiled_meta_iteration(config):
     return compiled, state, compiled.memory_analysis().temp_size_in_bytes
 
 
-@pytest.mark.parametrize(("estimator", "window"), [("es", 2), ("pes", 2)])
+@pytest.mark.parametrize(
+    ("estimator", "window"),
+    [("es", 2), pytest.param("pes", 2, marks=pytest.mark.slow)],  # 12 s: the same plumbing
+)
 def test_es_and_pes_meta_train_on_the_return_in_memory_independent_of_the_window(
     estimator, window, fast_compile
 ):
@@ -332,6 +335,7 @@ def test_es_and_pes_meta_train_on_the_return_in_memory_independent_of_the_window
         assert compiled_meta_iteration(long)[2] <= 1.05 * temp_bytes
 
 
+@pytest.mark.slow  # 19 s; test_run.py checks the same stop on ml3_sine in the default tier
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
 def test_an_exploding_es_estimate_stops_the_run_and_names_sigma(tmp_path):
     c = point_config("es", window=4)
