@@ -14,9 +14,8 @@ import numpy as np
 
 @functools.cache
 def pyplot():
-    """matplotlib.pyplot on the Agg backend, imported at the first figure: an experiment
-    imports this module at start, and matplotlib's import is a good part of a short
-    run's time (`runtime.loop` imports it in a thread beside the first compilation)."""
+    """matplotlib.pyplot on the Agg backend, imported at the first figure, so that
+    importing this module (every experiment does) costs nothing until it draws."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -47,16 +47,10 @@ class Experiment(abc.ABC):
         of `eval_every`.
       keep_checkpoints: steps whose checkpoints are saved and kept for good, besides the
         newest two (each a multiple of `eval_every`; e.g. the end of an offline phase).
-      concurrent_first_evaluation: the loop may run the evaluation at step 0 in a thread
-        beside the first chunk, so that their programs compile at once (on two cores,
-        in about the time of the larger). Only for experiments whose `evaluate` is a
-        pure function of the state that shares no mutable Python state with
-        `train_chunk` (no data iterators) and whose chunk donates no buffers.
     """
 
     num_steps: int
     keep_checkpoints: tuple[int, ...] = ()
-    concurrent_first_evaluation: bool = False
 
     def __init__(self, config: ml_collections.ConfigDict, *, mesh: jax.sharding.Mesh | None = None):
         self.config = config
@@ -118,8 +112,6 @@ class ML3Experiment(Experiment):
     """
 
     VARIANTS: tuple[str, ...] = ()
-    # Every ML³ evaluation is a pure, jitted meta-test of the state.
-    concurrent_first_evaluation = True
     # True: `chunk_inputs` has a leading seed axis and each seed's episode gets its slice.
     CHUNK_INPUTS_PER_SEED: bool = False
 

@@ -10,15 +10,12 @@ result.
 
 import json
 import os
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
 
-from metalearn import plots
 from metalearn.runtime.checkpoint import Checkpointer
 from metalearn.runtime.experiment import Experiment
 from metalearn.runtime.metrics import MetricWriter, read_metrics, truncate_metrics
@@ -142,15 +139,8 @@ def train_and_evaluate(
         truncate_metrics(workdir, start)
     writer = MetricWriter(workdir)
     log_every = config.get("log_every", 1)
-    # matplotlib (for finalize's figures) imports while XLA compiles, which frees the GIL.
-    threading.Thread(target=plots.pyplot, daemon=True).start()
-    pool = ThreadPoolExecutor(max_workers=1)
     try:
-        first_evaluation = None
-        if start == 0 and experiment.concurrent_first_evaluation:
-            # Its program and the first chunk's compile at the same time, on two cores.
-            first_evaluation = pool.submit(experiment.evaluate, state, 0)
-        elif start == 0:
+        if start == 0:
             _write_checked(writer, 0, experiment.evaluate(state, 0), "evaluation")
         progress = Progress(experiment.num_steps, initial=start)
         step = start
@@ -159,9 +149,6 @@ def train_and_evaluate(
                 experiment.eval_every - step % experiment.eval_every, experiment.num_steps - step
             )
             state, metrics = experiment.train_chunk(state, step, num)
-            if first_evaluation is not None:
-                _write_checked(writer, 0, first_evaluation.result(), "evaluation")
-                first_evaluation = None
             metrics = jax.device_get(metrics)
             bad = first_non_finite(metrics)
             if bad is not None:
@@ -192,8 +179,6 @@ def train_and_evaluate(
                     raise NonFiniteError(f"The state became non-finite by step {step}; not saved.")
                 writer.flush()
                 ckpt.save(step, state)
-        if first_evaluation is not None:  # stopped before the first chunk
-            _write_checked(writer, 0, first_evaluation.result(), "evaluation")
         progress.close()
         if step < experiment.num_steps:
             return None
@@ -205,7 +190,6 @@ def train_and_evaluate(
             json.dump({"step": getattr(e, "step", None), "message": str(e)}, f, indent=2)
         raise
     finally:
-        pool.shutdown()
         writer.close()
         ckpt.close()
     path = os.path.join(workdir, SUMMARY_FILE)

@@ -163,27 +163,6 @@ def test_resume_says_where_it_resumed_and_ends_as_an_uninterrupted_run(
     assert steps == full_steps  # no duplicated or missing rows across the restart
 
 
-def test_the_first_evaluation_beside_the_first_chunk_changes_nothing(
-    sine_experiment, sine_full_run, tmp_path
-):
-    """The loop runs an ML³ experiment's step-0 evaluation in a thread beside the first
-    chunk (their programs compile at once); run in turn, every logged number and the
-    summary are the same, and the evaluation is still the first row."""
-    config, experiment = sine_experiment
-    full_dir, full = sine_full_run
-    assert experiment.concurrent_first_evaluation
-    experiment.concurrent_first_evaluation = False
-    try:
-        in_turn = train_and_evaluate(experiment, config, str(tmp_path / "in_turn"))
-    finally:
-        experiment.concurrent_first_evaluation = True
-    assert in_turn == full
-    rows = (tmp_path / "in_turn" / "metrics.jsonl").read_text()
-    assert rows == (full_dir / "metrics.jsonl").read_text()
-    first = json.loads(rows.splitlines()[0])
-    assert first["step"] == 0 and "eval/train_task_mse/learned_loss" in first
-
-
 @pytest.mark.slow  # 7 s; resume tests already check that a run is reproducible
 def test_same_seed_same_result_and_other_seed_differs(sine_experiment, sine_full_run, tmp_path):
     config, _ = sine_experiment
