@@ -75,6 +75,7 @@ def measure(
         c.meta.method = method
         c.data.source = "synthetic"
         c.data.max_train_examples = c.data.max_test_examples = 2 * batch_size
+        c.data.validation_fraction = 0.5  # a meta batch's worth of held-out images
         c.data.batch_size = c.meta.batch_size = batch_size
         c.model.dtype = dtype
         return c

@@ -102,6 +102,18 @@ def image_config(algorithm: str, dataset: str, arg: str | None) -> ml_collection
             "augment": "default",  # or "none" | "crop" | "crop_flip"
             "batch_size": 128,
             "prefetch": 2,
+            # Where training batches are drawn: "true" keeps the train and validation
+            # images in device memory, gathers each batch there and runs the steps as
+            # compiled scans (a batch order of its own, as deterministic); "false" draws
+            # them on the host, one dispatch per step; "auto" keeps them on the device
+            # when they fit in on_device_budget_gib (≤ 0: a quarter of a GPU's or TPU's
+            # memory; on a CPU, where it measured no faster, the host path unless a
+            # budget is given). The run's summary says which it used ("batches").
+            "on_device": "auto",
+            "on_device_budget_gib": 0.0,
+            # Steps per compiled scan on the device path; 0: all of a chunk's on a GPU or
+            # TPU, 1 on a CPU (XLA:CPU runs convolution gradients slowly inside loops).
+            "scan_steps": 0,
         }
     )
     c.model = ml_collections.ConfigDict({"name": d["model"], "dropout": -1.0, "dtype": "float32"})
@@ -139,7 +151,17 @@ def image_config(algorithm: str, dataset: str, arg: str | None) -> ml_collection
             # (at θ_{t+1}) or "momentum" (θ_t plus the whole displacement −η/(1−μ)(g + λθ)
             # the step's gradient causes under the base optimizer's momentum).
             "lookahead": "none",
-            "init_steps": 2500,  # S_init: offline ML³ steps, one inner step each
+            "init_steps": 2500,  # S_init: offline ML³ steps
+            # S_inner: inner steps from a fresh θ in each offline step (1: the paper's
+            # setting), and how the meta-gradient through them is taken: "unrolled" (the
+            # only choice for 1), "implicit" (the paper's suggestion for S_inner > 1: θ_S
+            # as a fixed point of ℓ_φ on the step's batch, a CG solve whose memory does not
+            # grow with S_inner), "es" or "first_order". The inner batches are the step's
+            # training batch, S_inner times (augmented afresh each time).
+            "init_inner_steps": 1,
+            "init_estimator": "unrolled",
+            # σ and pairs of "es", CG iterations and damping of "implicit".
+            "estimator_options": {"sigma": 0.01, "pairs": 8, "cg_iters": 20, "damping": 0.0},
             "batch_size": 128,
             # Where the meta-objective batch comes from: "validation" (the held-out,
             # stratified data.validation_fraction of the training set, the paper's) or

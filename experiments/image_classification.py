@@ -14,7 +14,14 @@ Global step t runs the initialisation for t < init_steps and trains the model af
 `eval/model_step` = t − init_steps. The data position is the step: batch t of every
 stream is a pure function of (seed, t), which makes a resumed run read exactly the
 batches an uninterrupted one would. Steps are jitted over a device mesh: batches split
-along `data`, state replicated.
+along `data`, state replicated. Where the data fits in device memory (`data.on_device`) the
+train and validation images live there, each batch is gathered there from a permutation
+per epoch (`images.device_batch_indices`) and a chunk of steps is one compiled `lax.scan`
+(`scan_chunk`), so small models run at the speed of their compute, not of one dispatch
+per step (on a CPU, where XLA runs convolution gradients slowly inside loops, each step
+is a program of its own: `data.scan_steps`); otherwise batches come from the host, one
+jitted step at a time. The two paths order the batches differently; the summary's
+`batches` says which a run used.
 
 The learned loss ℓ_φ is fed output-wise: the one-hot label y_c and the softmax
 probability ŷ_c of every class c (`make_losses`), by default added to cross-entropy
@@ -45,6 +52,7 @@ import optax
 
 from metalearn import bilevel, plots
 from metalearn.algorithms import adalfl
+from metalearn.estimators import EstimatorOptions
 from metalearn.losses import learned as learned_losses
 from metalearn.losses.task import softmax_cross_entropy
 from metalearn.models import vision
@@ -59,6 +67,8 @@ from metalearn.types import Array, Batch, PRNGKey
 ALGORITHMS = ("baseline", "ml3", "adalfl")
 CURVE_POINTS = 21  # predicted probabilities at which the learned loss's shape is logged
 NO_ERROR_YET = 2.0  # the best selection error before any (above every error rate; finite)
+# Key folds of the device path's data streams, clear of those of the steps (0-6).
+DATA_KEY_FOLDS = {"train": 1000, "meta": 1001, "select": 1002}
 
 
 @flax.struct.dataclass
@@ -170,6 +180,12 @@ class ImageClassification(Experiment):
                     f"Unknown meta.method {c.meta.method!r}; choose one of {adalfl.METHODS}."
                 )
         self.init_steps = c.meta.init_steps if self.learned else 0
+        # S_inner steps from a fresh θ in each offline step, and their estimator.
+        self.init_inner_steps = c.meta.get("init_inner_steps", 1)
+        self.init_estimator = c.meta.get("init_estimator", "unrolled")
+        if self.learned:
+            adalfl.check_offline_estimator(self.init_estimator, self.init_inner_steps)
+        self.estimator_options = EstimatorOptions.from_config(c.meta.get("estimator_options"))
         self.num_steps = self.init_steps + c.inner.steps
         # The end of the offline phase: kept, for other runs to start from (reproduce_images).
         self.keep_checkpoints = (self.init_steps,) if self.init_steps else ()
@@ -241,6 +257,9 @@ class ImageClassification(Experiment):
             self.lockstep_step, in_shardings=(repl, data, data, repl, repl), **shardings
         )
         self._plain_step = self.jit(self.plain_step, in_shardings=(repl, data, repl), **shardings)
+        self._offline_step = self.jit(
+            self.offline_step, in_shardings=(repl, data, data, repl), **shardings
+        )
         self._eval_step = self.jit(self.eval_step, in_shardings=(repl, data), out_shardings=repl)
         self._curves = self.jit(self.loss_curves)
         self._select_init = self.jit(self._fresh_inner, out_shardings=repl)
@@ -248,6 +267,40 @@ class ImageClassification(Experiment):
             self.select_step, in_shardings=(repl, repl, data, repl), out_shardings=repl
         )
         self._keep_best = self.jit(self.keep_best, out_shardings=repl)
+
+        # The device path: the splits the streams read, resident on every device.
+        splits = {self.stream(name)[0] for name in self.streams()}
+        host = {s: self.host_split(s) for s in splits}
+        nbytes = sum(x.nbytes + 4 * len(y) for x, y in host.values())
+        self.on_device, reason = images.choose_on_device(
+            c.data.get("on_device", "auto"),
+            nbytes,
+            c.data.get("on_device_budget_gib", 0.0),
+            self.mesh.devices.flat[0],
+        )
+        # Steps per compiled program on the device path (None: a whole piece of a chunk).
+        # XLA:CPU runs convolution gradients inside a loop (or any nested computation)
+        # without its fast kernels, several times slower, so on a CPU each step is its own
+        # program there (gathering its batch on the device) unless data.scan_steps says.
+        cpu = self.mesh.devices.flat[0].platform == "cpu"
+        self.scan_steps = c.data.get("scan_steps", 0) or (1 if cpu else None)
+        per_call = f"scans of {self.scan_steps or 'all'} steps"
+        self.batches = (  # recorded in the summary
+            f"device: per-epoch jax.random permutations, {per_call} ({reason})"
+            if self.on_device
+            else f"host: per-epoch numpy permutations, one dispatch per step ({reason})"
+        )
+        self.resident = None
+        if self.on_device:
+            put = functools.partial(jax.make_array_from_process_local_data, repl)
+            self.resident = {
+                s: {"image": put(np.asarray(x)), "label": put(np.asarray(y, np.int32))}
+                for s, (x, y) in host.items()
+            }
+        self._indices = self.jit(self.piece_indices, static_argnums=(2, 3), out_shardings=repl)
+        self._scan = self.jit(self.scan_chunk, static_argnums=(6, 7), **shardings)
+        self._select_run = self.jit(self.select_run, static_argnums=6, out_shardings=repl)
+        self._gather = self.jit(self.gather, out_shardings=data)
 
     # ---- pure functions -------------------------------------------------------------
 
@@ -301,6 +354,33 @@ class ImageClassification(Experiment):
         inner = jax.lax.cond(offline, lambda: state.inner, lambda: inner)
         return state.replace(inner=inner, meta=meta), metrics
 
+    def offline_step(
+        self, state: TrainState, batch: Batch, meta_batch: Batch, step: Array
+    ) -> tuple[TrainState, dict]:
+        """One offline ML³ step (Algorithm 1): with S_inner = 1 `lockstep_step`'s offline
+        branch; with S_inner > 1, `meta.init_inner_steps` steps from a fresh θ on the
+        step's batch (augmented afresh each step), differentiated by `meta.init_estimator`
+        (`adalfl.offline_unroll_step`). θ is untouched."""
+        if self.init_inner_steps == 1:
+            return self.lockstep_step(state, batch, meta_batch, step, True)
+        key = jax.random.fold_in(jax.random.fold_in(self.key, 3), step)  # the offline fold
+        fresh_key, key = jax.random.split(key)
+        batches = jax.tree.map(lambda x: jnp.stack([x] * self.init_inner_steps), batch)
+        meta, metrics = adalfl.offline_unroll_step(
+            state.meta,
+            self._fresh_inner(fresh_key),
+            batches,
+            meta_batch,
+            key,
+            inner_loss=self.learned_inner,
+            outer_loss=self.outer,
+            optimizer=self.optimizer,
+            meta_optimizer=self.meta_optimizer,
+            estimator=self.init_estimator,
+            options=self.estimator_options,
+        )
+        return state.replace(meta=meta), metrics
+
     def plain_step(self, state: TrainState, batch: Batch, step: Array) -> tuple[TrainState, dict]:
         """One model step on cross-entropy (baseline) or on the frozen ℓ_φ (ML³)."""
         key = jax.random.fold_in(jax.random.fold_in(self.key, 4), step)
@@ -329,14 +409,130 @@ class ImageClassification(Experiment):
         return state.replace(best_meta_params=best, best_error=best_error)
 
     def init_phase_step(self, state, batch, meta_batch, step) -> tuple[TrainState, dict]:
-        """Global step `step` < init_steps: one offline ML³ step (jitted)."""
-        return self._lockstep(state, batch, meta_batch, step, True)
+        """Global step `step` < init_steps: one offline ML³ step (jitted). With S_inner = 1
+        it is the lock-step program's offline branch, so both phases share a compilation."""
+        if self.init_inner_steps == 1:
+            return self._lockstep(state, batch, meta_batch, step, True)
+        return self._offline_step(state, batch, meta_batch, step)
 
     def train_step(self, state, batch, meta_batch, step) -> tuple[TrainState, dict]:
         """Global step `step` ≥ init_steps: one model step of the algorithm (jitted)."""
         if self.config.algorithm == "adalfl":
             return self._lockstep(state, batch, meta_batch, step, False)
         return self._plain_step(state, batch, step)
+
+    def scanned_step(self, offline: bool) -> str:
+        """The pure step a scanned piece of the offline (or online) phase runs, as
+        `init_phase_step` / `train_step` choose it: 'lockstep' (`lockstep_step`: both
+        phases of AdaLFL, and an offline phase of S_inner = 1), 'offline' (`offline_step`,
+        S_inner > 1) or 'plain' (`plain_step`)."""
+        if offline:
+            return "lockstep" if self.init_inner_steps == 1 else "offline"
+        return "lockstep" if self.config.algorithm == "adalfl" else "plain"
+
+    def uses_meta(self, offline: bool) -> bool:
+        """Whether a step of the offline (or online) phase takes a meta batch."""
+        return self.learned and (offline or self.config.algorithm == "adalfl")
+
+    def streams(self) -> tuple[str, ...]:
+        """The data streams the run reads."""
+        return ("train",) + ("meta",) * self.learned + ("select",) * bool(self.select_every)
+
+    def stream(self, name: str) -> tuple[str, int, int]:
+        """(split, host-path seed, batch size) of stream 'train' (the model's batches),
+        'meta' (the meta-objective's: the validation split, or with meta.split='train' the
+        training images in another order) or 'select' (the selection runs')."""
+        c = self.config
+        if name == "train":
+            return "train", c.seed, c.data.batch_size
+        if name == "select":
+            return "train", c.seed + 200_003, c.meta.batch_size
+        if c.meta.split == "train":  # the same images, in another order
+            return "train", c.seed + 100_003, c.meta.batch_size
+        return "validation", c.seed, c.meta.batch_size
+
+    def stream_indices(self, resident: dict, name: str, start: Array, num: int) -> Array:
+        """int32 [num, B]: the device path's indices of batches start … start+num−1 of
+        stream `name` into its split of `resident`, a pure function of (seed, step)."""
+        split, _, batch_size = self.stream(name)
+        key = jax.random.fold_in(self.key, DATA_KEY_FOLDS[name])
+        num_examples = resident[split]["label"].shape[0]
+        return images.device_batch_indices(key, num_examples, batch_size, start, num)
+
+    def gather(self, split: dict, idx_B: Array) -> Batch:
+        """The batch of examples `idx_B` of a resident split, split over the mesh."""
+        idx_B = jax.lax.with_sharding_constraint(idx_B, self.batch_sharding)
+        return {"image": split["image"][idx_B], "label": split["label"][idx_B]}
+
+    def piece_indices(
+        self, resident: dict, start: Array, num: int, names: tuple[str, ...]
+    ) -> dict[str, Array]:
+        """{stream: int32 [num, B]}: `stream_indices` of the streams `names` for steps
+        start … start+num−1, computed once for a piece that runs as several programs."""
+        return {n: self.stream_indices(resident, n, start, num) for n in names}
+
+    def scan_chunk(
+        self,
+        state: TrainState,
+        resident: dict,
+        idx: dict[str, Array],
+        offset: Array,
+        start: Array,
+        offline: Array,
+        num: int,
+        kind: str,
+    ) -> tuple[TrainState, dict]:
+        """Steps start … start+num−1 of one phase as one `lax.scan`: the steps of
+        `init_phase_step` (offline) or `train_step`, each on batches gathered from the
+        device-resident splits, at rows offset … offset+num−1 of `idx`
+        (`piece_indices`). Metrics come back stacked [num].
+
+        The body calls the pure step those two jit, `kind` (`scanned_step`), since a
+        program compiled with `fast_compile`'s options cannot be called inside another;
+        `offline` is traced, so that the phases of 'lockstep' share one program as the
+        jitted step does. A test holds the scan to the loop of `step_loop`, which calls
+        the jitted steps.
+        """
+        idx = jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, offset, num), idx)
+
+        def body(state, xs):
+            t, idx_t = xs
+            b = {n: self.gather(resident[self.stream(n)[0]], i) for n, i in idx_t.items()}
+            if kind == "lockstep":
+                return self.lockstep_step(state, b["train"], b["meta"], t, offline)
+            if kind == "offline":
+                return self.offline_step(state, b["train"], b["meta"], t)
+            return self.plain_step(state, b["train"], t)
+
+        xs = (start + jnp.arange(num, dtype=jnp.int32), idx)
+        if num == 1:  # no loop: a step at the top level of its program (see `scan_steps`)
+            state, metrics = body(state, jax.tree.map(lambda x: x[0], xs))
+            return state, jax.tree.map(lambda x: x[None], metrics)
+        return jax.lax.scan(body, state, xs)
+
+    def select_run(
+        self,
+        inner: InnerState,
+        phi,
+        resident: dict,
+        idx: dict[str, Array],
+        offset: Array,
+        start: Array,
+        num: int,
+    ) -> InnerState:
+        """Steps start … start+num−1 of a selection run (`select_step`) as one `lax.scan`
+        on the device path (one plain step for num = 1), at rows offset … offset+num−1
+        of `idx` (`piece_indices` of the 'select' stream)."""
+        idx = jax.lax.dynamic_slice_in_dim(idx["select"], offset, num)
+
+        def body(inner, xs):
+            i, idx_B = xs
+            return self.select_step(inner, phi, self.gather(resident["train"], idx_B), i), None
+
+        xs = (start + jnp.arange(num, dtype=jnp.int32), idx)
+        if num == 1:
+            return body(inner, jax.tree.map(lambda x: x[0], xs))[0]
+        return jax.lax.scan(body, inner, xs)[0]
 
     def eval_step(self, inner: InnerState, batch: Batch) -> dict:
         """Sums of cross-entropy, correct predictions and examples over a masked batch."""
@@ -367,46 +563,89 @@ class ImageClassification(Experiment):
         """The initial state, replicated over the mesh."""
         return self._init()
 
-    def batch_at(self, name: str, step: int):
-        """Batch `step` of stream `name` ('train' or 'meta'), on the devices.
+    def _at(self, value: int | bool) -> jax.Array:
+        """A step number (int32) or a phase flag (bool), replicated over the mesh."""
+        dtype = np.bool_ if isinstance(value, bool) else np.int32
+        return jax.device_put(np.asarray(value, dtype), self.replicated)
 
-        Consecutive calls reuse one prefetching iterator; any other step starts a new one
-        there, since batch t is a pure function of (seed, t).
+    def host_split(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """(images, labels) of split 'train' or 'validation' on the host."""
+        if split == "train":
+            return self.data.train_images, self.data.train_labels
+        return self.data.val_images, self.data.val_labels
+
+    def batch_at(self, name: str, step: int):
+        """Batch `step` of stream `name` ('train', 'meta' or 'select'), on the devices.
+
+        On the device path it is gathered there, from the indices a scanned chunk would
+        use (`stream_indices`). On the host path consecutive calls reuse one prefetching
+        iterator; any other step starts a new one there, since batch t is a pure function
+        of (seed, t).
         """
-        c = self.config
+        if self.on_device:
+            if name not in self.streams():
+                raise ValueError(f"This run reads the streams {self.streams()}, not {name!r}.")
+            idx_B = self.stream_indices(self.resident, name, np.int32(step), 1)[0]
+            return self._gather(self.resident[self.stream(name)[0]], idx_B)
         pos, it = self._streams.get(name, (None, None))
         if pos != step:
             if it is not None:
                 it.close()  # stops its prefetch thread
-            if name == "train":
-                x, y, seed = self.data.train_images, self.data.train_labels, c.seed
-            elif name == "select":
-                x, y, seed = self.data.train_images, self.data.train_labels, c.seed + 200_003
-            elif c.meta.split == "train":  # the same images, in another order
-                x, y, seed = self.data.train_images, self.data.train_labels, c.seed + 100_003
-            else:
-                x, y, seed = self.data.val_images, self.data.val_labels, c.seed
-            bs = c.data.batch_size if name == "train" else c.meta.batch_size
+            split, seed, batch_size = self.stream(name)
+            x, y = self.host_split(split)
             it = images.prefetch_to_device(
-                images.host_batches(x, y, bs, seed, step), self.batch_sharding, c.data.prefetch
+                images.host_batches(x, y, batch_size, seed, step),
+                self.batch_sharding,
+                self.config.data.prefetch,
             )
         self._streams[name] = (step + 1, it)
         return next(it)
 
     def train_chunk(self, state: TrainState, start: int, num: int) -> tuple[TrainState, dict]:
+        """Steps start … start+num−1, cut where the offline phase ends and at its selection
+        points (`select`). On the device path each piece runs as compiled scans of
+        `scan_steps` steps (`scan_chunk`; by default the whole piece, one step on a CPU)
+        and a remainder: one program per phase and length. On the host path a loop of
+        jitted steps."""
+        pieces = []
+        t, stop = start, start + num
+        while t < stop:
+            offline = t < self.init_steps
+            end = min(stop, self.init_steps) if offline else stop
+            if offline and self.select_every:
+                end = min(end, (t // self.select_every + 1) * self.select_every)
+            if self.on_device:
+                kind = self.scanned_step(offline)
+                names = ("train",) if kind == "plain" else ("train", "meta")
+                idx = self._indices(self.resident, self._at(t), end - t, names)
+                for s in range(t, end, self.scan_steps or end - t):
+                    n = min(self.scan_steps or end - t, end - s)
+                    at = (self.resident, idx, self._at(s - t), self._at(s), self._at(offline))
+                    state, metrics = self._scan(state, *at, n, kind)
+                    pieces.append(metrics)
+            else:
+                state, metrics = self.step_loop(state, t, end - t, offline)
+                pieces.append(metrics)
+            if offline and self.select_every and end % self.select_every == 0:
+                state = self.select(state, end)
+            t = end
+        if len(pieces) == 1:
+            return state, pieces[0]
+        return state, jax.tree.map(lambda *xs: jnp.concatenate(xs), *pieces)
+
+    def step_loop(
+        self, state: TrainState, start: int, num: int, offline: bool
+    ) -> tuple[TrainState, dict]:
+        """Steps start … start+num−1 of one phase, one jitted step each, on `batch_at`'s
+        batches (the host path; on the device path the same steps as `scan_chunk`)."""
+        step_fn = self.init_phase_step if offline else self.train_step
         rows = []
         for t in range(start, start + num):
             batch = self.batch_at("train", t)
-            meta_batch = None
-            if self.learned and (t < self.init_steps or self.config.algorithm == "adalfl"):
-                meta_batch = self.batch_at("meta", t)
-            step = jax.device_put(np.int32(t), self.replicated)
-            if t < self.init_steps:
-                state, metrics = self.init_phase_step(state, batch, meta_batch, step)
-                if self.select_every and (t + 1) % self.select_every == 0:
-                    state = self.select(state, t + 1)
-            else:
-                state, metrics = self.train_step(state, batch, meta_batch, step)
+            meta_batch = self.batch_at("meta", t) if self.uses_meta(offline) else None
+            state, metrics = step_fn(
+                state, batch, meta_batch, jax.device_put(np.int32(t), self.replicated)
+            )
             rows.append(metrics)
         return state, jax.tree.map(lambda *xs: jnp.stack(xs), *rows)
 
@@ -417,11 +656,19 @@ class ImageClassification(Experiment):
         error so far is kept, and at the end of the offline phase becomes φ."""
         c = self.config
         inner = self._select_init(jax.random.fold_in(self.key, 6))
-        for i in range(c.meta.select_steps):
-            batch = self.batch_at("select", i)
-            inner = self._select_step(
-                inner, state.meta.params, batch, jax.device_put(np.int32(i), self.replicated)
-            )
+        if self.on_device:
+            num = c.meta.select_steps
+            idx = self._indices(self.resident, self._at(0), num, ("select",))
+            for s in range(0, num, self.scan_steps or num):
+                n = min(self.scan_steps or num, num - s)
+                at = (self.resident, idx, self._at(s), self._at(s))
+                inner = self._select_run(inner, state.meta.params, *at, n)
+        else:
+            for i in range(c.meta.select_steps):
+                batch = self.batch_at("select", i)
+                inner = self._select_step(
+                    inner, state.meta.params, batch, jax.device_put(np.int32(i), self.replicated)
+                )
         error = self.error_rate(inner, self.data.val_images, self.data.val_labels)[0]
         state = self._keep_best(state, jax.device_put(np.float32(error), self.replicated))
         if step == self.init_steps:
@@ -501,6 +748,7 @@ class ImageClassification(Experiment):
             "test_error": mean_std([final["eval/test_error"]]),
             "test_loss": mean_std([final["eval/test_loss"]]),
             "best_test_error": mean_std([min(r["eval/test_error"] for r in evals)]),
+            "batches": self.batches,
         }
         if "eval/val_error" in final:  # for model selection (reproduce_images --ce_search)
             summary["val_error"] = mean_std([final["eval/val_error"]])
@@ -522,9 +770,9 @@ class ImageClassification(Experiment):
     def loss_description(self) -> dict[str, Any]:
         """How the saved ℓ_φ must be fed, and what it was meta-trained for.
 
-        Every meta-gradient differentiates one inner step: from a fresh θ in ML³'s
-        offline phase (so its loss is meta-trained for 1-step episodes), from the carried
-        θ in AdaLFL, whose φ followed one training run of `inner.steps` steps.
+        ML³'s offline phase meta-trains it for episodes of S_inner steps from a fresh θ
+        (`meta.init_inner_steps`); AdaLFL differentiates one inner step at a time from the
+        carried θ, so its φ followed one training run of `inner.steps` steps.
         """
         c = self.config
         return {
@@ -532,5 +780,5 @@ class ImageClassification(Experiment):
             "y_hat": "softmax probabilities",
             "extra": (),
             "inner_optimizer": c.inner.optimizer.to_dict(),
-            "inner_steps": c.inner.steps if c.algorithm == "adalfl" else 1,
+            "inner_steps": c.inner.steps if c.algorithm == "adalfl" else self.init_inner_steps,
         }

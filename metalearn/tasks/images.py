@@ -3,8 +3,11 @@
 Splits are read once with `tfds.data_source` (array_record files, no TensorFlow at run
 time) or from CIFAR's own binary files, decoded into in-memory uint8 arrays and cached in
 the process. Batching is stateless: the batch of global step `s` is a pure function of
-(seed, s), so resuming a run only needs the step number. Normalisation and augmentation
-(random crop, horizontal flip) run on device inside the jitted train step (`preprocess`).
+(seed, s), so resuming a run only needs the step number: on the host (`batch_indices`,
+`host_batches`, `prefetch_to_device`), or, for a dataset kept in device memory
+(`choose_on_device`), on the device inside a compiled loop of steps
+(`device_batch_indices`). Normalisation and augmentation (random crop, horizontal flip)
+run on device inside the jitted train step (`preprocess`).
 """
 
 import dataclasses
@@ -67,6 +70,9 @@ DATASETS: dict[str, DatasetInfo] = {
 SOURCES = ("tfds", "cifar_binary", "idx", "synthetic")
 AUGMENTATIONS = ("none", "crop", "crop_flip")
 
+ON_DEVICE = ("auto", "true", "false")  # config.data.on_device
+DEVICE_DATA_FRACTION = 0.25  # 'auto': the share of a device's memory the data may take
+DEFAULT_DEVICE_BUDGET_GIB = 2.0  # 'auto' on devices that report no memory size (CPU)
 _CROP_PADDING = 4
 _DECODE_CHUNK = 4096  # records per `__getitems__` call: bounds the list of decoded dicts
 _CIFAR_PIXELS = 32 * 32 * 3
@@ -363,6 +369,80 @@ def batch_indices(num_examples: int, batch_size: int, seed: int, step: int) -> n
     epoch, position = divmod(step, num_examples // batch_size)
     start = position * batch_size
     return _epoch_permutation(num_examples, seed, epoch)[start : start + batch_size]
+
+
+@functools.partial(jax.jit, static_argnames=("num_examples", "batch_size", "num"))
+def device_batch_indices(
+    key: PRNGKey, num_examples: int, batch_size: int, start: Array | int, num: int
+) -> Array:
+    """Indices of global batches start … start+num−1, computed on the device; jit-able.
+
+    The device-resident counterpart of `batch_indices`: another order, as deterministic.
+    Epoch e is `jax.random.permutation(jax.random.fold_in(key, e), num_examples)`; an
+    epoch has num_examples // batch_size steps and drops the remainder. Only the epochs
+    the steps fall in are permuted, so batch t is a pure function of (key, t) whatever
+    `start` and `num` it is computed with.
+
+    Args:
+      key: the stream's PRNG key.
+      num_examples: size of the split.
+      batch_size: global batch size.
+      start: the first step, ≥ 0 (may be traced).
+      num: how many steps, ≥ 1 (static).
+
+    Returns:
+      int32 [num, batch_size] indices into the split.
+    """
+    if not 0 < batch_size <= num_examples:
+        raise ValueError(f"batch_size={batch_size} must be in [1, num_examples={num_examples}].")
+    if num < 1:
+        raise ValueError(f"num={num} must be at least 1.")
+    per_epoch = num_examples // batch_size
+    first = jnp.asarray(start, jnp.int32) // per_epoch
+    spanned = (per_epoch + num - 2) // per_epoch + 1  # epochs that `num` steps can touch
+    perms_ExN = jax.vmap(
+        lambda e: jax.random.permutation(jax.random.fold_in(key, e), num_examples)
+    )(first + jnp.arange(spanned, dtype=jnp.int32))
+    epoch, position = jnp.divmod(jnp.asarray(start, jnp.int32) + jnp.arange(num), per_epoch)
+    offsets = position[:, None] * batch_size + jnp.arange(batch_size)[None, :]
+    return perms_ExN[(epoch - first)[:, None], offsets].astype(jnp.int32)
+
+
+def choose_on_device(
+    setting: str | bool, nbytes: int, budget_gib: float, device: jax.Device
+) -> tuple[bool, str]:
+    """Whether a dataset of `nbytes` is kept in device memory, and why (for the run's record).
+
+    Args:
+      setting: 'auto' (on the device if `nbytes` is within the budget; on a CPU without
+        an explicit budget, the host), 'true' or 'false' (or a bool), as
+        `config.data.on_device`.
+      nbytes: the bytes that would be resident on each device (images and labels).
+      budget_gib: the budget in GiB; ≤ 0: `DEVICE_DATA_FRACTION` of the device's memory,
+        or `DEFAULT_DEVICE_BUDGET_GIB` where it reports none (CPU).
+      device: one device of the mesh.
+
+    Returns:
+      (on device, a one-line reason).
+    """
+    setting = str(setting).lower()
+    if setting not in ON_DEVICE:
+        raise ValueError(f"data.on_device={setting!r}; choose one of {ON_DEVICE}.")
+    size = f"{nbytes / 2**20:.1f} MiB"
+    if setting != "auto":
+        return setting == "true", f"data.on_device={setting} ({size})"
+    if budget_gib <= 0 and device.platform == "cpu":
+        # The host's memory is the device's, and the steps are compute-bound: measured
+        # no faster (benchmarks/image_loop.py), and the host path keeps the batch order
+        # of every earlier CPU result.
+        return False, f"data.on_device=auto on a CPU: the host path ({size})"
+    if budget_gib <= 0:
+        stats = device.memory_stats() if device.platform != "cpu" else None
+        limit = (stats or {}).get("bytes_limit")
+        budget_gib = DEVICE_DATA_FRACTION * limit / 2**30 if limit else DEFAULT_DEVICE_BUDGET_GIB
+    fits = nbytes <= budget_gib * 2**30
+    relation = "within" if fits else "over"
+    return fits, f"data.on_device=auto: {size} {relation} the budget of {budget_gib:.2f} GiB"
 
 
 def host_batches(

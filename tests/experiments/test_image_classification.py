@@ -61,9 +61,21 @@ def _rows(workdir):
 
 @pytest.fixture(scope="module")
 def adalfl_run(tmp_path_factory):
-    """An uninterrupted tiny AdaLFL run: (config, workdir, summary, experiment)."""
+    """An uninterrupted tiny AdaLFL run: (config, workdir, summary, experiment). Its data
+    keeps its data on the device: batches drawn there, chunks scanned."""
     config = tiny()
+    config.data.on_device = "true"
     workdir = str(tmp_path_factory.mktemp("adalfl") / "full")
+    experiment = experiments.make(config)
+    return config, workdir, train_and_evaluate(experiment, config, workdir), experiment
+
+
+@pytest.fixture(scope="module")
+def adalfl_host_run(tmp_path_factory):
+    """`adalfl_run` with its batches drawn on the host, one jitted step at a time."""
+    config = tiny()
+    config.data.on_device = "false"
+    workdir = str(tmp_path_factory.mktemp("adalfl_host") / "full")
     experiment = experiments.make(config)
     return config, workdir, train_and_evaluate(experiment, config, workdir), experiment
 
@@ -107,8 +119,12 @@ def test_smoke_reads_data_dir_else_tfds_data_dir_else_the_shared_folder(tmp_path
 
 
 @needs_mnist
-def test_adalfl_resume_mid_offline_phase_and_mid_training_is_exact(adalfl_run, tmp_path):
-    config, full_dir, full, experiment = adalfl_run
+# The host path's half is a run of its own: in the slow tier.
+@pytest.mark.parametrize("path", ["device", pytest.param("host", marks=pytest.mark.slow)])
+def test_adalfl_resume_mid_offline_phase_and_mid_training_is_exact(path, request, tmp_path):
+    run = {"device": "adalfl_run", "host": "adalfl_host_run"}[path]
+    config, full_dir, full, experiment = request.getfixturevalue(run)
+    assert full["batches"].startswith(f"{path}:")  # the summary names the path it took
     cut = str(tmp_path / "cut")
     # Stopped inside the offline phase, then inside online training (the experiment holds
     # no state but its data streams, which restart wherever a chunk starts elsewhere);
@@ -168,7 +184,10 @@ def test_learned_loss_artifact_says_how_it_is_fed_and_what_it_was_trained_for(ad
 
 @needs_mnist
 def test_the_three_algorithms_share_data_and_initial_model_and_differ_in_the_loss(adalfl_run):
-    built = {a: experiments.make(tiny(a)) for a in ("baseline", "ml3")}
+    configs = {a: tiny(a) for a in ("baseline", "ml3")}
+    for config in configs.values():
+        config.data.on_device = adalfl_run[0].data.on_device  # the same batch order
+    built = {a: experiments.make(config) for a, config in configs.items()}
     built["adalfl"] = adalfl_run[3]  # its programs are compiled already
     assert {a: e.num_steps for a, e in built.items()} == {"baseline": 8, "ml3": 16, "adalfl": 16}
     states = {a: e.init() for a, e in built.items()}
@@ -299,17 +318,105 @@ def _indexed_data(num_train: int, num_val: int) -> images.ImageData:
     return images.ImageData(images.DATASETS["mnist"], *train, *val, *train)
 
 
-def test_meta_batches_come_from_the_held_out_validation_examples():
+@pytest.mark.parametrize("on_device", ["true", "false"])
+def test_meta_batches_come_from_the_held_out_validation_examples(on_device):
     data = _indexed_data(192, 64)
     train_index, val_index = _index(data.train_images), _index(data.val_images)
     for split, source in (("validation", val_index), ("train", train_index)):
         config = tiny()
         config.meta.split = split
         config.data.validation_size = 64
+        config.data.on_device = on_device
         experiment = ImageClassification(config, data=data)
+        assert experiment.on_device == (on_device == "true")
         for t in (0, 3, 9):  # 9: past the 4 meta batches of a validation epoch
             assert _index(experiment.batch_at("meta", t)["image"]) <= source, (split, t)
             assert _index(experiment.batch_at("train", t)["image"]) <= train_index
+
+
+def _order(x) -> np.ndarray:
+    """The indices `_indexed_data` wrote into a batch's images, in batch order."""
+    x = np.asarray(x).astype(int)
+    return x[:, 0, 0, 0] + 256 * x[:, 0, 1, 0]
+
+
+def test_device_batches_are_a_pure_function_of_the_seed_and_step():
+    # The library: batch t's indices whatever run of steps computes them; each epoch a
+    # permutation of the split, a new one every epoch.
+    key = jax.random.key(3)
+    whole = np.asarray(images.device_batch_indices(key, 192, 16, np.int32(0), 40))
+    for start in (0, 5, 11, 23, 33):  # within an epoch (12 steps), and across epochs' ends
+        part = images.device_batch_indices(key, 192, 16, np.int32(start), 7)
+        np.testing.assert_array_equal(part, whole[start : start + 7], err_msg=str(start))
+    epochs = whole[:36].reshape(3, -1)
+    assert all(sorted(e) == list(range(192)) for e in epochs)
+    assert not np.array_equal(epochs[0], epochs[1])
+    # The experiment: batch t of each stream from one experiment asked in any order, a
+    # fresh one, and the indices its scanned chunks gather; another seed, other batches.
+    data = _indexed_data(192, 64)
+    config = tiny()
+    config.data.validation_size = 64
+    config.data.on_device = "true"
+    first, again = (ImageClassification(config, data=data) for _ in range(2))
+    for name in ("train", "meta"):
+        scanned = np.asarray(first.stream_indices(first.resident, name, np.int32(0), 40))
+        offset = 192 if name == "meta" else 0  # validation images are numbered after
+        for t in (9, 0, 30, 1):
+            batch = _order(first.batch_at(name, t)["image"])
+            np.testing.assert_array_equal(batch, _order(again.batch_at(name, t)["image"]))
+            np.testing.assert_array_equal(batch, scanned[t] + offset)
+    config.seed = 1
+    other = ImageClassification(config, data=data)
+    assert not np.array_equal(
+        _order(other.batch_at("train", 0)["image"]), _order(first.batch_at("train", 0)["image"])
+    )
+
+
+def test_auto_keeps_the_data_on_the_host_when_it_is_over_the_budget():
+    data = _indexed_data(192, 64)  # 192 + 64 images of 784 bytes and 4-byte labels
+    nbytes = 256 * (784 + 4)
+    built = {}
+    for setting, budget in (("auto", 0.0), ("auto", 0.99), ("auto", 1.01), ("true", 0.5)):
+        config = tiny()
+        config.data.validation_size = 64
+        config.data.on_device = setting
+        config.data.on_device_budget_gib = budget * nbytes / 2**30
+        built[setting, budget] = ImageClassification(config, data=data)
+    assert {k: e.on_device for k, e in built.items()} == {
+        ("auto", 0.0): False,  # on a CPU without a budget: the host path
+        ("auto", 0.99): False,
+        ("auto", 1.01): True,
+        ("true", 0.5): True,
+    }
+    over = built["auto", 0.99]
+    assert over.batches.startswith("host:") and "over the budget" in over.batches
+    assert over.resident is None
+    # ... and draws the host path's batches.
+    host = images.host_batches(data.train_images, data.train_labels, 16, 0, 5)
+    np.testing.assert_array_equal(over.batch_at("train", 5)["image"], next(host)["image"])
+    with pytest.raises(ValueError, match="data.on_device='maybe'"):
+        images.choose_on_device("maybe", nbytes, 0.0, jax.devices()[0])
+
+
+@needs_mnist
+def test_a_scanned_chunk_matches_the_loop_of_jitted_steps(adalfl_run, monkeypatch):
+    """Steps 6-9 (offline, then online) through `train_chunk` on the device path, in
+    scans of 2 steps and in programs of 1 (a CPU's default), against `step_loop`, one
+    jitted step at a time on `batch_at`'s device batches."""
+    experiment = adalfl_run[3]
+    assert experiment.on_device and experiment.scan_steps == 1
+    one = experiment.train_chunk(experiment.init(), 6, 4)
+    monkeypatch.setattr(experiment, "scan_steps", 2)
+    scanned = experiment.train_chunk(experiment.init(), 6, 4)
+    state, offline = experiment.step_loop(experiment.init(), 6, 2, True)
+    state, online = experiment.step_loop(state, 8, 2, False)
+    looped = state, jax.tree.map(lambda a, b: np.concatenate([a, b]), offline, online)
+    assert scanned[1]["train/ce"].shape == (4,)
+    for run in (scanned, one):
+        assert jax.tree.structure(run) == jax.tree.structure(looped)
+        leaves = (jax.tree.leaves(jax.device_get(x)) for x in (run, looped))
+        for a, b in zip(*leaves, strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def step_leaves(algorithm: str, num_devices: int) -> list[np.ndarray]:
@@ -403,3 +510,40 @@ def test_summary_has_the_final_validation_error_for_model_selection(adalfl_run):
     assert summary["val_error"]["per_seed"] == [last["eval/val_error"]]
     assert final(workdir, "val_error") == last["eval/val_error"]
     assert final(workdir, "test_error") == summary["test_error"]["mean"]
+
+
+@pytest.mark.slow  # 80 s: LeNet-5's CG solve through 3 inner steps compiles slowly on a CPU
+@needs_mnist
+def test_offline_phase_with_s_inner_steps_by_implicit_differentiation(tmp_path):
+    """ML³'s offline phase with S_inner = 3 steps from a fresh θ, differentiated
+    implicitly (the AdaLFL paper's suggestion): φ moves, the CG solve reports its
+    residual, the frozen loss then trains the model, and the artifact says S_inner."""
+    config = tiny("ml3")
+    config.meta.init_inner_steps = 3
+    config.meta.init_estimator = "implicit"
+    config.meta.estimator_options.damping = 0.1
+    workdir = str(tmp_path / "implicit")
+    experiment = experiments.make(config)
+    phi0 = jax.device_get(experiment.init().meta.params)
+    summary = train_and_evaluate(experiment, config, workdir)
+    rows = _rows(workdir)
+    offline = [r for r in rows if "meta/cg_residual" in r]
+    assert [r["step"] for r in offline] == list(range(1, 9))  # step t logs at t + 1
+    assert all(np.isfinite(r["meta/cg_residual"]) and r["meta/loss"] > 0 for r in offline)
+    assert not any("meta/cg_residual" in r for r in rows if r["step"] > 8)
+    learned = load_learned_loss(os.path.join(workdir, "learned_loss"))
+    assert learned.description["inner_steps"] == 3
+    moved = jax.tree.map(lambda a, b: np.abs(np.asarray(a) - b).max(), learned.params, phi0)
+    assert max(jax.tree.leaves(moved)) > 0  # the offline phase moved φ
+    assert 0.0 <= summary["test_error"]["mean"] <= 1.0
+
+
+def test_offline_estimator_settings_are_checked_when_the_experiment_is_built():
+    config = tiny("ml3")
+    config.meta.init_estimator = "implicit"  # S_inner = 1: not a fixed point
+    with pytest.raises(ValueError, match="raise meta.init_inner_steps"):
+        experiments.make(config)
+    config.meta.init_inner_steps = 4
+    config.meta.estimator_options.sigmaa = 0.1
+    with pytest.raises(ValueError, match="Unknown estimator options"):
+        experiments.make(config)
