@@ -119,8 +119,10 @@ def test_smoke_reads_data_dir_else_tfds_data_dir_else_the_shared_folder(tmp_path
 
 
 @needs_mnist
-# The host path's half is a run of its own: in the slow tier.
-@pytest.mark.parametrize("path", ["device", pytest.param("host", marks=pytest.mark.slow)])
+# Two runs of their own (20-30 s each): in the slow tier. The default tier holds the
+# loop's resume on ml3_sine (test_run.py) and the scanned chunk against the jitted steps.
+@pytest.mark.slow
+@pytest.mark.parametrize("path", ["device", "host"])
 def test_adalfl_resume_mid_offline_phase_and_mid_training_is_exact(path, request, tmp_path):
     run = {"device": "adalfl_run", "host": "adalfl_host_run"}[path]
     config, full_dir, full, experiment = request.getfixturevalue(run)

@@ -317,8 +317,9 @@ def compiled_meta_iteration(config):
 
 @pytest.mark.parametrize(
     ("estimator", "window"),
-    [("es", 2), pytest.param("pes", 2, marks=pytest.mark.slow)],  # 12 s: the same plumbing
+    [("es", 2), ("pes", 2)],
 )
+@pytest.mark.slow  # 12-23 s each; the default tier checks ES here against finite differences
 def test_es_and_pes_meta_train_on_the_return_in_memory_independent_of_the_window(
     estimator, window, fast_compile
 ):
