@@ -272,6 +272,7 @@ def assert_matches_finite_differences(estimate, objective, phi, num_draws):
     return z, resolution
 
 
+@pytest.mark.slow  # 16 s; the default tier checks ES against finite differences in the heart
 def test_es_estimate_of_the_return_matches_finite_differences(float64, fast_compile):
     """ES's mean over many draws against the directional derivatives of −(mean return)
     after two inner steps, with the same episode keys in both (common random numbers)."""
