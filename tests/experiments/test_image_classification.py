@@ -61,8 +61,8 @@ def _rows(workdir):
 
 @pytest.fixture(scope="module")
 def adalfl_run(tmp_path_factory):
-    """An uninterrupted tiny AdaLFL run: (config, workdir, summary, experiment). Its data
-    keeps its data on the device: batches drawn there, chunks scanned."""
+    """An uninterrupted tiny AdaLFL run: (config, workdir, summary, experiment), with its
+    data on the device: batches drawn there, chunks scanned."""
     config = tiny()
     config.data.on_device = "true"
     workdir = str(tmp_path_factory.mktemp("adalfl") / "full")
