@@ -400,6 +400,7 @@ def test_auto_keeps_the_data_on_the_host_when_it_is_over_the_budget():
         images.choose_on_device("maybe", nbytes, 0.0, jax.devices()[0])
 
 
+@pytest.mark.slow  # 10-15 s of compilation: the default tier is at its 5 minutes
 @needs_mnist
 def test_a_scanned_chunk_matches_the_loop_of_jitted_steps(adalfl_run, monkeypatch):
     """Steps 6-9 (offline, then online) through `train_chunk` on the device path, in

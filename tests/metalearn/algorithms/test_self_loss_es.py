@@ -94,6 +94,7 @@ def _mean_se(draws):
     return draws.mean(0), draws.std(0, ddof=1) / np.sqrt(len(draws))
 
 
+@pytest.mark.slow  # 11-13 s of compilation: the default tier is at its 5 minutes
 def test_es_sees_the_token_choice_that_backpropagation_misses():
     theta, grad = _problem()
     flat, unravel = ravel_pytree(theta)
