@@ -147,6 +147,7 @@ def test_adalfl_from_ml3s_offline_phase_is_the_same_run(adalfl_run, tmp_path):
     newer ones were written after it) gives AdaLFL's own numbers."""
     config, full_dir, full, _ = adalfl_run
     ml3_config = tiny("ml3")
+    ml3_config.data.on_device = config.data.on_device  # the same batches
     ml3_dir, adalfl_dir = str(tmp_path / "ml3"), str(tmp_path / "adalfl")
     init = config.meta.init_steps
     train_and_evaluate(experiments.make(ml3_config), ml3_config, ml3_dir)
