@@ -241,6 +241,7 @@ def test_bad_settings_fail_with_a_message_saying_what_to_change():
         experiments.make(config)
 
 
+@pytest.mark.slow  # 13-16 s: the default tier is at its 5 minutes
 @needs_mnist
 def test_best_phi_selection_keeps_the_phi_of_the_lowest_validation_error(monkeypatch):
     config = tiny()
@@ -293,6 +294,7 @@ def test_divergence_stops_the_run_with_the_step_and_the_quantity(bound, tmp_path
         _runs.run("configs/adalfl_mnist.py:smoke", workdir, ["--config.seed=1"])
 
 
+@pytest.mark.slow  # 13-16 s: the default tier is at its 5 minutes
 @needs_mnist
 def test_the_gradient_ratio_bound_caps_the_learned_step(adalfl_run):
     free = adalfl_run[3].train_chunk(adalfl_run[3].init(), 0, 2)[1]
