@@ -331,8 +331,7 @@ class ImageClassification(Experiment):
         advance). Both are one compiled program, so the initialisation and the online
         phase share their compilation.
         """
-        key = jax.random.fold_in(jax.random.fold_in(self.key, 2 + offline), step)
-        fresh_key, key = jax.random.split(key)
+        fresh_key, key = self._step_keys(step, offline)
         start = jax.lax.cond(offline, lambda: self._fresh_inner(fresh_key), lambda: state.inner)
         inner, meta, metrics = adalfl.lockstep(
             start,
@@ -354,6 +353,10 @@ class ImageClassification(Experiment):
         inner = jax.lax.cond(offline, lambda: state.inner, lambda: inner)
         return state.replace(inner=inner, meta=meta), metrics
 
+    def _step_keys(self, step: Array, offline) -> tuple[PRNGKey, PRNGKey]:
+        """(the fresh θ's key, the step's key) of lock-step or offline step `step`."""
+        return jax.random.split(jax.random.fold_in(jax.random.fold_in(self.key, 2 + offline), step))
+
     def offline_step(
         self, state: TrainState, batch: Batch, meta_batch: Batch, step: Array
     ) -> tuple[TrainState, dict]:
@@ -363,8 +366,7 @@ class ImageClassification(Experiment):
         (`adalfl.offline_unroll_step`). θ is untouched."""
         if self.init_inner_steps == 1:
             return self.lockstep_step(state, batch, meta_batch, step, True)
-        key = jax.random.fold_in(jax.random.fold_in(self.key, 3), step)  # the offline fold
-        fresh_key, key = jax.random.split(key)
+        fresh_key, key = self._step_keys(step, True)
         batches = jax.tree.map(lambda x: jnp.stack([x] * self.init_inner_steps), batch)
         meta, metrics = adalfl.offline_unroll_step(
             state.meta,
