@@ -3,9 +3,10 @@
     python -m benchmarks.ml3_sine [--repeats=3]
 
 Prints one table: compile time of each program, meta-train iterations/s, meta-test
-steps/s, the wall time of the whole protocol through `experiments.run` (a fresh process
-and workdir, so compilation, logging, checkpoints and figures included), and peak
-memory. The reference is the public PyTorch + higher code of the same protocol on a
+steps/s, the wall and CPU time of the whole protocol through `experiments.run` (a fresh
+process and workdir, so compilation, logging, checkpoints and figures included) with the
+config's compiler options and with XLA's default LLVM level (`--compare_level`), and
+peak memory. The reference is the public PyTorch + higher code of the same protocol on a
 2-core CPU: about 60 s per seed (4 ms per meta iteration, 0.74 s per evaluation of
 10 tasks × 100 steps).
 """
@@ -23,6 +24,11 @@ import experiments
 from configs import ml3_sine
 
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repetitions of each steady-state call.")
+_COMPARE_LEVELS = flags.DEFINE_multi_integer(
+    "compare_level",
+    [2],
+    "Also run the whole protocol with XLA's LLVM at these levels (2: XLA's default).",
+)
 
 REFERENCE_S_PER_SEED = 60.0
 
@@ -35,6 +41,35 @@ def timed(fn, *args):
 
 def best_of(fn, *args):
     return min(timed(fn, *args)[1] for _ in range(_REPEATS.value))
+
+
+def protocol_end_to_end(level: int | None) -> tuple[float, float, float]:
+    """(wall s, CPU s, peak RSS MiB) of `experiments.run` of the whole protocol in a
+    fresh process and workdir; `level` overrides the config's LLVM optimisation level."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    override = (
+        []
+        if level is None
+        else [f"--config.compiler_options.xla_backend_optimization_level={level}"]
+    )
+    with tempfile.TemporaryDirectory() as workdir:
+        t = time.perf_counter()
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "experiments.run",
+                "--config=configs/ml3_sine.py",
+                f"--workdir={workdir}/run",
+                *override,
+            ],
+            check=True,
+            capture_output=True,
+        )
+        wall = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return wall, cpu, after.ru_maxrss / 1024
 
 
 def main(argv):
@@ -86,30 +121,14 @@ def main(argv):
         ("time per 10-task × 100-step evaluation", f"{per_eval * 1e3:.2f} ms", "reference: 740 ms")
     )
 
-    with tempfile.TemporaryDirectory() as workdir:
-        t = time.perf_counter()
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "experiments.run",
-                "--config=configs/ml3_sine.py",
-                f"--workdir={workdir}/run",
-            ],
-            check=True,
-            capture_output=True,
-        )
-        wall = time.perf_counter() - t
-    child_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     reference = REFERENCE_S_PER_SEED * seeds
-    rows.append(
-        (
-            "whole 5-seed protocol, end to end",
-            f"{wall:.1f} s",
-            f"reference ≈ {reference:.0f} s: {reference / wall:.0f}× faster",
-        )
-    )
-    rows.append(("peak memory: whole protocol (RSS)", f"{child_rss:.0f} MiB", "the subprocess"))
+    for level in (None, *_COMPARE_LEVELS.value):
+        wall, cpu, rss = protocol_end_to_end(level)
+        what = "config's options" if level is None else f"LLVM at O{level}"
+        note = f"CPU (user + sys) {cpu:.1f} s; peak RSS {rss:.0f} MiB"
+        if level is None:
+            note += f"; reference ≈ {reference:.0f} s: {reference / wall:.0f}× faster"
+        rows.append((f"whole 5-seed protocol, end to end ({what})", f"{wall:.1f} s", note))
     rows.append(
         (
             "peak memory: this benchmark (RSS)",

@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import jax
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -19,6 +20,7 @@ import pytest
 import experiments
 from configs import ml3_sine
 from metalearn import load_learned_loss
+from metalearn.runtime.experiment import FAST_COMPILE_OPTIONS, compiler_options
 from metalearn.runtime.loop import NonFiniteError, train_and_evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -252,3 +254,15 @@ def test_make_names_the_known_experiments_for_an_unknown_one():
     config.experiment = "ml3_sinus"
     with pytest.raises(ValueError, match=r"Unknown experiment 'ml3_sinus'.*ml3_sine"):
         experiments.make(config)
+
+
+def test_the_configs_compiler_options_reach_every_program_and_smoke_runs_override_them():
+    config = ml3_sine.get_config()
+    assert compiler_options(config) == {"xla_backend_optimization_level": 1}
+    assert compiler_options(ml3_sine.get_config("smoke")) == FAST_COMPILE_OPTIONS
+    config.compiler_options = {"xla_no_such_option": 1}
+    jitted = experiments.make(config).jit(lambda x: x + 1)
+    with pytest.raises(jax.errors.JaxRuntimeError, match="No such compile option: 'xla_no_such"):
+        jitted(np.float32(1.0))
+    with pytest.raises(TypeError, match="must map XLA option names to values"):
+        compiler_options(ml_collections.ConfigDict({"compiler_options": "O1"}))
