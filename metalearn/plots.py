@@ -101,6 +101,68 @@ def loss_landscapes(
     _save(fig, path)
 
 
+def landscapes_across_truth(
+    grid: np.ndarray,
+    truths: np.ndarray,
+    losses: np.ndarray,
+    test_truths: np.ndarray,
+    offsets: np.ndarray,
+    *,
+    tolerance: float,
+    title: str,
+    path: str,
+) -> None:
+    """Where a loss over a 1-D parameter is lowest, relative to the true value, across it.
+
+    Left: the loss over `grid` [G] (columns) for each true value `truths` [N] (rows),
+    each row min-max normalised, with the row's argmin (white dots) and the diagonal
+    (red). Right: argmin − truth of the test tasks, `offsets` [S, F] at `test_truths`
+    [S, F], one colour per seed, with the ±`tolerance` band.
+    """
+    losses = np.asarray(losses, dtype=np.float64)
+    lo, hi = losses.min(1, keepdims=True), losses.max(1, keepdims=True)
+    fig, (left, right) = pyplot().subplots(1, 2, figsize=(10, 4))
+    left.pcolormesh(grid, truths, (losses - lo) / np.maximum(hi - lo, 1e-12), shading="auto")
+    left.plot(truths, truths, color="red", lw=1, label="ω = ν")
+    left.plot(grid[losses.argmin(1)], truths, "w.", ms=4, label="argmin")
+    left.set(xlabel="ω", ylabel="true ν", title="loss (normalised per row), first seed")
+    left.legend(loc="lower right", fontsize=8)
+    for seed, (x, y) in enumerate(
+        zip(np.atleast_2d(test_truths), np.atleast_2d(offsets), strict=True)
+    ):
+        right.scatter(x, y, s=6, color=COLORS[seed % len(COLORS)], label=f"seed {seed}")
+    right.axhspan(-tolerance, tolerance, color="grey", alpha=0.2, label=f"±{tolerance}")
+    right.axhline(0.0, color="red", lw=1)
+    right.set(xlabel="true ν (unseen test tasks)", ylabel="argmin ω − ν")
+    right.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    _save(fig, path)
+
+
+def reached_fractions(
+    eval_steps: Sequence[int],
+    during: Mapping[str, Sequence],
+    counts: Sequence[int],
+    by_count: Mapping[str, np.ndarray],
+    *,
+    ylabel: str,
+    test_steps: int,
+    path: str,
+) -> None:
+    """A success fraction against meta-iteration (left; `during`: name -> [evals, seeds],
+    after `test_steps` steps) and against the meta-test step count (right; `by_count`:
+    name -> [len(counts), seeds], after meta-training)."""
+    fig, (left, right) = pyplot().subplots(1, 2, figsize=(10, 3.5), sharey=True)
+    for (name, values), color in zip(during.items(), COLORS, strict=False):
+        _band(left, eval_steps, np.asarray(values).T, name, color)
+    left.set(xlabel="meta-train iteration", ylabel=ylabel, title=f"after {test_steps} steps")
+    for (name, values), color in zip(by_count.items(), COLORS, strict=False):
+        _band(right, counts, np.asarray(values).T, name, color)
+    right.set(xlabel="meta-test gradient steps", xscale="log", title="after meta-training")
+    right.legend(fontsize=8)
+    _save(fig, path)
+
+
 def image_training_curves(histories: Mapping[str, Sequence[Mapping]], path: str) -> None:
     """Test error and training cross-entropy vs model step, one line (band) per run group.
 

@@ -56,6 +56,11 @@ def default_loss_net_config() -> ml_collections.ConfigDict:
     )
 
 
+# Ways of tying ℓ_φ's minimum to ŷ = y (`loss_net.anchor`; configs without it: "none").
+# An unanchored ℓ_φ is minimised over θ only where its per-sample terms cancel on
+# average, which moves with the sample and with φ's approximation error.
+ANCHORS = ("none", "weighted_squared_error", "target_distance")
+
 # ŷ below this floor is treated as this floor in the cross-entropy term (float32 softmax
 # probabilities underflow to 0 only for logit gaps over ~87; there its gradient is 0).
 PROBABILITY_FLOOR = 1e-30
@@ -123,13 +128,25 @@ def apply_learned_loss(
     extra: Array | None = None,
     *,
     ce_term: bool = False,
+    anchor: str = "none",
 ) -> Array:
     """L_φ(y, ŷ[, extra]): the mean of ℓ_φ over samples (and outputs). Returns a scalar.
 
     With `ce_term`, plus `cross_entropy_of_probabilities(y, ŷ)` (y one-hot, ŷ
-    probabilities).
+    probabilities). `anchor` (see `ANCHORS`) makes ŷ = y a minimum of every sample's term
+    whatever φ, so a model that fits its targets exactly is a minimiser of the loss: with
+    "weighted_squared_error" the term is (ŷ − y)²·g_φ(y, ŷ, extra) (g_φ ≥ 0 with a
+    softplus output), with "target_distance" it is (g_φ(y, ŷ, extra) − g_φ(y, y, extra))².
     """
-    learned = jnp.mean(network.apply(params, loss_features(y, y_hat, extra, output_wise)))
+    out = network.apply(params, loss_features(y, y_hat, extra, output_wise))
+    if anchor == "weighted_squared_error":
+        squared = (y_hat - y) ** 2
+        out = out * (squared[..., None] if output_wise else jnp.mean(squared, -1, keepdims=True))
+    elif anchor == "target_distance":
+        out = (out - network.apply(params, loss_features(y, y, extra, output_wise))) ** 2
+    elif anchor != "none":
+        raise ValueError(f"Unknown anchor {anchor!r}; known: {ANCHORS}.")
+    learned = jnp.mean(out)
     return learned + cross_entropy_of_probabilities(y, y_hat) if ce_term else learned
 
 
@@ -147,11 +164,15 @@ def learned_loss_fn(
     config: ml_collections.ConfigDict,
 ) -> Callable[..., Array]:
     """`loss(params, y, y_hat, extra=None) -> scalar` for a `loss_net` config."""
+    anchor = config.get("anchor", "none")
+    if anchor not in ANCHORS:
+        raise ValueError(f"Unknown loss_net.anchor {anchor!r}; known: {ANCHORS}.")
     return functools.partial(
         apply_learned_loss,
         make_loss_network(config),
         config.output_wise,
         ce_term=bool(config.get("ce_term", False)),
+        anchor=anchor,
     )
 
 

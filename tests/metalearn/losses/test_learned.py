@@ -1,5 +1,7 @@
 """Learned loss networks: activations, output-wise application, portable artifacts."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -158,3 +160,43 @@ def test_loss_net_options_match_their_definitions():
     per_pair = net.apply(phi, jnp.stack([y, y_hat], -1))
     loss = learned.learned_loss_fn(c)(phi, y, y_hat)
     np.testing.assert_allclose(loss, per_pair.mean(), rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("anchor", "output_activation"),
+    [("target_distance", "identity"), ("weighted_squared_error", "softplus")],
+)
+def test_an_anchored_loss_is_lowest_where_the_predictions_equal_the_targets(
+    anchor, output_activation
+):
+    c = _config(activation="elu", output_activation=output_activation)
+    c.anchor = anchor
+    loss = learned.learned_loss_fn(c)
+    rng = np.random.default_rng(0)
+    y, x = jnp.asarray(rng.normal(size=(6, 1))), jnp.asarray(rng.normal(size=(6, 1)))
+    shifts = jnp.asarray([-1.0, -0.5, -0.1, 0.0, 0.1, 0.5, 1.0])
+
+    @jax.jit
+    def values():
+        phi = learned.init_learned_loss(c, jax.random.key(0), num_extra=1)
+        at = lambda y_hat: loss(phi, y, y_hat, x)  # noqa: E731
+        return jax.vmap(lambda s: at(y + s))(shifts), jax.grad(at)(y)
+
+    shifted, slope = values()
+    np.testing.assert_allclose(shifted[3], 0.0, atol=1e-12)  # float noise of one apply vs another
+    assert (np.asarray(shifted) >= 0.0).all()
+    assert (np.asarray(shifted)[[0, 6]] > 0.0).all()
+    np.testing.assert_allclose(slope, 0.0, atol=1e-7)
+
+
+def test_an_unknown_anchor_is_refused():
+    c = _config()
+    c.anchor = "diagonal"
+    with pytest.raises(ValueError, match="Unknown loss_net.anchor 'diagonal'; known"):
+        learned.learned_loss_fn(c)
+    phi = jax.eval_shape(lambda: learned.init_learned_loss(c, jax.random.key(0)))
+    apply = functools.partial(
+        learned.apply_learned_loss, learned.make_loss_network(c), c.output_wise, anchor="diagonal"
+    )
+    with pytest.raises(ValueError, match="Unknown anchor 'diagonal'"):  # the pure function too
+        jax.eval_shape(apply, phi, jnp.ones((2, 1)), jnp.ones((2, 1)))
