@@ -5,7 +5,9 @@ Fields (protocol in `experiments/ml3_mbrl.py`):
   env, horizon: the environment (it fixes the start state) and the rollout length.
   features: fixed scales dividing the learned loss's inputs (positions, states; actions
     are divided by the environment's action scale).
-  policy.hidden: the policy MLP's hidden widths (tanh), fresh per goal and episode.
+  policy.hidden: the policy MLP's hidden widths (tanh), fresh per goal and episode;
+    preact_penalty (0: off) and preact_bound: a penalty on the pre-tanh outputs beyond the
+    bound, added to the learned loss's inner objective (`control.preactivation_penalty`).
   dynamics: the ensemble (members, hidden, activation, Adam optimizer, minibatch), the
     ring buffer's capacity, exploration (init_rollouts before meta-training, then
     explore_rollouts and the current policies' rollouts with policy_noise every
@@ -44,7 +46,11 @@ def mbrl_config(env: str, arg: str | None = None) -> ml_collections.ConfigDict:
         output_wise=False,  # one row per time step: (goal, position, state, action, t)
     )
 
-    c.policy = ml_collections.ConfigDict({"hidden": (32,)})
+    # preact_penalty · mean(max(|z| − preact_bound, 0)²) on the pre-tanh outputs z joins the
+    # learned loss's inner objective (0: off), so the tanh cannot saturate for good.
+    c.policy = ml_collections.ConfigDict(
+        {"hidden": (32,), "preact_penalty": 0.0, "preact_bound": 2.0}
+    )
     c.dynamics = ml_collections.ConfigDict(
         {
             "members": 5,
@@ -106,10 +112,6 @@ def mbrl_config(env: str, arg: str | None = None) -> ml_collections.ConfigDict:
         c.data.train_region = {"kind": "annulus", "low": (0.08, -3.1416), "high": (0.2, 3.1416)}
         c.data.num_train_goals = 8
         c.eval.num_goals = 8  # the 8 training goals, and 8 new ones
-        # The true-simulator reference differentiates through the arm's RK4 step, whose
-        # forces are themselves derivatives (M(q) by jacfwd, Coriolis by a JVP): a third-order
-        # graph that takes minutes to compile on a small CPU. Off by default here.
-        c.eval.reference = False
         c.eval.test_region = {"kind": "annulus", "low": (0.08, -3.1416), "high": (0.2, 3.1416)}
         c.inner.optimizer = {"name": "sgd", "lr": 1.0}
     else:

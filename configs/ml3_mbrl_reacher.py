@@ -7,16 +7,18 @@ ReacherGoal (paper Fig. 3c): a 2-link planar arm (0.1 m and 0.11 m links, torque
 0.05 N m, dt 0.05 s) starts at rest stretched along x and must bring its end effector to a
 goal at the end of a 20-step rollout. The learned loss is meta-trained on 8 fixed goals per
 seed in the reachable annulus through a learned ensemble dynamics model and meta-tested
-with real rollouts and no model on those goals and on 8 new ones, against the final-distance
-task loss through the learned model (the true-simulator reference is off here: its
-derivatives of the arm's dynamics take minutes to compile). 3 seeds, 300 meta iterations
-of 10 inner steps on 8 goals.
+with real rollouts and no model on those goals and on 8 new ones (3 seeds × 8 goals),
+against the final-distance task loss through the learned model and through the true
+simulator (the reference: the arm steps with the closed-form 2-link dynamics,
+`dynamics.two_link_forward_dynamics`, so its derivative compiles in seconds). 3 seeds, 300
+meta iterations of 10 inner steps on 8 goals. summary.json also records the fraction of
+the real rollouts' actions at the torque limit per update (`saturated_action_fraction`)
+and the model's one-step error.
 
-Not reproduced (numbers in the README): ML³ does not beat the task loss through the model
-here. Its policies saturate the tanh (most actions at the torque limit after 2 updates
-for 2 of 3 seeds) while the learned loss still pushes outward, so ∇_θ vanishes and so
-does the meta-gradient. Feeding the loss the pre-tanh output instead did not help: the
-loss then drives it without bound.
+ML³'s policies saturate the tanh after one update (95 % of actions at the limit, 100 %
+at the end) and stall there. Keeping them off the limit with `policy.preact_penalty`
+(0.03, bound 2) halves the saturation but makes the final distance on new goals worse
+(0.225 against 0.165 m without it), so it is off by default.
 
 Every field is described in configs/_mbrl.py, the protocol in experiments/ml3_mbrl.py.
 

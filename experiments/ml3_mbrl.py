@@ -13,7 +13,9 @@ a 2-link arm's end effector). The pieces:
   refitted, so it follows the policies as they improve. Rollouts in the model use the
   ensemble mean.
 - A deterministic policy π_θ(s) = tanh(MLP_θ(s)) · action_scale, fresh θ per goal and per
-  episode.
+  episode. With `policy.preact_penalty` > 0 the learned loss's inner objective also
+  penalises pre-tanh outputs beyond `policy.preact_bound` (`control.preactivation_penalty`),
+  so that the tanh cannot saturate for good.
 - The learned loss M_φ(τ, g): one network ℓ_φ applied to every time step and averaged,
   `learned_loss_fn(φ, y=g [T, G], ŷ=pos(s_{t+1}) [T, G], extra=[s_{t+1}, a_t, (t+1)/T])`
   with `output_wise=False`; inputs are divided by the fixed scales in `config.features`.
@@ -35,7 +37,8 @@ through the TRUE differentiable simulator (an upper bound). Each task-loss basel
 run with its step size scaled by every factor in `eval.baseline_lr_factors`, and the factor
 with the best mean final distance on the evaluated goals is reported too (tuned on the
 test goals themselves: generous to the baselines).
-The metric is the final distance to the goal of the REAL rollout after each update.
+The metric is the final distance to the goal of the REAL rollout after each update; the
+fraction of that rollout's actions at the limit (|a| ≥ 0.99 · scale) is traced alike.
 
 The state holds every seed along a leading axis.
 """
@@ -63,7 +66,14 @@ from metalearn.tasks import control, dynamics
 from metalearn.tasks.replay import ReplayBuffer, buffer_add, buffer_init
 from metalearn.types import Array, Params, PRNGKey
 
-ENVS = {"pointmass": dynamics.pointmass_env, "reacher": dynamics.reacher_env}
+# The reacher steps with the closed-form 2-link dynamics: the true-simulator reference
+# differentiates through them (the generic arm's derivative is a third-order graph).
+ENVS = {
+    "pointmass": dynamics.pointmass_env,
+    "reacher": functools.partial(dynamics.reacher_env, closed_form=True),
+}
+# An action counts as saturated when |tanh(·)| is above this (pre-activation beyond ±2.65).
+SATURATED = 0.99
 GOAL_SETS = ("train_goals", "test_goals")
 LABELS = {
     "ml3": "ML³ loss (real rollouts, no model)",
@@ -122,7 +132,7 @@ class ModelBasedRL(ML3Experiment):
         self.env = env = ENVS[c.env]()
         self.horizon = c.horizon
         self.state0 = env.initial_state()
-        self.policy_net = MLP((*c.policy.hidden, env.action_dim), "tanh", output_activation="tanh")
+        self.policy_net = MLP((*c.policy.hidden, env.action_dim), "tanh")  # z; a = tanh(z)
         self.dyn_net = ensemble.dynamics_network(
             env.state_dim, c.dynamics.hidden, c.dynamics.activation
         )
@@ -145,7 +155,7 @@ class ModelBasedRL(ML3Experiment):
 
     def policy(self, params: Params, state: Array) -> Array:
         """π_θ(s) = tanh(MLP_θ(s)) · action_scale."""
-        return self.policy_net.apply(params, state) * self.env.action_scale
+        return jnp.tanh(self.policy_net.apply(params, state)) * self.env.action_scale
 
     def init_policy(self, key: PRNGKey) -> Params:
         return self.policy_net.init(key, jnp.zeros((self.env.state_dim,)))
@@ -185,12 +195,18 @@ class ModelBasedRL(ML3Experiment):
         return self.loss_fn(phi, *self.loss_inputs(states, actions, goal))
 
     def learned_inner_loss(self, step):
-        """Inner objective M_φ(τ(θ), g), τ rolled out by `step` with detached states."""
+        """Inner objective M_φ(τ(θ), g), τ rolled out by `step` with detached states, plus
+        `policy.preact_penalty` × `control.preactivation_penalty` (read here, once)."""
+        penalty, bound = self.config.policy.preact_penalty, self.config.policy.preact_bound
 
         def inner_loss(params, model_state, phi, batch, key):
             del key
             states, actions = self.rollout(step, params, detach_states=True)
             value = self.learned_loss(phi, states, actions, batch["goal"])
+            if penalty:
+                # The rollout's pre-activations z_t = MLP_θ(s_t), the states being data.
+                z = self.policy_net.apply(params, states[:-1])
+                value = value + penalty * control.preactivation_penalty(z, bound)
             dist = final_distance(self.env.position(states[-1]), batch["goal"])
             return value, (model_state, {"inner/final_distance": dist})
 
@@ -200,6 +216,18 @@ class ModelBasedRL(ML3Experiment):
         """Final distance of π_θ rolled out by `step`, differentiated through it."""
         states, _ = self.rollout(step, params, detach_states=False)
         return final_distance(self.env.position(states[-1]), goal)
+
+    def real_metrics(self, params: Params, goal: Array) -> dict[str, Array]:
+        """{'distance': final distance, 'saturation': fraction of actions with
+        |a| ≥ SATURATED · action_scale} of the real rollout of π_θ; never differentiated."""
+        states, actions = self.rollout(
+            self.env.step, jax.lax.stop_gradient(params), detach_states=True
+        )
+        saturated = jnp.abs(actions) >= SATURATED * self.env.action_scale
+        return {
+            "distance": final_distance(self.env.position(states[-1]), goal),
+            "saturation": jnp.mean(saturated.astype(jnp.float32)),
+        }
 
     def real_distance(self, params: Params, goal: Array) -> Array:
         """Final distance of the real rollout of π_θ, a metric: never differentiated.
@@ -389,7 +417,8 @@ class ModelBasedRL(ML3Experiment):
     # -- meta-test --
 
     def fit_policy(self, inner_loss, meta_params, theta0, goal, lr_factor=1.0):
-        """Trains θ₀ for `eval.test_steps` updates; returns (θ_K, real final distances [K+1])."""
+        """Trains θ₀ for `eval.test_steps` updates; returns (θ_K, {'distance',
+        'saturation'}: real-rollout traces [K+1], as in `real_metrics`)."""
         opt = optax.chain(self.inner_opt, optax.scale(lr_factor))
         return ml3.fit(
             theta0,
@@ -399,7 +428,7 @@ class ModelBasedRL(ML3Experiment):
             inner_loss=inner_loss,
             optimizer=opt,
             num_steps=self.config.eval.test_steps,
-            evaluate=lambda p: self.real_distance(p, goal),
+            evaluate=lambda p: self.real_metrics(p, goal),
         )
 
     def task_inner_loss(self, step):
@@ -415,9 +444,10 @@ class ModelBasedRL(ML3Experiment):
         """Meta-test on goals [N, G] from the same θ₀ per goal for every method.
 
         Returns:
-          {'ml3': traces [N, K+1], 'ml3_states': the final ML³ policies' real rollouts
-          [N, T+1, S], and for each task-loss method '<method>': traces [F, N, K+1] over
-          `eval.baseline_lr_factors`}.
+          {'ml3': distance traces [N, K+1], 'ml3_saturation': saturated-action fraction
+          traces [N, K+1], 'ml3_states': the final ML³ policies' real rollouts [N, T+1, S],
+          and for each task-loss method '<method>' and '<method>_saturation': traces
+          [F, N, K+1] over `eval.baseline_lr_factors`}.
         """
         thetas = jax.vmap(self.init_policy)(
             jax.random.split(jax.random.fold_in(seed_key, 19), goals.shape[0])
@@ -427,7 +457,11 @@ class ModelBasedRL(ML3Experiment):
             thetas, goals
         )
         states = jax.vmap(lambda p: self.rollout(self.env.step, p, detach_states=True)[0])(params)
-        out = {"ml3": trace, "ml3_states": states}
+        out = {
+            "ml3": trace["distance"],
+            "ml3_saturation": trace["saturation"],
+            "ml3_states": states,
+        }
         steps = {"task_model": self.model_step(state.model), "task_true": self.env.step}
         for method in self.task_methods:
             step = steps[method]
@@ -436,7 +470,8 @@ class ModelBasedRL(ML3Experiment):
             def per_factor(f, inner=inner):
                 return jax.vmap(lambda t, g: self.fit_policy(inner, {}, t, g, f)[1])(thetas, goals)
 
-            out[method] = jax.vmap(per_factor)(self.lr_factors)
+            traces = jax.vmap(per_factor)(self.lr_factors)
+            out[method], out[f"{method}_saturation"] = traces["distance"], traces["saturation"]
         return out
 
     def _meta_test_all(self, state: MBRLState, seed_keys: PRNGKey):
@@ -452,7 +487,8 @@ class ModelBasedRL(ML3Experiment):
         """{goal set: {'ml3': [S, N, K+1], 'ml3_states': [S, N, T+1, S'], '<method>':
         [S, N, K+1] at step-size factor 1, '<method>_best_lr': [S, N, K+1] at the factor
         with the best mean final distance on these goals (per seed), '<method>_factor':
-        that factor [S]}} for the task-loss methods, as numpy arrays."""
+        that factor [S]}} for the task-loss methods, and '<method>_saturation' [S, N, K+1]
+        (the fraction of saturated actions, at factor 1) for every method, as numpy arrays."""
         results = jax.device_get(self._meta_test_jit(state, self.seed_keys))
         n = self.config.eval.num_goals
         factors = np.asarray(self.config.eval.baseline_lr_factors)
@@ -460,11 +496,12 @@ class ModelBasedRL(ML3Experiment):
         out = {}
         for i, name in enumerate(GOAL_SETS):
             part = slice(i * n, (i + 1) * n)
-            res = {"ml3": results["ml3"][:, part], "ml3_states": results["ml3_states"][:, part]}
+            res = {k: results[k][:, part] for k in ("ml3", "ml3_saturation", "ml3_states")}
             for method in self.task_methods:
                 sweep = results[method][:, :, part]  # [S, F, N, K+1]
                 best = np.argmin(sweep[..., -1].mean(-1), axis=1)
                 res[method] = sweep[:, one]
+                res[f"{method}_saturation"] = results[f"{method}_saturation"][:, one, part]
                 res[f"{method}_best_lr"] = sweep[np.arange(sweep.shape[0]), best]
                 res[f"{method}_factor"] = factors[best]
             out[name] = res
@@ -476,6 +513,7 @@ class ModelBasedRL(ML3Experiment):
         for name, res in self.meta_test(state).items():
             for method in self.methods:
                 out[f"eval/final_distance/{method}/{name}"] = res[method][..., -1].mean(-1)
+            out[f"eval/saturation/ml3/{name}"] = res["ml3_saturation"][..., -1].mean(-1)
         out["eval/model_error"] = self._model_error_jit(state.model, self.seed_keys)
         return out
 
@@ -550,6 +588,15 @@ class ModelBasedRL(ML3Experiment):
                 },
                 "initial_distance": mean_std(res["ml3"][..., 0].mean(-1)),
                 "best_lr_factor": {m: res[f"{m}_factor"].tolist() for m in self.task_methods},
+                # Fraction of the real rollout's actions at the torque limit, per update.
+                "saturated_action_fraction": {
+                    m: {
+                        "after_1_update": mean_std(res[f"{m}_saturation"][..., 1].mean(-1)),
+                        "final": mean_std(res[f"{m}_saturation"][..., -1].mean(-1)),
+                        "per_update_mean": res[f"{m}_saturation"].mean((0, 1)).tolist(),
+                    }
+                    for m in self.methods
+                },
             }
         summary["model_one_step_relative_error"] = mean_std(model_error)
         summary["test_steps"] = c.eval.test_steps

@@ -85,10 +85,12 @@ def fit(
       inner_loss: the objective θ is trained on.
       optimizer: the optax optimizer.
       num_steps: K.
-      evaluate: `params -> scalar`, the quantity traced (e.g. task MSE).
+      evaluate: `params -> scalar`, the quantity traced (e.g. task MSE), or a pytree of
+        arrays (several quantities, each traced alike).
 
     Returns:
-      `(θ_K, trace)` with trace [K + 1] = evaluate(θ_0), …, evaluate(θ_K).
+      `(θ_K, trace)` with trace [K + 1] = evaluate(θ_0), …, evaluate(θ_K) (a pytree of
+      such traces, leaves [K + 1, ...], when `evaluate` returns one).
     """
     state = InnerState(params, optimizer.init(params), {}, jnp.zeros((), jnp.int32))
 
@@ -104,7 +106,9 @@ def fit(
         inner_loss=traced_loss,
         optimizer=optimizer,
     )
-    trace = jnp.concatenate([metrics["trace"], evaluate(final.params)[None]])
+    trace = jax.tree.map(
+        lambda t, last: jnp.concatenate([t, last[None]]), metrics["trace"], evaluate(final.params)
+    )
     return final.params, trace
 
 

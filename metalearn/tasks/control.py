@@ -274,3 +274,20 @@ def mountain_car_task_loss(
     positions = states[:, 0]
     extra_value = intermediate_goal_term(positions, intermediate_goal, extra, extra_fraction)
     return mountain_car_goal_distance(positions[-1]) + extra_weight * extra_value
+
+
+def preactivation_penalty(preactivations: Array, bound: float) -> Array:
+    """Mean squared excess of |z| over `bound`: keeps a tanh-squashed policy's output
+    a = tanh(z) off its limits, where ∂a/∂z and with it every gradient to the policy vanish.
+
+    Zero while |z| ≤ bound (tanh(2) = 0.96 of the limit), quadratic beyond, so a loss that
+    pushes the actions outward meets a growing opposing gradient instead of a flat tanh.
+
+    Args:
+      preactivations: z [...], the policy's outputs before the tanh.
+      bound: where the penalty starts (> 0).
+
+    Returns:
+      A scalar.
+    """
+    return jnp.mean(jnp.maximum(jnp.abs(preactivations) - bound, 0.0) ** 2)

@@ -4,7 +4,9 @@
   forces F(q, q̇) = C(q, q̇)q̇ + g(q) + Dq̇, forward and inverse dynamics, energy and an RK4
   step. M(q) is assembled from the Jacobians of the link centres of mass; C(q, q̇)q̇ and
   g(q) come from the Lagrangian by automatic differentiation, so any number of links
-  works. `reacher_arm()` is the 2-link ReacherGoal arm (horizontal plane);
+  works. `two_link_forward_dynamics` is the same for 2 links in closed form (a few
+  explicit lines, cheap to differentiate and compile). `reacher_arm()` is the 2-link
+  ReacherGoal arm (horizontal plane);
   `sawyer_arm()` a 7-link arm with Sawyer-like link lengths and masses in the vertical
   plane, standing in for the Sawyer.
 - A point mass in 2-D with viscous damping (PointmassGoal).
@@ -155,7 +157,39 @@ def forward_dynamics(arm: Arm, q: Array, qd: Array, u: Array) -> Array:
     return jax.scipy.linalg.cho_solve(factor, u - bias_forces(arm, q, qd))
 
 
-def arm_step(arm: Arm, state: Array, u: Array, dt: float, substeps: int = 1) -> Array:
+def two_link_forward_dynamics(arm: Arm, q: Array, qd: Array, u: Array) -> Array:
+    """`forward_dynamics` of a 2-link arm in closed form: q̈ [2] = M(q)⁻¹(u − F(q, q̇)).
+
+    The textbook M(q), Coriolis/centrifugal terms and gravity of two links with relative
+    angles, and the explicit 2×2 inverse. Nothing is itself a derivative, so
+    differentiating a rollout through it is a first-order graph (the generic
+    `forward_dynamics` builds M by `jacfwd` and C by a JVP: its derivative is third order).
+    """
+    (m1, m2), (l1, _), (c1, c2), (i1, i2) = arm.masses, arm.lengths, arm.com, arm.inertias
+    cos2, sin2 = jnp.cos(q[1]), jnp.sin(q[1])
+    m12 = i2 + m2 * (c2**2 + l1 * c2 * cos2)
+    m22 = i2 + m2 * c2**2
+    m11 = i1 + m1 * c1**2 + m2 * l1**2 + m22 + 2 * m2 * l1 * c2 * cos2
+    h = -m2 * l1 * c2 * sin2
+    coriolis = jnp.stack([h * (2 * qd[0] + qd[1]) * qd[1], -h * qd[0] ** 2])
+    cos_abs2 = jnp.cos(q[0] + q[1])
+    gravity = arm.gravity * jnp.stack(
+        [(m1 * c1 + m2 * l1) * jnp.cos(q[0]) + m2 * c2 * cos_abs2, m2 * c2 * cos_abs2]
+    )
+    r = u - coriolis - gravity - arm.damping * qd
+    det = m11 * m22 - m12**2
+    return jnp.stack([m22 * r[0] - m12 * r[1], m11 * r[1] - m12 * r[0]]) / det
+
+
+def arm_step(
+    arm: Arm,
+    state: Array,
+    u: Array,
+    dt: float,
+    substeps: int = 1,
+    *,
+    closed_form: bool = False,
+) -> Array:
     """One step of length dt, in `substeps` RK4 steps, under constant torques u.
 
     Args:
@@ -164,6 +198,8 @@ def arm_step(arm: Arm, state: Array, u: Array, dt: float, substeps: int = 1) -> 
       u: joint torques [n].
       dt: the step length (s).
       substeps: RK4 steps per step.
+      closed_form: use `two_link_forward_dynamics` (2 links only): the same dynamics to
+        float precision, much cheaper to differentiate and compile.
 
     Returns:
       The next state [2n].
@@ -176,10 +212,13 @@ def arm_step(arm: Arm, state: Array, u: Array, dt: float, substeps: int = 1) -> 
             f"An arm with {n} joints takes a state of size {2 * n} (q, q̇) and {n} torques; "
             f"got state {state.shape} and torques {u.shape}."
         )
+    if closed_form and n != 2:
+        raise ValueError(f"closed_form=True needs a 2-link arm; this one has {n} joints.")
+    accel = two_link_forward_dynamics if closed_form else forward_dynamics
 
     def deriv(s):
         q, qd = s[:n], s[n:]
-        return jnp.concatenate([qd, forward_dynamics(arm, q, qd, u)])
+        return jnp.concatenate([qd, accel(arm, q, qd, u)])
 
     h = dt / substeps
     # RK4's four stages as a scan over (stage offset, weight): the dynamics are traced once,
@@ -290,12 +329,15 @@ def pointmass_env(dt: float = 0.1, damping: float = 0.5) -> Env:
     )
 
 
-def reacher_env(dt: float = 0.05, substeps: int = 2) -> Env:
-    """ReacherGoal: `reacher_arm()` from rest, stretched along x; torques up to 0.05 N m."""
+def reacher_env(dt: float = 0.05, substeps: int = 2, *, closed_form: bool = False) -> Env:
+    """ReacherGoal: `reacher_arm()` from rest, stretched along x; torques up to 0.05 N m.
+
+    `closed_form` steps with `two_link_forward_dynamics` (same dynamics, cheap gradients).
+    """
     arm = reacher_arm()
     return Env(
         name="reacher",
-        step=lambda s, a: arm_step(arm, s, a, dt, substeps),
+        step=lambda s, a: arm_step(arm, s, a, dt, substeps, closed_form=closed_form),
         position=lambda s: end_effector(arm, s[:2]),
         start=(0.0, 0.0, 0.0, 0.0),
         state_dim=4,

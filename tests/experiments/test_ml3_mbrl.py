@@ -138,6 +138,50 @@ def test_task_loss_through_the_true_simulator_reduces_the_distance(experiment, i
     assert trace[-1] < 0.7 * trace[0]  # a wrong sign or a cut gradient would not
 
 
+@pytest.mark.slow  # ~20 s: three gradients through rollouts, compiled
+def test_saturation_is_measured_and_the_preactivation_penalty_restores_the_gradient(
+    experiment, inits, fast_compile
+):
+    """A policy scaled into its tanh's flat tails has every action saturated and almost no
+    gradient from the learned loss; the pre-activation penalty gives it one back."""
+    phi, model, init_policy = inits
+    theta = init_policy(jax.random.key(12))
+    # Its biases (zero at init, and the start state is zero) put every z far beyond ±2.
+    saturated = jax.tree_util.tree_map_with_path(
+        lambda path, x: x + 6.0 if "bias" in jax.tree_util.keystr(path) else x, theta
+    )
+    goal = jnp.asarray([0.5, 0.7])
+    config = experiment.config.policy
+
+    def inner_with(penalty):  # the experiment reads the penalty when building the loss
+        before = config.preact_penalty, config.preact_bound
+        config.preact_penalty, config.preact_bound = penalty, 2.0
+        try:
+            return experiment.learned_inner_loss(experiment.model_step(model))
+        finally:
+            config.preact_penalty, config.preact_bound = before
+
+    off, on = inner_with(0.0), inner_with(1.0)
+
+    @jax.jit
+    def measure(theta, saturated):
+        def grad(inner, p):
+            return jax.grad(lambda p: inner(p, {}, phi, {"goal": goal}, None)[0])(p)
+
+        return (
+            experiment.real_metrics(theta, goal)["saturation"],
+            experiment.real_metrics(saturated, goal)["saturation"],
+            grad(off, theta),
+            grad(off, saturated),
+            grad(on, saturated),
+        )
+
+    sat_fresh, sat_big, grad_fresh, grad_off, grad_on = measure(theta, saturated)
+    assert float(sat_fresh) < 0.5 and float(sat_big) == 1.0
+    assert _norm(grad_off) < 1e-3 * _norm(grad_fresh)
+    assert _norm(grad_on) > 100 * _norm(grad_off)
+
+
 def test_pointmass_meta_test_goals_lie_in_another_quadrant(experiment):
     goals = experiment.eval_goals(jax.random.key(8))
     train, test = np.asarray(goals["train_goals"]), np.asarray(goals["test_goals"])

@@ -71,6 +71,29 @@ def test_fit_traces_the_evaluation_at_every_iterate():
     assert trace[-1] < 0.5 * trace[0]
 
 
+def test_fit_traces_every_leaf_of_a_pytree_evaluation():
+    inner = ml3.regression_inner_loss(apply, _learned)
+
+    def evaluate(p):
+        return {"mse": mse(BATCH["y"], apply(p, BATCH["x"])), "ab": jnp.stack([p["a"], p["b"]])}
+
+    _, trace = jax.jit(
+        lambda: ml3.fit(
+            THETA,
+            PHI,
+            BATCH,
+            jax.random.key(0),
+            inner_loss=inner,
+            optimizer=optax.sgd(0.3),
+            num_steps=3,
+            evaluate=evaluate,
+        )
+    )()
+    assert trace["mse"].shape == (4,) and trace["ab"].shape == (4, 2)
+    np.testing.assert_allclose(trace["ab"][0], [0.0, 0.0])
+    assert trace["mse"][-1] < trace["mse"][0] and np.abs(trace["ab"][-1]).min() > 0
+
+
 def _noisy_inner(params, model_state, phi, batch, key):
     """Uses its key, so that the episode's key numbering shows in the numbers."""
     noise = 0.1 * jax.random.normal(key, batch["y"].shape)

@@ -155,3 +155,12 @@ def test_early_mean_term_looks_only_at_the_early_trajectory():
     assert term(late, extra="min_distance") < term(greedy, extra="min_distance") - 0.1
     with pytest.raises(ValueError, match="Unknown intermediate-goal term"):
         control.intermediate_goal_term(greedy[:, 0], X_INT, extra="nope")
+
+
+def test_preactivation_penalty_is_zero_inside_the_bound_and_pushes_back_outside():
+    z = jnp.asarray([[-1.9, 0.5], [2.0, 0.0]])
+    assert float(control.preactivation_penalty(z, 2.0)) == 0.0
+    z = jnp.asarray([-3.0, 1.0, 4.0])
+    np.testing.assert_allclose(control.preactivation_penalty(z, 2.0), (1.0 + 4.0) / 3, rtol=1e-6)
+    grad = jax.grad(control.preactivation_penalty)(z, 2.0)
+    np.testing.assert_allclose(grad, [-2.0 / 3, 0.0, 4.0 / 3], rtol=1e-6)

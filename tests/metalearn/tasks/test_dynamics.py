@@ -118,3 +118,32 @@ def test_mountain_car_matches_gym_and_cannot_be_climbed_greedily():
     env = dynamics.mountain_car_env()
     states, _ = control.rollout(env.step, lambda s: jnp.ones(1), env.initial_state(), 200)
     assert states[:, 0].max() < dynamics.MOUNTAIN_CAR_GOAL  # full throttle right is not enough
+
+
+def test_two_link_closed_form_matches_the_lagrangian_arm(float64, fast_compile):
+    """The closed-form 2-link q̈ equals the generic (autodiff Lagrangian) one, with and
+    without gravity, and so does an RK4 step (the same function: so do its derivatives)."""
+    base = _f64(dynamics.reacher_arm())
+
+    @jax.jit
+    def both(arm, q, qd, u, state):
+        return (
+            dynamics.two_link_forward_dynamics(arm, q, qd, u),
+            dynamics.forward_dynamics(arm, q, qd, u),
+            dynamics.arm_step(arm, state, u, 0.05, 2, closed_form=True),
+            dynamics.arm_step(arm, state, u, 0.05, 2),
+        )
+
+    keys = jax.random.split(jax.random.key(0), 4)
+    q, qd = (jax.random.normal(k, (2,), jnp.float64) for k in keys[:2])
+    u = 0.05 * jax.random.normal(keys[2], (2,), jnp.float64)
+    state = jnp.concatenate([q, qd])
+    for arm in (base, base.replace(gravity=dynamics.GRAVITY)):
+        closed, generic, step_closed, step_generic = both(arm, q, qd, u, state)
+        assert np.abs(generic).max() > 1e-2  # not trivially zero
+        np.testing.assert_allclose(closed, generic, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(step_closed, step_generic, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="2-link"):
+        dynamics.arm_step(
+            _f64(dynamics.sawyer_arm()), jnp.zeros(14), jnp.zeros(7), 0.1, closed_form=True
+        )
