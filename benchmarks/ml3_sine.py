@@ -26,8 +26,8 @@ from configs import ml3_sine
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repetitions of each steady-state call.")
 _COMPARE_LEVELS = flags.DEFINE_multi_integer(
     "compare_level",
-    [2],
-    "Also run the whole protocol with XLA's LLVM at these levels (2: XLA's default).",
+    [3],
+    "Also run the whole protocol with XLA's LLVM at these levels (3: XLA's default).",
 )
 
 REFERENCE_S_PER_SEED = 60.0

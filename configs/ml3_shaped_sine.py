@@ -11,7 +11,7 @@ episode of 10 inner steps with a meta update after every step (the truncated est
 with a window of 1). Both learned losses (MSE task loss and shaping loss (ω − ν)²) train
 side by side from the same seeds.
 
-Runtime: about a minute on a 2-core CPU.
+Runtime: 2-4 minutes on a 2-core CPU.
 """
 
 import ml_collections

@@ -151,13 +151,15 @@ def reached_fractions(
 ) -> None:
     """A success fraction against meta-iteration (left; `during`: name -> [evals, seeds],
     after `test_steps` steps) and against the meta-test step count (right; `by_count`:
-    name -> [len(counts), seeds], after meta-training)."""
+    name -> [len(counts), seeds], after meta-training). A name has one colour in both."""
     fig, (left, right) = pyplot().subplots(1, 2, figsize=(10, 3.5), sharey=True)
-    for (name, values), color in zip(during.items(), COLORS, strict=False):
-        _band(left, eval_steps, np.asarray(values).T, name, color)
+    names = list(dict.fromkeys([*during, *by_count]))
+    color = dict(zip(names, COLORS, strict=False))
+    for name, values in during.items():
+        _band(left, eval_steps, np.asarray(values).T, name, color[name])
     left.set(xlabel="meta-train iteration", ylabel=ylabel, title=f"after {test_steps} steps")
-    for (name, values), color in zip(by_count.items(), COLORS, strict=False):
-        _band(right, counts, np.asarray(values).T, name, color)
+    for name, values in by_count.items():
+        _band(right, counts, np.asarray(values).T, name, color[name])
     right.set(xlabel="meta-test gradient steps", xscale="log", title="after meta-training")
     right.legend(fontsize=8)
     _save(fig, path)

@@ -258,7 +258,7 @@ def test_make_names_the_known_experiments_for_an_unknown_one():
 
 def test_the_configs_compiler_options_reach_every_program_and_smoke_runs_override_them():
     config = ml3_sine.get_config()
-    assert compiler_options(config) == {"xla_backend_optimization_level": 1}
+    assert compiler_options(config) == {"xla_backend_optimization_level": 2}
     assert compiler_options(ml3_sine.get_config("smoke")) == FAST_COMPILE_OPTIONS
     config.compiler_options = {"xla_no_such_option": 1}
     jitted = experiments.make(config).jit(lambda x: x + 1)
