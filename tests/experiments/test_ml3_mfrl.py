@@ -74,6 +74,7 @@ def _episodes(experiment, key, num, dtype):
     }
 
 
+@pytest.mark.slow  # 30 s; the default tier checks the heart's meta-gradients by finite differences
 def test_meta_gradient_of_reinforce_through_one_inner_step_matches_finite_differences(
     experiment, float64, fast_compile
 ):

@@ -94,6 +94,7 @@ def meta_step(experiment):
     return (state, *experiment.train_chunk(state, 0, 1))
 
 
+@pytest.mark.slow  # its fixture compiles a meta step through the arm: 37 s in the default tier
 def test_meta_step_has_a_finite_nonzero_gradient_and_moves_phi(meta_step):
     state, new_state, metrics = meta_step
     grad_norm = np.asarray(metrics["meta/grad_norm"])

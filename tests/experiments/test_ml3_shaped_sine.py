@@ -65,6 +65,7 @@ def test_both_variants_start_from_the_same_phi_and_their_task_losses_set_them_ap
     assert all(v.shape == (1, 2, 2) and np.isfinite(v).all() for v in jax.tree.leaves(metrics))
 
 
+@pytest.mark.slow  # 25 s: compiles the whole finalize (traces, minima, landscapes)
 def test_each_saved_loss_is_its_variant_and_seed_and_takes_x_as_extra_input(tiny, tmp_path):
     experiment, _, after, _ = tiny
     summary = experiment.finalize(after, [], str(tmp_path))

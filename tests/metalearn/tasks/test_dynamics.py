@@ -120,6 +120,7 @@ def test_mountain_car_matches_gym_and_cannot_be_climbed_greedily():
     assert states[:, 0].max() < dynamics.MOUNTAIN_CAR_GOAL  # full throttle right is not enough
 
 
+@pytest.mark.slow  # 17 s: compiles the Lagrangian arm in float64
 def test_two_link_closed_form_matches_the_lagrangian_arm(float64, fast_compile):
     """The closed-form 2-link q̈ equals the generic (autodiff Lagrangian) one, with and
     without gravity, and so does an RK4 step (the same function: so do its derivatives)."""
