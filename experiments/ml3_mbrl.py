@@ -26,8 +26,11 @@ in the learned model at meta-train, in the real environment at meta-test (no mod
 Task loss at meta-train: the final distance ‖pos(s_T) − g‖ of π_θ' rolled out in the
 learned model, differentiated through the model. Each meta iteration is an episode of
 `inner.episode_length` inner steps from fresh θ on `data.goals_per_step` training goals
-with a meta update after every step (the truncated estimator, window 1): the ML³ episode
-of `metalearn.algorithms.ml3.episode`.
+with a meta update after every `meta.window` steps (`meta.estimator`: "truncated" for
+shorter windows, e.g. 1, the pointmass default; "unrolled" for the whole episode, the
+reacher default): the ML³ episode of `metalearn.algorithms.ml3.episode`. With
+`meta.learn_step_size`, φ also holds log_step and the learned loss's inner objective is
+scaled by exp(gain · log_step) (`step_size`): a meta-learned step size, as in the paper.
 
 Meta-test (Fig. 3b-c): for each test goal, the same θ₀ is trained for `eval.test_steps`
 updates of the same optimizer with (i) the learned loss alone on real rollouts, (ii) the
@@ -194,19 +197,37 @@ class ModelBasedRL(ML3Experiment):
         """M_φ(τ, g): ℓ_φ averaged over the trajectory's time steps."""
         return self.loss_fn(phi, *self.loss_inputs(states, actions, goal))
 
+    def loss_params(self, phi, learn_step_size: bool | None = None):
+        """The loss network's part of φ (all of it without `meta.learn_step_size`)."""
+        if learn_step_size is None:
+            learn_step_size = self.config.meta.learn_step_size
+        return phi["loss"] if learn_step_size else phi
+
+    def step_size(self, phi, learn_step_size: bool | None = None) -> Array:
+        """The learned step-size factor exp(gain · φ['log_step']) (1 without
+        `meta.learn_step_size`), multiplying the inner optimizer's step on the learned loss."""
+        if learn_step_size is None:
+            learn_step_size = self.config.meta.learn_step_size
+        if not learn_step_size:
+            return jnp.ones(())
+        return jnp.exp(self.config.meta.step_size_gain * phi["log_step"])
+
     def learned_inner_loss(self, step):
         """Inner objective M_φ(τ(θ), g), τ rolled out by `step` with detached states, plus
-        `policy.preact_penalty` × `control.preactivation_penalty` (read here, once)."""
+        `policy.preact_penalty` × `control.preactivation_penalty` (read here, once), all
+        times the learned step size (`step_size`): for SGD the same as a learned rate."""
         penalty, bound = self.config.policy.preact_penalty, self.config.policy.preact_bound
+        learn = self.config.meta.learn_step_size
 
         def inner_loss(params, model_state, phi, batch, key):
             del key
             states, actions = self.rollout(step, params, detach_states=True)
-            value = self.learned_loss(phi, states, actions, batch["goal"])
+            value = self.learned_loss(self.loss_params(phi, learn), states, actions, batch["goal"])
             if penalty:
                 # The rollout's pre-activations z_t = MLP_θ(s_t), the states being data.
                 z = self.policy_net.apply(params, states[:-1])
                 value = value + penalty * control.preactivation_penalty(z, bound)
+            value = self.step_size(phi, learn) * value
             dist = final_distance(self.env.position(states[-1]), batch["goal"])
             return value, (model_state, {"inner/final_distance": dist})
 
@@ -341,6 +362,9 @@ class ModelBasedRL(ML3Experiment):
             num_outputs=env.goal_dim,
             num_extra=self.num_extra,
         )
+        if c.meta.learn_step_size:
+            log_step = np.log(c.meta.init_step_size) / c.meta.step_size_gain
+            phi = {"loss": phi, "log_step": jnp.asarray(log_step, jnp.float32)}
         model = ensemble.init_ensemble(
             self.dyn_net,
             jax.random.fold_in(seed_key, 2),
@@ -530,7 +554,7 @@ class ModelBasedRL(ML3Experiment):
         env = self.env
         self.save_learned_losses(
             workdir,
-            state.meta.params,
+            self.loss_params(state.meta.params),
             y="goal / features.position_scale, per time step",
             y_hat="position of s_{t+1} / features.position_scale",
             extra=(
@@ -599,6 +623,9 @@ class ModelBasedRL(ML3Experiment):
                 },
             }
         summary["model_one_step_relative_error"] = mean_std(model_error)
+        if c.meta.learn_step_size:
+            step_sizes = np.asarray(jax.vmap(self.step_size)(state.meta.params))
+            summary["learned_step_size_factor"] = step_sizes.tolist()
         summary["test_steps"] = c.eval.test_steps
         summary["seeds"] = list(c.seeds)
         summary["notes"] = (

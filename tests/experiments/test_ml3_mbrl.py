@@ -133,7 +133,7 @@ def test_task_loss_through_the_true_simulator_reduces_the_distance(experiment, i
     goal = jnp.asarray([0.12, 0.08])  # reachable in 6 steps
     inner = experiment.task_inner_loss(experiment.env.step)
     _, trace = jax.jit(lambda t: experiment.fit_policy(inner, {}, t, goal))(theta)
-    trace = np.asarray(trace)
+    trace = np.asarray(trace["distance"])
     assert trace.shape == (experiment.config.eval.test_steps + 1,)
     assert trace[-1] < 0.7 * trace[0]  # a wrong sign or a cut gradient would not
 
@@ -182,6 +182,44 @@ def test_saturation_is_measured_and_the_preactivation_penalty_restores_the_gradi
     assert _norm(grad_on) > 100 * _norm(grad_off)
 
 
+def test_learned_step_size_scales_the_inner_step_and_gets_a_meta_gradient(
+    experiment, inits, fast_compile
+):
+    """With `meta.learn_step_size`, φ = {'loss', 'log_step'}: the inner loss (hence the SGD
+    step) is exp(gain · log_step) times the plain one, and log_step has a meta-gradient."""
+    phi, model, init_policy = inits
+    theta = init_policy(jax.random.key(13))
+    step = experiment.model_step(model)
+    meta = experiment.config.meta
+    batch = {"goal": jnp.asarray([0.5, 0.7])}
+    plain = experiment.learned_inner_loss(step)
+    meta.learn_step_size = True
+    try:
+        scaled = experiment.learned_inner_loss(step)
+        log_step = jnp.asarray(0.05)
+
+        @jax.jit
+        def measure(phi, log_step):
+            def after_step(log_step):  # the task loss after one SGD step on the scaled loss
+                full = {"loss": phi, "log_step": log_step}
+                g = jax.grad(lambda p: scaled(p, {}, full, batch, None)[0])(theta)
+                new = jax.tree.map(lambda p, g: p - 0.1 * g, theta, g)
+                return experiment.task_loss(step, new, batch["goal"])
+
+            full = {"loss": phi, "log_step": log_step}
+            return (
+                scaled(theta, {}, full, batch, None)[0],
+                plain(theta, {}, phi, batch, None)[0],
+                jax.grad(after_step)(log_step),
+            )
+
+        value, base, meta_grad = measure(phi, log_step)
+    finally:
+        meta.learn_step_size = False
+    np.testing.assert_allclose(value, np.exp(meta.step_size_gain * 0.05) * base, rtol=1e-5)
+    assert np.isfinite(float(meta_grad)) and abs(float(meta_grad)) > 0
+
+
 def test_pointmass_meta_test_goals_lie_in_another_quadrant(experiment):
     goals = experiment.eval_goals(jax.random.key(8))
     train, test = np.asarray(goals["train_goals"]), np.asarray(goals["test_goals"])
@@ -192,7 +230,9 @@ def test_pointmass_meta_test_goals_lie_in_another_quadrant(experiment):
 
 
 def test_reacher_test_goals_are_reachable_and_new():
-    experiment = make(ml3_mbrl_reacher.get_config("smoke"))
+    config = ml3_mbrl_reacher.get_config("smoke")
+    config.data.num_train_goals = 8  # a fixed pool per seed (the default draws fresh goals)
+    experiment = make(config)
     key = jax.random.key(10)
     goals, pool = jax.jit(
         lambda key: (
