@@ -19,7 +19,7 @@ the summary also gives bits per byte), the Spearman correlation of the per-seque
 loss with the per-sequence cross-entropy over the batch (`gist/rank_corr`), and the
 collapse of the gist space (`gist.collapse`) for the encodings of the observed chunks and
 of the model's own continuations of the diagnostic windows. The reward-hacking detector
-of plan 1 (`self_loss.detector_update`, action 'continue') dates `steps_to_hack`, and
+of plan 1 (`hacking.detector_update`, action 'continue') dates `steps_to_hack`, and
 `steps_to_degrade` has plan 1's definition, so the plans compare in one table
 (`experiments.sweep_gist`).
 
@@ -40,7 +40,7 @@ import numpy as np
 import optax
 
 from experiments.self_loss_lm import phase2_summary
-from metalearn import plots
+from metalearn import hacking, plots
 from metalearn.algorithms import adalfl, gist, self_loss
 from metalearn.models import transformer
 from metalearn.optim import make_optimizer
@@ -67,7 +67,7 @@ class GistState:
     meta_opt: optax.OptState  # plan 3: the encoder's optimizer
     control: Params  # θ trained on the true cross-entropy from the end of Phase G
     control_opt: optax.OptState
-    detector: self_loss.Detector
+    detector: hacking.Detector
     val_ce: Array
     control_val_ce: Array
     diag: dict  # the last logged collapse diagnostics
@@ -178,7 +178,7 @@ class GistLM(Experiment):
             meta_opt=self.meta_opt.init(params),
             control=params,
             control_opt=self.control_opt.init(params),
-            detector=self_loss.init_detector(c.detector.window, val, jnp.asarray(c.phase_g.steps)),
+            detector=hacking.init_detector(c.detector.window, val, jnp.asarray(c.phase_g.steps)),
             val_ce=val,
             control_val_ce=val,
             diag=self._diagnostics(params, params),
@@ -213,7 +213,7 @@ class GistLM(Experiment):
             control_opt=pick(self.control_opt.init(params), state.control_opt),
             inner_opt=pick(self.inner_opt.init(params), state.inner_opt),
             meta_opt=pick(self.meta_opt.init(params), state.meta_opt),
-            detector=pick(self_loss.init_detector(c.detector.window, val, t + 1), state.detector),
+            detector=pick(hacking.init_detector(c.detector.window, val, t + 1), state.detector),
             val_ce=val,
             control_val_ce=jnp.where(handover, val, state.control_val_ce),
             diag=diag,
@@ -279,7 +279,7 @@ class GistLM(Experiment):
             ),
             lambda: (state.val_ce, state.control_val_ce, state.diag),
         )
-        det, hacked, _, corr = self_loss.detector_update(
+        det, hacked, _, corr = hacking.detector_update(
             state.detector,
             aux["pred_loss"],
             aux["train_ce"],

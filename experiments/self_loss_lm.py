@@ -16,7 +16,7 @@ Every logged step records the predicted loss, the true train and validation
 cross-entropies (diagnostics only: in Phase 2 they never reach θ), the control's
 validation cross-entropy, the rank correlation of predicted loss and true train loss
 over the detector's window, and their gap. The reward-hacking detector
-(`self_loss.detector_update`) flags the first logged step at which the predicted loss has
+(`hacking.detector_update`) flags the first logged step at which the predicted loss has
 kept falling over its window while the validation cross-entropy rose by more than the
 tolerance above its best or has not improved by the tolerance for a whole window;
 `steps_to_hack` is the number of Phase 2 steps until the last improvement before it
@@ -40,7 +40,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from metalearn import plots
+from metalearn import hacking, plots
 from metalearn.algorithms import self_loss
 from metalearn.estimators import EstimatorOptions
 from metalearn.models import transformer
@@ -69,7 +69,7 @@ class SelfLossState:
     control: Params  # θ trained on the true cross-entropy from the end of Phase 1
     control_opt: optax.OptState
     best: Params  # θ at the best validation cross-entropy of Phase 2 (for rollback)
-    detector: self_loss.Detector
+    detector: hacking.Detector
     val_ce: Array  # the last logged validation cross-entropy of θ and the control
     control_val_ce: Array
     meta_left: Array  # Phase 1 steps still to run after a 'meta' action
@@ -188,7 +188,7 @@ class SelfLossLM(Experiment):
             control=params,
             control_opt=self.control_opt.init(params),
             best=params,
-            detector=self_loss.init_detector(c.detector.window, val, jnp.asarray(c.meta.steps)),
+            detector=hacking.init_detector(c.detector.window, val, jnp.asarray(c.meta.steps)),
             val_ce=val,
             control_val_ce=val,
             meta_left=jnp.zeros((), jnp.int32),
@@ -251,7 +251,7 @@ class SelfLossLM(Experiment):
             control_opt=pick(self.control_opt.init(params), state.control_opt, initial),
             inner_opt=pick(self.self_opt.init(params), state.inner_opt),
             best=pick(params, state.best),
-            detector=pick(self_loss.init_detector(c.detector.window, val, t + 1), state.detector),
+            detector=pick(hacking.init_detector(c.detector.window, val, t + 1), state.detector),
             val_ce=val,
             control_val_ce=jnp.where(initial, val, state.control_val_ce),
             meta_left=meta_left,
@@ -320,7 +320,7 @@ class SelfLossLM(Experiment):
             lambda: (self._ce(params, self.diag_windows), self._ce(control, self.diag_windows)),
             lambda: (state.val_ce, state.control_val_ce),
         )
-        det, hacked, improved, corr = self_loss.detector_update(
+        det, hacked, improved, corr = hacking.detector_update(
             state.detector,
             aux["pred_loss"],
             aux["train_ce"],
@@ -380,7 +380,7 @@ class SelfLossLM(Experiment):
             return state.replace(stopped=state.stopped | hacked)
         if action == "rollback":
             pick = lambda a, b: jax.tree.map(lambda x, y: jnp.where(hacked, x, y), a, b)  # noqa: E731
-            fresh = self_loss.restart_detector(state.detector, t + 1)
+            fresh = hacking.restart_detector(state.detector, t + 1)
             return state.replace(
                 params=pick(state.best, state.params),
                 inner_opt=pick(self.self_opt.init(state.best), state.inner_opt),
@@ -631,8 +631,8 @@ def _last_minimum(steps: list[int], values: list[float]) -> int:
 
 def _stall(steps: list[int], values: list[float], tolerance: float, window: int) -> int | None:
     """The step at which `values` (the reference first, then one per step) meet the
-    detector's stall condition (`self_loss.first_stall`); None if never."""
-    i = int(self_loss.first_stall(np.asarray(values), tolerance=tolerance, window=window))
+    detector's stall condition (`hacking.first_stall`); None if never."""
+    i = int(hacking.first_stall(np.asarray(values), tolerance=tolerance, window=window))
     return None if i < 0 else steps[i]
 
 

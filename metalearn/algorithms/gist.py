@@ -30,7 +30,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from metalearn.algorithms.self_loss import cross_entropy, spearman
+from metalearn.algorithms.self_loss import cross_entropy
+from metalearn.hacking import spearman
 from metalearn.models.transformer import Transformer
 from metalearn.tasks.text import GIST, NUM_GIST
 from metalearn.types import Array, Params, PRNGKey

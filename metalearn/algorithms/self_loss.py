@@ -24,15 +24,12 @@ The critic (`Spec.critic`) is θ itself ('same'), a copy frozen at the end of Ph
 `stop_gradient` does the inner gradient reach the critic's weights: that is the channel
 through which a model can lower its predicted loss without predicting better.
 
-The reward-hacking detector (`Detector`, `init_detector`, `detector_update`) watches the
-logged steps of Phase 2 for a predicted loss that keeps falling while the validation
-cross-entropy does not.
+The reward-hacking detector that watches Phase 2 is `metalearn.hacking`.
 """
 
 import dataclasses
 import functools
 
-import flax
 import jax
 import jax.numpy as jnp
 import optax
@@ -532,145 +529,3 @@ def interpolate(theta: Params, theta_prime: Params, tau: float) -> Params:
 def ema(average: Params, params: Params, decay: float) -> Params:
     """decay · average + (1 − decay) · params."""
     return jax.tree.map(lambda a, p: decay * a + (1.0 - decay) * p, average, params)
-
-
-def spearman(x: Array, y: Array, valid: Array) -> Array:
-    """Spearman rank correlation of x and y [W] over the entries where `valid` [W] holds
-    (0 when fewer than 3 are valid or either is constant)."""
-    big = jnp.finfo(x.dtype).max
-
-    def ranks(v):
-        v = jnp.where(valid, v, big)  # invalid entries rank last and are masked below
-        return jnp.argsort(jnp.argsort(v)).astype(x.dtype)
-
-    n = jnp.sum(valid)
-    rx, ry = ranks(x), ranks(y)
-    mx = jnp.sum(jnp.where(valid, rx, 0.0)) / jnp.maximum(n, 1)
-    my = jnp.sum(jnp.where(valid, ry, 0.0)) / jnp.maximum(n, 1)
-    dx, dy = jnp.where(valid, rx - mx, 0.0), jnp.where(valid, ry - my, 0.0)
-    den = jnp.sqrt(jnp.sum(dx**2) * jnp.sum(dy**2))
-    return jnp.where((n >= 3) & (den > 0), jnp.sum(dx * dy) / jnp.where(den > 0, den, 1.0), 0.0)
-
-
-@flax.struct.dataclass
-class Detector:
-    """The reward-hacking detector's state: ring buffers over the last W logged steps."""
-
-    pred: Array  # [W] predicted loss (or critic agreement)
-    train: Array  # [W] true train cross-entropy
-    count: Array  # valid entries in the buffers
-    best_val: Array  # validation cross-entropy at the last improvement by the tolerance
-    best_step: Array  # the step of that improvement
-    since: Array  # logged steps since then
-    detected_at: Array  # step of the first detection, −1 before
-    onset: Array  # best_step at the first detection, −1 before
-
-
-def init_detector(window: int, val: Array, step: Array) -> Detector:
-    """A fresh detector whose reference is the validation cross-entropy `val` at `step`.
-
-    Args:
-      window: W, the logged steps the detector looks back over.
-      val: the reference validation cross-entropy, a scalar.
-      step: the step of that reference, a scalar.
-
-    Returns:
-      The detector, with empty buffers and no detection.
-    """
-    return Detector(
-        pred=jnp.zeros((window,)),
-        train=jnp.zeros((window,)),
-        count=jnp.zeros((), jnp.int32),
-        best_val=jnp.asarray(val, jnp.float32),
-        best_step=jnp.asarray(step, jnp.int32),
-        since=jnp.zeros((), jnp.int32),
-        detected_at=jnp.full((), -1, jnp.int32),
-        onset=jnp.full((), -1, jnp.int32),
-    )
-
-
-def detector_update(
-    det: Detector, pred: Array, train: Array, val: Array, step: Array, *, tolerance: float
-) -> tuple[Detector, Array, Array, Array]:
-    """Adds one logged step; pure.
-
-    A step is hacked when the predicted loss has fallen over a full window while the
-    validation cross-entropy is more than `tolerance` above its best or has not improved
-    by `tolerance` for a whole window. The first such step sets `detected_at`, and
-    `onset` to the step of the last improvement before it (where the hack began).
-
-    Args:
-      det: the detector.
-      pred, train, val: this step's predicted loss, true train and validation
-        cross-entropies (scalars).
-      step: this step (a scalar).
-      tolerance: nats an improvement or a degradation must exceed.
-
-    Returns:
-      `(detector, hacked, improved, rank_corr)`: `hacked` is whether this step meets the
-      hacking condition, `improved` whether validation improved by the tolerance (a new
-      best), `rank_corr` the Spearman correlation of predicted and true train loss over
-      the window.
-    """
-    window = det.pred.shape[0]
-    push = lambda buf, x: jnp.roll(buf, -1).at[-1].set(x)  # noqa: E731
-    pred_buf, train_buf = push(det.pred, pred), push(det.train, train)
-    count = jnp.minimum(det.count + 1, window)
-    valid = jnp.arange(window) >= window - count
-    improved, best_val, since = improvement(det.best_val, det.since, val, tolerance=tolerance)
-    best_step = jnp.where(improved, step, det.best_step)
-    falling = (count == window) & (pred_buf[-1] < pred_buf[0])
-    worse = (val > best_val + tolerance) | (since >= window)
-    hacked = falling & worse
-    first = hacked & (det.detected_at < 0)
-    det = Detector(
-        pred=pred_buf,
-        train=train_buf,
-        count=count,
-        best_val=best_val,
-        best_step=best_step,
-        since=since,
-        detected_at=jnp.where(first, step, det.detected_at),
-        onset=jnp.where(first, best_step, det.onset),
-    )
-    return det, hacked, improved, spearman(pred_buf, train_buf, valid)
-
-
-def improvement(
-    best_val: Array, since: Array, val: Array, *, tolerance: float
-) -> tuple[Array, Array, Array]:
-    """The detector's improvement rule: `val` improves when it is more than `tolerance`
-    below `best_val`. Returns `(improved, best_val, since)`, `since` the logged steps
-    since the last improvement (0 on one)."""
-    improved = val < best_val - tolerance
-    return improved, jnp.where(improved, val, best_val), jnp.where(improved, 0, since + 1)
-
-
-def first_stall(values: Array, *, tolerance: float, window: int) -> Array:
-    """The index (into `values[1:]`) of the first logged step at which `values` — the
-    reference first, then one per logged step — had not improved by `tolerance`
-    (`improvement`) for `window` steps: the detector's stall condition applied to any
-    curve (e.g. a control trained on the true loss). −1 if never."""
-
-    def step(carry, val):
-        best, since, found, i = carry
-        _, best, since = improvement(best, since, val, tolerance=tolerance)
-        found = jnp.where((found < 0) & (since >= window), i, found)
-        return (best, since, found, i + 1), None
-
-    values = jnp.asarray(values, jnp.float32)
-    init = (
-        values[0],
-        jnp.zeros((), jnp.int32),
-        jnp.full((), -1, jnp.int32),
-        jnp.zeros((), jnp.int32),
-    )
-    (_, _, found, _), _ = jax.lax.scan(step, init, values[1:])
-    return found
-
-
-def restart_detector(det: Detector, step: Array) -> Detector:
-    """Empty buffers from `step` on, the best validation cross-entropy so far as the
-    reference, and the first detection kept (after a rollback to the best θ)."""
-    fresh = init_detector(det.pred.shape[0], det.best_val, step)
-    return fresh.replace(detected_at=det.detected_at, onset=det.onset)

@@ -16,9 +16,9 @@ import numpy as np
 import optax
 import pytest
 
-from metalearn import bilevel
+from metalearn import bilevel, hacking
 from metalearn.algorithms import self_loss
-from metalearn.algorithms.self_loss import detector_update, init_detector
+from metalearn.hacking import detector_update, init_detector
 from metalearn.models import transformer
 from metalearn.state import init_inner_state
 from metalearn.tasks import text
@@ -414,13 +414,13 @@ def test_spearman_matches_numpy_ranks():
     expected = np.corrcoef(rank(x), rank(y))[0, 1]
     valid = jnp.ones(8, bool)
     np.testing.assert_allclose(
-        self_loss.spearman(jnp.asarray(x), jnp.asarray(y), valid), expected, rtol=1e-5
+        hacking.spearman(jnp.asarray(x), jnp.asarray(y), valid), expected, rtol=1e-5
     )
     # Invalid entries are ignored.
     valid = jnp.arange(8) >= 3
     expected = np.corrcoef(rank(x[3:]), rank(y[3:]))[0, 1]
     np.testing.assert_allclose(
-        self_loss.spearman(jnp.asarray(x), jnp.asarray(y), valid), expected, rtol=1e-5
+        hacking.spearman(jnp.asarray(x), jnp.asarray(y), valid), expected, rtol=1e-5
     )
 
 
@@ -538,8 +538,8 @@ def test_first_stall_is_the_detectors_stall_rule():
     """By hand: reference 1.0; 0.95 improves (tolerance 0.01), then three steps within
     the tolerance: with a window of 3 the stall is at the third of them (index 3)."""
     values = [1.0, 0.95, 0.945, 0.944, 0.949, 0.5]
-    assert int(self_loss.first_stall(np.asarray(values), tolerance=0.01, window=3)) == 3
-    assert int(self_loss.first_stall(np.asarray(values), tolerance=0.01, window=4)) == -1
+    assert int(hacking.first_stall(np.asarray(values), tolerance=0.01, window=3)) == 3
+    assert int(hacking.first_stall(np.asarray(values), tolerance=0.01, window=4)) == -1
     # The detector's own `since` counter reaches the window at the same logged step.
     det = init_detector(3, jnp.asarray(values[0]), jnp.asarray(0))
     stalled = []
