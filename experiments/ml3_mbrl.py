@@ -198,14 +198,16 @@ class ModelBasedRL(ML3Experiment):
         return self.loss_fn(phi, *self.loss_inputs(states, actions, goal))
 
     def loss_params(self, phi, learn_step_size: bool | None = None):
-        """The loss network's part of φ (all of it without `meta.learn_step_size`)."""
+        """The loss network's part of φ (all of it without `meta.learn_step_size`, read now
+        unless given)."""
         if learn_step_size is None:
             learn_step_size = self.config.meta.learn_step_size
         return phi["loss"] if learn_step_size else phi
 
     def step_size(self, phi, learn_step_size: bool | None = None) -> Array:
         """The learned step-size factor exp(gain · φ['log_step']) (1 without
-        `meta.learn_step_size`), multiplying the inner optimizer's step on the learned loss."""
+        `meta.learn_step_size`, read now unless given), multiplying the inner optimizer's
+        step on the learned loss."""
         if learn_step_size is None:
             learn_step_size = self.config.meta.learn_step_size
         if not learn_step_size:
@@ -240,7 +242,10 @@ class ModelBasedRL(ML3Experiment):
 
     def real_metrics(self, params: Params, goal: Array) -> dict[str, Array]:
         """{'distance': final distance, 'saturation': fraction of actions with
-        |a| ≥ SATURATED · action_scale} of the real rollout of π_θ; never differentiated."""
+        |a| ≥ SATURATED · action_scale} of the real rollout of π_θ, metrics: never
+        differentiated. θ is detached on the way in (not only the results on the way out),
+        so that under a `grad` (they are traced inside the inner loss's aux) no JVP of the
+        simulator is traced."""
         states, actions = self.rollout(
             self.env.step, jax.lax.stop_gradient(params), detach_states=True
         )
@@ -251,12 +256,8 @@ class ModelBasedRL(ML3Experiment):
         }
 
     def real_distance(self, params: Params, goal: Array) -> Array:
-        """Final distance of the real rollout of π_θ, a metric: never differentiated.
-
-        θ is detached on the way in (not only the result on the way out), so that under a
-        `grad` (it is traced inside the inner loss's aux) no JVP of the simulator is traced.
-        """
-        return self.task_loss(self.env.step, jax.lax.stop_gradient(params), goal)
+        """Final distance of the real rollout of π_θ (`real_metrics`' 'distance')."""
+        return self.real_metrics(params, goal)["distance"]
 
     # -- goals --
 

@@ -233,10 +233,8 @@ class ShapedSine(ML3Experiment):
     def _landscapes_across_freqs(self, state):
         """The shaped loss of the first seed over the ω grid for `eval.landscape_freqs`
         ν on the dense x of Fig. 5a: (ω grid [G], ν [N], loss [N, G])."""
-        c = self.config.eval
-        grid = jnp.arange(c.landscape_range[0], c.landscape_range[1], 0.05)
-        freqs = jnp.linspace(*c.landscape_freqs)
-        x = jnp.arange(-5.0, 5.0, 0.1)[:, None]
+        grid, x = self._landscape_grid()
+        freqs = jnp.linspace(*self.config.eval.landscape_freqs)
         phi = jax.tree.map(lambda p: p[self.VARIANTS.index("ml3_shaped"), 0], state.params)
 
         def row(nu):
@@ -259,11 +257,15 @@ class ShapedSine(ML3Experiment):
         |ω − ν|, for MSE and each learned loss, per seed."""
         return self._evaluate_jit(state, step)
 
+    def _landscape_grid(self):
+        """The ω grid [G] of the landscape figures and their dense x [X, 1] (Fig. 5a)."""
+        low, high = self.config.eval.landscape_range
+        return jnp.arange(low, high, 0.05), jnp.arange(-5.0, 5.0, 0.1)[:, None]
+
     def _landscapes(self, state):
         """Loss over the ω grid for ν = `eval.landscape_freq`: name -> [S, G]."""
         c = self.config.eval
-        grid = jnp.arange(c.landscape_range[0], c.landscape_range[1], 0.05)
-        x = jnp.arange(-5.0, 5.0, 0.1)[:, None]
+        grid, x = self._landscape_grid()
         y = jnp.sin(c.landscape_freq * x)
 
         def at(loss, omega):
