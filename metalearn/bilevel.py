@@ -74,6 +74,7 @@ import optax
 from metalearn import estimators
 from metalearn.estimators import EstimatorOptions
 from metalearn.state import InnerState, MetaState
+from metalearn.streams import OuterKey
 from metalearn.types import (
     Array,
     Batch,
@@ -109,7 +110,6 @@ ESTIMATORS: dict[str, str] = {
 
 # Estimators that compute a gradient themselves instead of differentiating `meta_loss`.
 _NOT_BACKPROP = ("es", "pes", "implicit")
-_NOISE_SALT = 0x5E5
 
 
 def check_estimator_name(name: Any) -> None:
@@ -440,7 +440,7 @@ def meta_loss(
 
 
 def _noise_key(noise_key: PRNGKey | None, outer_key: PRNGKey) -> PRNGKey:
-    return jax.random.fold_in(outer_key, _NOISE_SALT) if noise_key is None else noise_key
+    return jax.random.fold_in(outer_key, OuterKey.ES_NOISE) if noise_key is None else noise_key
 
 
 def _window_loss(

@@ -11,6 +11,7 @@ sample on device.
 import jax
 import numpy as np
 
+from metalearn import streams
 from metalearn.tasks.images import ImageData
 from metalearn.types import Array, Batch, PRNGKey
 
@@ -25,7 +26,11 @@ def task_pairs(seed: int) -> np.ndarray:
       int [5, 2]; row 0 is the meta-train task, rows 1…4 the meta-test tasks. Within a
       row, the first digit gets label 0 and the second label 1.
     """
-    return np.random.default_rng(seed).permutation(NUM_DIGITS).reshape(NUM_PAIRS, 2)
+    return (
+        np.random.default_rng([seed, streams.DigitPairs.PAIRS])
+        .permutation(NUM_DIGITS)
+        .reshape(NUM_PAIRS, 2)
+    )
 
 
 def _balanced_indices(
@@ -72,7 +77,7 @@ def sample_tasks(
       ValueError: a sample size is odd or a digit has too few (unused) examples.
     """
     pairs = task_pairs(seed)
-    rng = np.random.default_rng([seed, 1])
+    rng = np.random.default_rng([seed, streams.DigitPairs.EXAMPLES])
     labels = lambda y, idx, pair: (y[idx] == pair[1]).astype(np.int32)  # noqa: E731
     train = [_balanced_indices(data.train_labels, p, examples_per_task, rng) for p in pairs]
     test = [_balanced_indices(data.test_labels, p, test_examples_per_task, rng) for p in pairs]

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from metalearn import streams
 from metalearn.tasks import prepared
 from metalearn.types import Array, PRNGKey
 
@@ -164,8 +165,8 @@ def load_images(config: ml_collections.ConfigDict) -> ImageData:
         train = _read_idx_pair(config.data_dir, "train")
         test = _read_idx_pair(config.data_dir, "t10k")
     elif config.source == "synthetic":
-        train = _synthetic(info, config.max_train_examples or 1024, seed=0)
-        test = _synthetic(info, config.max_test_examples or 256, seed=1)
+        train = _synthetic(info, config.max_train_examples or 1024, streams.SyntheticImages.TRAIN)
+        test = _synthetic(info, config.max_test_examples or 256, streams.SyntheticImages.TEST)
     else:
         raise ValueError(f"Unknown data source {config.source!r}; choose one of {SOURCES}.")
 
