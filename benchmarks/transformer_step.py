@@ -113,6 +113,7 @@ def build(size: Size, kind: str, dtype: str) -> tuple[Step, Any, dict, int]:
     from metalearn.algorithms import self_loss
     from metalearn.models import transformer
     from metalearn.optim import make_optimizer
+    from metalearn.streams import TransformerStepBenchmark as Streams
     from metalearn.tasks import text
 
     c = config_lib.get_config()
@@ -126,11 +127,13 @@ def build(size: Size, kind: str, dtype: str) -> tuple[Step, Any, dict, int]:
     )
     model = transformer.make_transformer(c.model, size.context)
     key = jax.random.key(0)
-    params = transformer.init_transformer(model, jax.random.fold_in(key, 0), size.context)
-    draw = lambda i: jax.random.randint(
-        jax.random.fold_in(key, i), (size.batch_size, size.context + 1), 0, text.NUM_BYTES
+    params = transformer.init_transformer(
+        model, jax.random.fold_in(key, Streams.MODEL_INIT), size.context
     )
-    tokens = draw(1)
+    draw = lambda stream: jax.random.randint(
+        jax.random.fold_in(key, stream), (size.batch_size, size.context + 1), 0, text.NUM_BYTES
+    )
+    tokens = draw(Streams.INNER_TOKENS)
     sgd = make_optimizer(c.inner.optimizer, differentiated=True)  # SGD, lr 0.02
     spec = self_loss.Spec(path="soft")
 
@@ -187,9 +190,9 @@ def build(size: Size, kind: str, dtype: str) -> tuple[Step, Any, dict, int]:
 
     batch = {
         "inner": tokens[None],  # K = meta.inner_steps = 1 inner batch
-        "keys": jax.random.split(jax.random.fold_in(key, 3), m.inner_steps),
-        "outer": draw(2),
-        "key": jax.random.fold_in(key, 4),
+        "keys": jax.random.split(jax.random.fold_in(key, Streams.INNER), m.inner_steps),
+        "outer": draw(Streams.OUTER_TOKENS),
+        "key": jax.random.fold_in(key, Streams.OUTER),
     }
     return phase1, (params, adam.init(params)), batch, _count(params)
 

@@ -61,14 +61,19 @@ from metalearn.runtime import sharding
 from metalearn.runtime.experiment import Experiment
 from metalearn.runtime.metrics import mean_std
 from metalearn.state import InnerState, MetaState, init_inner_state, init_meta_state
+from metalearn.streams import ImageClassificationSeed, ImageClassificationSeedOffset
 from metalearn.tasks import images
 from metalearn.types import Array, Batch, PRNGKey
 
 ALGORITHMS = ("baseline", "ml3", "adalfl")
 CURVE_POINTS = 21  # predicted probabilities at which the learned loss's shape is logged
 NO_ERROR_YET = 2.0  # the best selection error before any (above every error rate; finite)
-# Key folds of the device path's data streams, clear of those of the steps (0-6).
-DATA_KEY_FOLDS = {"train": 1000, "meta": 1001, "select": 1002}
+# The device path's data streams, each a stream of the run's key.
+_DATA_KEYS = {
+    "train": ImageClassificationSeed.TRAIN_BATCHES,
+    "meta": ImageClassificationSeed.META_BATCHES,
+    "select": ImageClassificationSeed.SELECT_BATCHES,
+}
 
 
 @flax.struct.dataclass
@@ -309,10 +314,12 @@ class ImageClassification(Experiment):
         return init_inner_state(params, self.optimizer, model_state)
 
     def init_state(self) -> TrainState:
-        """θ₀ (key fold 0) and φ₀ (key fold 1) with their optimizer states."""
-        inner = self._fresh_inner(jax.random.fold_in(self.key, 0))
+        """θ₀ and φ₀ with their optimizer states."""
+        inner = self._fresh_inner(jax.random.fold_in(self.key, ImageClassificationSeed.MODEL_INIT))
         phi = learned_losses.init_learned_loss(
-            self.config.loss_net, jax.random.fold_in(self.key, 1), self.info.num_classes
+            self.config.loss_net,
+            jax.random.fold_in(self.key, ImageClassificationSeed.LOSS_INIT),
+            self.info.num_classes,
         )
         state = TrainState(inner=inner, meta=init_meta_state(phi, self.meta_optimizer))
         if self.select_every:
@@ -355,7 +362,8 @@ class ImageClassification(Experiment):
 
     def _step_keys(self, step: Array, offline) -> tuple[PRNGKey, PRNGKey]:
         """(the fresh θ's key, the step's key) of lock-step or offline step `step`."""
-        return jax.random.split(jax.random.fold_in(jax.random.fold_in(self.key, 2 + offline), step))
+        phase = jnp.where(offline, ImageClassificationSeed.OFFLINE, ImageClassificationSeed.ONLINE)
+        return jax.random.split(jax.random.fold_in(jax.random.fold_in(self.key, phase), step))
 
     def offline_step(
         self, state: TrainState, batch: Batch, meta_batch: Batch, step: Array
@@ -385,7 +393,7 @@ class ImageClassification(Experiment):
 
     def plain_step(self, state: TrainState, batch: Batch, step: Array) -> tuple[TrainState, dict]:
         """One model step on cross-entropy (baseline) or on the frozen ℓ_φ (ML³)."""
-        key = jax.random.fold_in(jax.random.fold_in(self.key, 4), step)
+        key = jax.random.fold_in(jax.random.fold_in(self.key, ImageClassificationSeed.PLAIN), step)
         loss = self.learned_inner if self.config.algorithm == "ml3" else self.ce_inner
         inner, metrics = bilevel.inner_step(
             state.inner, state.meta.params, batch, key, inner_loss=loss, optimizer=self.optimizer
@@ -397,7 +405,7 @@ class ImageClassification(Experiment):
 
     def select_step(self, inner: InnerState, phi, batch: Batch, step: Array) -> InnerState:
         """One step of a selection run: a fresh model trained on the frozen ℓ_φ."""
-        key = jax.random.fold_in(jax.random.fold_in(self.key, 5), step)
+        key = jax.random.fold_in(jax.random.fold_in(self.key, ImageClassificationSeed.SELECT), step)
         inner, _ = bilevel.inner_step(
             inner, phi, batch, key, inner_loss=self.learned_inner, optimizer=self.optimizer
         )
@@ -446,18 +454,18 @@ class ImageClassification(Experiment):
         training images in another order) or 'select' (the selection runs')."""
         c = self.config
         if name == "train":
-            return "train", c.seed, c.data.batch_size
+            return "train", c.seed + ImageClassificationSeedOffset.MODEL, c.data.batch_size
         if name == "select":
-            return "train", c.seed + 200_003, c.meta.batch_size
+            return "train", c.seed + ImageClassificationSeedOffset.SELECT, c.meta.batch_size
         if c.meta.split == "train":  # the same images, in another order
-            return "train", c.seed + 100_003, c.meta.batch_size
-        return "validation", c.seed, c.meta.batch_size
+            return "train", c.seed + ImageClassificationSeedOffset.META_ON_TRAIN, c.meta.batch_size
+        return "validation", c.seed + ImageClassificationSeedOffset.MODEL, c.meta.batch_size
 
     def stream_indices(self, resident: dict, name: str, start: Array, num: int) -> Array:
         """int32 [num, B]: the device path's indices of batches start … start+num−1 of
         stream `name` into its split of `resident`, a pure function of (seed, step)."""
         split, _, batch_size = self.stream(name)
-        key = jax.random.fold_in(self.key, DATA_KEY_FOLDS[name])
+        key = jax.random.fold_in(self.key, _DATA_KEYS[name])
         num_examples = resident[split]["label"].shape[0]
         return images.device_batch_indices(key, num_examples, batch_size, start, num)
 
@@ -657,7 +665,7 @@ class ImageClassification(Experiment):
         every selection point), its error on the validation split; the φ of the lowest
         error so far is kept, and at the end of the offline phase becomes φ."""
         c = self.config
-        inner = self._select_init(jax.random.fold_in(self.key, 6))
+        inner = self._select_init(jax.random.fold_in(self.key, ImageClassificationSeed.SELECT_INIT))
         if self.on_device:
             num = c.meta.select_steps
             idx = self._indices(self.resident, self._at(0), num, ("select",))

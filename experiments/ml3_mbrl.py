@@ -65,6 +65,7 @@ from metalearn.optim import make_optimizer
 from metalearn.runtime.experiment import ML3Experiment
 from metalearn.runtime.metrics import mean_std
 from metalearn.state import MetaState, init_inner_state, init_meta_state
+from metalearn.streams import Ml3MbrlRefit, Ml3MbrlSeed, Ml3MbrlStep
 from metalearn.tasks import control, dynamics
 from metalearn.tasks.replay import ReplayBuffer, buffer_add, buffer_init
 from metalearn.types import Array, Params, PRNGKey
@@ -279,7 +280,9 @@ class ModelBasedRL(ML3Experiment):
         d = self.config.data
         if d.num_train_goals:
             pool = self.sample_goals(
-                jax.random.fold_in(seed_key, 11), d.num_train_goals, d.train_region
+                jax.random.fold_in(seed_key, Ml3MbrlSeed.TRAIN_GOAL_POOL),
+                d.num_train_goals,
+                d.train_region,
             )
             return pool[jax.random.randint(key, (num,), 0, d.num_train_goals)]
         return self.sample_goals(key, num, d.train_region)
@@ -294,12 +297,20 @@ class ModelBasedRL(ML3Experiment):
         e, d = self.config.eval, self.config.data
         if d.num_train_goals:
             pool = self.sample_goals(
-                jax.random.fold_in(seed_key, 11), d.num_train_goals, d.train_region
+                jax.random.fold_in(seed_key, Ml3MbrlSeed.TRAIN_GOAL_POOL),
+                d.num_train_goals,
+                d.train_region,
             )
             train = pool[jnp.arange(e.num_goals) % d.num_train_goals]
         else:
-            train = self.sample_goals(jax.random.fold_in(seed_key, 13), e.num_goals, d.train_region)
-        test = self.sample_goals(jax.random.fold_in(seed_key, 17), e.num_goals, e.test_region)
+            train = self.sample_goals(
+                jax.random.fold_in(seed_key, Ml3MbrlSeed.EVAL_TRAIN_GOALS),
+                e.num_goals,
+                d.train_region,
+            )
+        test = self.sample_goals(
+            jax.random.fold_in(seed_key, Ml3MbrlSeed.EVAL_TEST_GOALS), e.num_goals, e.test_region
+        )
         return {"train_goals": train, "test_goals": test}
 
     # -- data collection and the dynamics model --
@@ -359,7 +370,7 @@ class ModelBasedRL(ML3Experiment):
         c, env = self.config, self.env
         phi = learned_losses.init_learned_loss(
             c.loss_net,
-            jax.random.fold_in(seed_key, 1),
+            jax.random.fold_in(seed_key, Ml3MbrlSeed.LOSS_INIT),
             num_outputs=env.goal_dim,
             num_extra=self.num_extra,
         )
@@ -368,19 +379,24 @@ class ModelBasedRL(ML3Experiment):
             phi = {"loss": phi, "log_step": jnp.asarray(log_step, jnp.float32)}
         model = ensemble.init_ensemble(
             self.dyn_net,
-            jax.random.fold_in(seed_key, 2),
+            jax.random.fold_in(seed_key, Ml3MbrlSeed.MODEL_INIT),
             c.dynamics.members,
             env.state_dim,
             env.action_dim,
         )
         buffer = buffer_init(c.dynamics.capacity, env.state_dim, env.action_dim)
         buffer = buffer_add(
-            buffer, *self.explore(jax.random.fold_in(seed_key, 3), c.dynamics.init_rollouts)
+            buffer,
+            *self.explore(
+                jax.random.fold_in(seed_key, Ml3MbrlSeed.INIT_EXPLORE), c.dynamics.init_rollouts
+            ),
         )
         state = MBRLState(
             init_meta_state(phi, self.meta_opt), model, self.dyn_opt.init(model["params"]), buffer
         )
-        return self.fit_model(state, jax.random.fold_in(seed_key, 4), c.dynamics.init_fit_steps)
+        return self.fit_model(
+            state, jax.random.fold_in(seed_key, Ml3MbrlSeed.INIT_FIT), c.dynamics.init_fit_steps
+        )
 
     # -- meta-training --
 
@@ -391,8 +407,10 @@ class ModelBasedRL(ML3Experiment):
         c = self.config
         num, length = c.data.goals_per_step, c.inner.episode_length
         key = jax.random.fold_in(seed_key, step)
-        goals = self.train_goals(seed_key, jax.random.fold_in(key, 1), num)
-        thetas = jax.vmap(self.init_policy)(jax.random.split(jax.random.fold_in(key, 2), num))
+        goals = self.train_goals(seed_key, jax.random.fold_in(key, Ml3MbrlStep.GOALS), num)
+        thetas = jax.vmap(self.init_policy)(
+            jax.random.split(jax.random.fold_in(key, Ml3MbrlStep.POLICY_INIT), num)
+        )
         fresh = jax.vmap(lambda p: init_inner_state(p, self.inner_opt))(thetas)
         model_step = self.model_step(state.model)
 
@@ -406,8 +424,8 @@ class ModelBasedRL(ML3Experiment):
             fresh,
             per_task(length)(goals),
             per_task(windows)(goals),
-            jax.random.fold_in(key, 3),
-            jax.random.fold_in(key, 4),
+            jax.random.fold_in(key, Ml3MbrlStep.INNER),
+            jax.random.fold_in(key, Ml3MbrlStep.OUTER),
             window=c.meta.window,
             meta_optimizer=self.meta_opt,
             return_final_states=True,
@@ -424,15 +442,21 @@ class ModelBasedRL(ML3Experiment):
         )
 
         def refit(state):
-            k = jax.random.fold_in(key, 5)
+            k = jax.random.fold_in(key, Ml3MbrlStep.REFIT)
             buffer = buffer_add(
-                state.buffer, *self.policy_data(jax.random.fold_in(k, 1), finals.params)
+                state.buffer,
+                *self.policy_data(jax.random.fold_in(k, Ml3MbrlRefit.POLICY_DATA), finals.params),
             )
             buffer = buffer_add(
-                buffer, *self.explore(jax.random.fold_in(k, 2), c.dynamics.explore_rollouts)
+                buffer,
+                *self.explore(
+                    jax.random.fold_in(k, Ml3MbrlRefit.EXPLORE), c.dynamics.explore_rollouts
+                ),
             )
             return self.fit_model(
-                state.replace(buffer=buffer), jax.random.fold_in(k, 3), c.dynamics.refit_steps
+                state.replace(buffer=buffer),
+                jax.random.fold_in(k, Ml3MbrlRefit.FIT),
+                c.dynamics.refit_steps,
             )
 
         # `step` is shared by every seed, so under vmap this stays a real conditional.
@@ -475,7 +499,9 @@ class ModelBasedRL(ML3Experiment):
           [F, N, K+1] over `eval.baseline_lr_factors`}.
         """
         thetas = jax.vmap(self.init_policy)(
-            jax.random.split(jax.random.fold_in(seed_key, 19), goals.shape[0])
+            jax.random.split(
+                jax.random.fold_in(seed_key, Ml3MbrlSeed.META_TEST_INIT), goals.shape[0]
+            )
         )
         learned = self.learned_inner_loss(self.env.step)
         params, trace = jax.vmap(lambda t, g: self.fit_policy(learned, state.meta.params, t, g))(
@@ -543,7 +569,7 @@ class ModelBasedRL(ML3Experiment):
         return out
 
     def _model_errors(self, models, seed_keys):
-        keys = jax.vmap(lambda k: jax.random.fold_in(k, 23))(seed_keys)
+        keys = jax.vmap(lambda k: jax.random.fold_in(k, Ml3MbrlSeed.MODEL_ERROR))(seed_keys)
         return jax.vmap(self.model_error)(models, keys)
 
     # -- finalize --

@@ -80,6 +80,13 @@ from metalearn.optim import make_optimizer
 from metalearn.runtime.experiment import ML3Experiment
 from metalearn.runtime.metrics import mean_std
 from metalearn.state import MetaState, init_inner_state, init_meta_state
+from metalearn.streams import (
+    Ml3MfrlEsStep,
+    Ml3MfrlGoalSeedOffset,
+    Ml3MfrlMetaTestGoal,
+    Ml3MfrlSeed,
+    Ml3MfrlStep,
+)
 from metalearn.tasks import goal_envs
 from metalearn.types import Array, Params, PRNGKey
 
@@ -172,7 +179,9 @@ class ModelFreeRL(ML3Experiment):
         self.num_extra = self.obs_dim + self.action_dim + self.env.goal_dim
         self.samples_per_update = c.inner.rollouts * c.horizon
         self.test_goals = goal_envs.sample_goals(
-            c.env, jax.random.key(c.eval.goal_seed), c.eval.num_goals
+            c.env,
+            jax.random.key(c.eval.goal_seed + Ml3MfrlGoalSeedOffset.TEST_GOALS),
+            c.eval.num_goals,
         )
         self._meta_test_jit = {}
         if c.eval.ppo:
@@ -277,7 +286,7 @@ class ModelFreeRL(ML3Experiment):
     def init_one(self, seed_key: PRNGKey) -> MetaState:
         phi = learned_losses.init_learned_loss(
             self.config.loss_net,
-            jax.random.fold_in(seed_key, 1),
+            jax.random.fold_in(seed_key, Ml3MfrlSeed.LOSS_INIT),
             num_outputs=1,
             num_extra=self.num_extra,
         )
@@ -298,9 +307,9 @@ class ModelFreeRL(ML3Experiment):
         c = self.config
         net, num = self.policy_net, c.data.goals_per_step
         key = jax.random.fold_in(seed_key, step)
-        goals = goal_envs.sample_goals(c.env, jax.random.fold_in(key, 1), num)
+        goals = goal_envs.sample_goals(c.env, jax.random.fold_in(key, Ml3MfrlStep.GOALS), num)
         thetas = jax.vmap(functools.partial(self.init_policy, net))(
-            jax.random.split(jax.random.fold_in(key, 2), num)
+            jax.random.split(jax.random.fold_in(key, Ml3MfrlStep.POLICY_INIT), num)
         )
         states = jax.vmap(lambda p: init_inner_state(p, self.inner_opt))(thetas)
         if self.estimator in ("es", "pes"):
@@ -312,7 +321,7 @@ class ModelFreeRL(ML3Experiment):
 
         def body(carry, k):
             meta, prev_states, prev_data, states = carry
-            keys = jax.random.split(jax.random.fold_in(key, 3 + k), num)
+            keys = jax.random.split(jax.random.fold_in(key, Ml3MfrlStep.ROLLOUTS + k), num)
             data = jax.vmap(lambda p, g, kk: self.rollouts(net, p, g, kk, c.inner.rollouts))(
                 states.params, goals, keys
             )
@@ -369,15 +378,15 @@ class ModelFreeRL(ML3Experiment):
         c = self.config
         num, length, window = c.data.goals_per_step, c.inner.episode_length, c.meta.window
 
-        def per_goal(n, salt):  # {'goal'} leaves [G, n, 2] and keys [G, n]
+        def per_goal(n, stream):  # {'goal'} leaves [G, n, 2] and keys [G, n]
             batch = {"goal": jnp.broadcast_to(goals[:, None], (num, n, goals.shape[-1]))}
-            return batch, jax.random.split(jax.random.fold_in(key, salt), (num, n))
+            return batch, jax.random.split(jax.random.fold_in(key, stream), (num, n))
 
         meta, _, metrics = bilevel.windowed_meta_steps(
             meta,
             states,
-            *per_goal(length, 3),  # the inner steps' episodes
-            *per_goal(length // window, 4),  # the scored episodes (and ES's noise)
+            *per_goal(length, Ml3MfrlEsStep.INNER),
+            *per_goal(length // window, Ml3MfrlEsStep.OUTER),
             window=window,
             meta_optimizer=self.meta_opt,
             inner_loss=self.es_inner_loss(self.policy_net),
@@ -408,7 +417,7 @@ class ModelFreeRL(ML3Experiment):
         step_fn = functools.partial(
             bilevel.inner_step, inner_loss=self.learned_inner_loss(net), optimizer=self.inner_opt
         )
-        eval_key = jax.random.key(c.eval.goal_seed + 1)
+        eval_key = jax.random.key(c.eval.goal_seed + Ml3MfrlGoalSeedOffset.EVAL_STARTS)
 
         def body(state, k):
             data = self.rollouts(
@@ -429,9 +438,13 @@ class ModelFreeRL(ML3Experiment):
 
         def one_seed(phi, seed_key):
             def one_goal(goal, i):
-                k = jax.random.fold_in(jax.random.fold_in(seed_key, 29), i)
-                theta0 = self.init_policy(net, jax.random.fold_in(k, 0))
-                return self.fit_policy(net, phi, theta0, goal, jax.random.fold_in(k, 1))
+                k = jax.random.fold_in(jax.random.fold_in(seed_key, Ml3MfrlSeed.META_TEST), i)
+                theta0 = self.init_policy(
+                    net, jax.random.fold_in(k, Ml3MfrlMetaTestGoal.POLICY_INIT)
+                )
+                return self.fit_policy(
+                    net, phi, theta0, goal, jax.random.fold_in(k, Ml3MfrlMetaTestGoal.FIT)
+                )
 
             goals = self.test_goals
             return jax.vmap(one_goal)(goals, jnp.arange(goals.shape[0]))

@@ -38,11 +38,9 @@ from metalearn.optim import make_optimizer
 from metalearn.runtime.experiment import ML3Experiment
 from metalearn.runtime.metrics import mean_std
 from metalearn.state import init_inner_state, init_meta_state
+from metalearn.streams import Ml3MnistBinaryFit, Ml3MnistBinarySeed, Ml3MnistBinaryStep
 from metalearn.tasks import images
 from metalearn.tasks.digit_pairs import NUM_PAIRS, sample_batches, sample_tasks, task_pairs
-
-# Independent random streams under each seed's key.
-_META_TRAIN, _PHI_INIT, _FIT = range(3)
 
 
 class MnistBinary(ML3Experiment):
@@ -122,7 +120,9 @@ class MnistBinary(ML3Experiment):
 
     def init_one(self, key):
         phi = learned_losses.init_learned_loss(
-            self.config.loss_net, jax.random.fold_in(key, _PHI_INIT), num_outputs=2
+            self.config.loss_net,
+            jax.random.fold_in(key, Ml3MnistBinarySeed.LOSS_INIT),
+            num_outputs=2,
         )
         return init_meta_state(phi, self.meta_opt)
 
@@ -136,16 +136,16 @@ class MnistBinary(ML3Experiment):
         del variant
         c = self.config
         length, window = c.inner.episode_length, c.meta.window
-        key = jax.random.fold_in(jax.random.fold_in(seed_key, _META_TRAIN), step)
+        key = jax.random.fold_in(jax.random.fold_in(seed_key, Ml3MnistBinarySeed.META_TRAIN), step)
         batches = sample_batches(
-            jax.random.fold_in(key, 1),
+            jax.random.fold_in(key, Ml3MnistBinaryStep.BATCHES),
             data["train_x"][0],
             data["train_y"][0],
             length,
             c.inner.batch_size,
         )
         outer = sample_batches(
-            jax.random.fold_in(key, 2),
+            jax.random.fold_in(key, Ml3MnistBinaryStep.OUTER_BATCHES),
             data["heldout_x"],
             data["heldout_y"],
             length // window,
@@ -154,11 +154,11 @@ class MnistBinary(ML3Experiment):
         add_task_axis = lambda tree: jax.tree.map(lambda x: x[None], tree)  # noqa: E731
         return ml3.episode(
             meta_state,
-            add_task_axis(self._fresh(jax.random.fold_in(key, 0))),
+            add_task_axis(self._fresh(jax.random.fold_in(key, Ml3MnistBinaryStep.MODEL_INIT))),
             add_task_axis(batches),
             add_task_axis(outer),
-            jax.random.fold_in(key, 3),
-            jax.random.fold_in(key, 4),
+            jax.random.fold_in(key, Ml3MnistBinaryStep.INNER),
+            jax.random.fold_in(key, Ml3MnistBinaryStep.OUTER),
             window=window,
             meta_optimizer=self.meta_opt,
             inner_loss=self._inner_loss(True),
@@ -181,15 +181,17 @@ class MnistBinary(ML3Experiment):
         c = self.config
         every = c.eval.trace_every
         num_chunks = c.eval.test_steps // every
-        key = jax.random.fold_in(jax.random.fold_in(seed_key, _FIT), task)
+        key = jax.random.fold_in(jax.random.fold_in(seed_key, Ml3MnistBinarySeed.FIT), task)
         batches = sample_batches(
-            jax.random.fold_in(key, 1),
+            jax.random.fold_in(key, Ml3MnistBinaryFit.BATCHES),
             data["train_x"][task],
             data["train_y"][task],
             num_chunks * every,
             c.inner.batch_size,
         )
-        keys = jax.random.split(jax.random.fold_in(key, 2), (num_chunks, every))
+        keys = jax.random.split(
+            jax.random.fold_in(key, Ml3MnistBinaryFit.INNER), (num_chunks, every)
+        )
         test_x, test_y = data["test_x"][task], data["test_y"][task]
         phi = jax.lax.stop_gradient(phi)
 
@@ -203,7 +205,7 @@ class MnistBinary(ML3Experiment):
             )
             return state, self._test_metrics(state.params, state.model_state, test_x, test_y)
 
-        state = self._fresh(jax.random.fold_in(key, 0))
+        state = self._fresh(jax.random.fold_in(key, Ml3MnistBinaryFit.MODEL_INIT))
         first = self._test_metrics(state.params, state.model_state, test_x, test_y)
         by_chunk = jax.tree.map(lambda x: x.reshape(num_chunks, every, *x.shape[1:]), batches)
         _, trace = jax.lax.scan(chunk, state, (by_chunk, keys))

@@ -58,6 +58,7 @@ from metalearn.optim import make_optimizer
 from metalearn.runtime.experiment import ML3Experiment
 from metalearn.runtime.metrics import mean_std
 from metalearn.state import init_inner_state, init_meta_state
+from metalearn.streams import Ml3MountainCarSeed, Ml3MountainCarStep
 from metalearn.tasks import control, dynamics
 
 LABELS = {"ml3": "ML³ (final distance)", "ml3_extra": "ML³ + intermediate goal", "ilqr": "iLQR"}
@@ -175,15 +176,15 @@ class MountainCar(ML3Experiment):
         num, length, window = c.meta.num_policies, c.inner.episode_length, c.meta.window
         key = jax.random.fold_in(seed_key, step)
         fresh = jax.vmap(lambda k: init_inner_state(self.fresh_params(k), self.inner_opt))(
-            jax.random.split(jax.random.fold_in(key, 0), num)
+            jax.random.split(jax.random.fold_in(key, Ml3MountainCarStep.POLICY_INIT), num)
         )
         return ml3.episode(
             meta_state,
             fresh,
             {"step": jnp.zeros((num, length))},
             {"window": jnp.zeros((num, length // window))},
-            jax.random.fold_in(key, 1),
-            jax.random.fold_in(key, 2),
+            jax.random.fold_in(key, Ml3MountainCarStep.INNER),
+            jax.random.fold_in(key, Ml3MountainCarStep.OUTER),
             window=window,
             meta_optimizer=self.meta_opt,
             inner_loss=self.inner_loss,
@@ -226,7 +227,9 @@ class MountainCar(ML3Experiment):
         c = self.config.eval
 
         def per_seed(phi, seed_key):
-            keys = jax.random.split(jax.random.fold_in(seed_key, 10_000), c.num_policies)
+            keys = jax.random.split(
+                jax.random.fold_in(seed_key, Ml3MountainCarSeed.META_TEST), c.num_policies
+            )
             return jax.vmap(lambda k: self._policy_trace(phi, k))(keys)
 
         return {

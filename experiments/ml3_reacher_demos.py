@@ -57,6 +57,7 @@ from metalearn.optim import make_optimizer
 from metalearn.runtime.experiment import ML3Experiment
 from metalearn.runtime.metrics import mean_std
 from metalearn.state import InnerState, init_meta_state
+from metalearn.streams import Ml3ReacherDemosSeed, Ml3ReacherDemosStep
 from metalearn.tasks import control, dynamics
 from metalearn.types import Array, Params
 
@@ -222,7 +223,10 @@ class ReacherDemos(ML3Experiment):
 
     def init_one(self, seed_key):
         phi = learned_losses.init_learned_loss(
-            self.config.loss_net, jax.random.fold_in(seed_key, 1), 2, self.num_extra
+            self.config.loss_net,
+            jax.random.fold_in(seed_key, Ml3ReacherDemosSeed.LOSS_INIT),
+            2,
+            self.num_extra,
         )
         return init_meta_state(phi, self.meta_opt)
 
@@ -236,11 +240,11 @@ class ReacherDemos(ML3Experiment):
         per_task = lambda k: jax.vmap(lambda t: ml3.repeat(t, k))  # noqa: E731
         return ml3.episode(
             meta_state,
-            self._fresh(jax.random.fold_in(key, 0), num),
+            self._fresh(jax.random.fold_in(key, Ml3ReacherDemosStep.POLICY_INIT), num),
             per_task(length)({"goal": self.train_goals}),
             per_task(length // window)({k: self.demos[k] for k in ("goal", "states", "actions")}),
-            jax.random.fold_in(key, 1),
-            jax.random.fold_in(key, 2),
+            jax.random.fold_in(key, Ml3ReacherDemosStep.INNER),
+            jax.random.fold_in(key, Ml3ReacherDemosStep.OUTER),
             window=window,
             meta_optimizer=self.meta_opt,
             inner_loss=self._meta_train_inner_loss,
@@ -264,7 +268,9 @@ class ReacherDemos(ML3Experiment):
           End-effector positions at the end of the rollout after 0 … num_steps updates
           [G, num_steps + 1, 2].
         """
-        keys = jax.random.split(jax.random.fold_in(seed_key, 4), goals.shape[0])
+        keys = jax.random.split(
+            jax.random.fold_in(seed_key, Ml3ReacherDemosSeed.META_TEST_INIT), goals.shape[0]
+        )
 
         def one(goal, key):
             params = self.init_policy(key)
@@ -291,7 +297,7 @@ class ReacherDemos(ML3Experiment):
         demos = {k: self.demos[k] for k in ("goal", "states", "actions")}
         evaluate = lambda p: jax.vmap(lambda g: self.final_position(p, g))(goals)  # noqa: E731
         _, trace = ml3.fit(
-            self.init_policy(jax.random.fold_in(seed_key, 5)),
+            self.init_policy(jax.random.fold_in(seed_key, Ml3ReacherDemosSeed.BC_INIT)),
             {},
             demos,
             jax.random.key(0),

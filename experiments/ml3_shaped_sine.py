@@ -34,6 +34,7 @@ from metalearn.optim import make_optimizer
 from metalearn.runtime.experiment import ML3Experiment
 from metalearn.runtime.metrics import mean_std
 from metalearn.state import init_inner_state, init_meta_state
+from metalearn.streams import Ml3ShapedSineSeed, Ml3ShapedSineStep
 from metalearn.tasks.sine import sample_frequency_tasks
 from metalearn.types import Array
 
@@ -145,7 +146,8 @@ class ShapedSine(ML3Experiment):
         c = self.config
         num_tasks, length, window = c.data.num_tasks, c.inner.episode_length, c.meta.window
         tasks = self._freq_tasks(
-            jax.random.fold_in(jax.random.fold_in(seed_key, 7), step), num_tasks
+            jax.random.fold_in(jax.random.fold_in(seed_key, Ml3ShapedSineSeed.TASKS), step),
+            num_tasks,
         )
         key = jax.random.fold_in(seed_key, step)
         per_task = lambda k: jax.vmap(lambda t: ml3.repeat(t, k))  # noqa: E731
@@ -154,8 +156,8 @@ class ShapedSine(ML3Experiment):
             self._fresh(num_tasks),
             per_task(length)({"x": tasks["x"], "y": tasks["y"]}),
             per_task(length // window)(tasks),
-            jax.random.fold_in(key, 1),
-            jax.random.fold_in(key, 2),
+            jax.random.fold_in(key, Ml3ShapedSineStep.INNER),
+            jax.random.fold_in(key, Ml3ShapedSineStep.OUTER),
             window=window,
             meta_optimizer=self.meta_opt,
             inner_loss=self.learned_inner,
@@ -168,7 +170,9 @@ class ShapedSine(ML3Experiment):
 
     def _test_tasks(self, seed_key):
         """The seed's unseen test frequencies (the same at every evaluation)."""
-        return self._freq_tasks(jax.random.fold_in(seed_key, 9), self.config.eval.num_tasks)
+        return self._freq_tasks(
+            jax.random.fold_in(seed_key, Ml3ShapedSineSeed.TEST_TASKS), self.config.eval.num_tasks
+        )
 
     def _distance_traces(self, inner_loss, phi, seed_key, num_steps=None):
         """|ω − ν| traces [F, K + 1] on the seed's test frequencies, from ω₀; K is

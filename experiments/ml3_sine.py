@@ -27,6 +27,7 @@ from metalearn.optim import make_optimizer
 from metalearn.runtime.experiment import ML3Experiment
 from metalearn.runtime.metrics import mean_std
 from metalearn.state import init_inner_state, init_meta_state
+from metalearn.streams import Ml3SineSeed, Ml3SineStep
 from metalearn.tasks.sine import sample_sine_tasks
 
 
@@ -50,10 +51,15 @@ class SineRegression(ML3Experiment):
     def _tasks(self, key):
         d = self.config.data
         train = sample_sine_tasks(
-            jax.random.fold_in(key, 1), 1, d.num_points, d.train_amp, d.train_phase, d.train_x
+            jax.random.fold_in(key, Ml3SineSeed.TRAIN_TASK),
+            1,
+            d.num_points,
+            d.train_amp,
+            d.train_phase,
+            d.train_x,
         )
         test = sample_sine_tasks(
-            jax.random.fold_in(key, 2),
+            jax.random.fold_in(key, Ml3SineSeed.TEST_TASKS),
             d.num_test_tasks,
             d.num_points,
             d.test_amp,
@@ -63,7 +69,9 @@ class SineRegression(ML3Experiment):
         return train, test
 
     def init_one(self, key):
-        phi = learned_losses.init_learned_loss(self.config.loss_net, jax.random.fold_in(key, 3))
+        phi = learned_losses.init_learned_loss(
+            self.config.loss_net, jax.random.fold_in(key, Ml3SineSeed.LOSS_INIT)
+        )
         return init_meta_state(phi, self.meta_opt)
 
     def episode(self, meta_state, seed_key, step, variant, inputs):
@@ -74,7 +82,8 @@ class SineRegression(ML3Experiment):
         train, _ = self._tasks(seed_key)
         batch = {"x": train["x"][0], "y": train["y"][0]}
         fresh = init_inner_state(
-            self.model.init(jax.random.fold_in(key, 0), batch["x"]), self.inner_opt
+            self.model.init(jax.random.fold_in(key, Ml3SineStep.MODEL_INIT), batch["x"]),
+            self.inner_opt,
         )
         add_task_axis = lambda tree: jax.tree.map(lambda x: x[None], tree)  # noqa: E731
         return ml3.episode(
@@ -82,8 +91,8 @@ class SineRegression(ML3Experiment):
             add_task_axis(fresh),
             add_task_axis(ml3.repeat(batch, length)),
             add_task_axis(ml3.repeat(batch, length // window)),
-            jax.random.fold_in(key, 1),
-            jax.random.fold_in(key, 2),
+            jax.random.fold_in(key, Ml3SineStep.INNER),
+            jax.random.fold_in(key, Ml3SineStep.OUTER),
             window=window,
             meta_optimizer=self.meta_opt,
             inner_loss=self.learned_inner,
@@ -97,7 +106,9 @@ class SineRegression(ML3Experiment):
     def _fit(self, phi, seed_key, task, x, y, use_learned):
         """Meta-test trace [K + 1] of the task MSE on task number `task`, with the learned
         loss or with MSE (`use_learned`), from the same θ₀ for both."""
-        params = self.test_model.init(jax.random.fold_in(jax.random.fold_in(seed_key, 5), task), x)
+        params = self.test_model.init(
+            jax.random.fold_in(jax.random.fold_in(seed_key, Ml3SineSeed.META_TEST_INIT), task), x
+        )
         _, trace = ml3.fit(
             params,
             phi,
