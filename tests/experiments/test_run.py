@@ -111,8 +111,56 @@ def test_every_config_names_an_existing_experiment_and_imports_no_jax():
         assert importlib.import_module(f"configs.{name}").get_config("smoke").fast_compile, name
 
 
+# Image configs that re-wire the programs of a compiled one (the same experiment and
+# algorithm on other data and models): built and traced, not compiled. One config per
+# algorithm (MNIST's) still runs end to end through the CLI.
+TRACED = [
+    f"{algorithm}_{data}"
+    for algorithm in ("adalfl", "baseline", "ml3")
+    for data in ("fashion_mnist", "cifar", "cifar100", "svhn")
+]
+
+
+def trace_experiment(config):
+    """Builds the experiment of `config` and traces (`jax.eval_shape`) its init and the
+    first training chunk of each phase (step 0 and every kept checkpoint, where a phase
+    ends): every program is traced to its shapes, nothing is compiled or run."""
+    config = ml_collections.ConfigDict(config)
+    config.fast_compile = False  # compiler options are refused on nested (traced) jits
+    experiment = experiments.make(config)
+    state = jax.eval_shape(experiment.init)
+    chunks = {}
+    for start in sorted({0, *experiment.keep_checkpoints}):
+        if start < experiment.num_steps:
+            num = min(experiment.eval_every, experiment.num_steps - start)
+            state_after, metrics = jax.eval_shape(
+                lambda s, start=start, num=num: experiment.train_chunk(s, start, num), state
+            )
+            assert jax.tree.structure(state_after) == jax.tree.structure(state)
+            chunks[start] = metrics
+    return experiment, chunks
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("config", TRACED)
+def test_smoke_variant_builds_and_traces_its_programs(config):
+    smoke = importlib.import_module(f"configs.{config}").get_config("smoke")
+    experiment, chunks = trace_experiment(smoke)
+    assert chunks and 0 in chunks
+    for start, metrics in chunks.items():
+        num = min(experiment.eval_every, experiment.num_steps - start)
+        assert metrics and all(m.shape[0] == num for m in jax.tree.leaves(metrics)), start
+
+
+def test_traced_configs_share_their_programs_with_a_compiled_one():
+    compiled = set(CONFIGS) - set(TRACED)
+    for name in TRACED:
+        algorithm = name.split("_")[0]
+        assert f"{algorithm}_mnist" in compiled, name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", sorted(set(CONFIGS) - set(TRACED)))
 def test_smoke_variant_runs_through_the_cli(config, tmp_path):
     workdir = tmp_path / "run"
     proc = run_cli(f"--config=configs/{config}.py:smoke", f"--workdir={workdir}")
