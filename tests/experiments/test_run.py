@@ -175,7 +175,34 @@ def test_smoke_variant_runs_through_the_cli(config, tmp_path):
     workdir = tmp_path / "run"
     proc = run_cli(f"--config=configs/{config}.py:smoke", f"--workdir={workdir}")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    check_run_directory(workdir)
+    summary, _ = check_run_directory(workdir)
+    if config == "ml3_mfrl_reacher":
+        check_ppo_and_ml3_had_the_same_goals_and_budget(config, workdir, summary)
+
+
+def check_ppo_and_ml3_had_the_same_goals_and_budget(name, workdir, summary):
+    """The model-free RL run's PPO baseline saw ML³'s test goals and exactly its budget
+    of samples (read from the CLI run's directory, not a second run)."""
+    c = importlib.import_module(f"configs.{name}").get_config("smoke")
+    previous = jax.config.jax_numpy_rank_promotion
+    jax.config.update("jax_numpy_rank_promotion", "allow")  # brax relies on it
+    try:
+        e = experiments.make(c)
+        assert summary["budget_samples"] == c.eval.test_updates * c.inner.rollouts * c.horizon
+        assert summary["test_goals"] == np.asarray(e.test_goals).tolist()
+        runs = [json.loads(p.read_text()) for p in sorted((workdir / "ppo").glob("*.json"))]
+        assert len(runs) == len(c.ppo.seeds) * c.eval.num_goals
+        for run in runs:
+            assert run["goal_position"] == summary["test_goals"][run["goal"]]
+            assert run["samples"][-1] == summary["budget_samples"]  # exactly ML³'s budget
+        # brax's PPO resets the environment it is given to the goal: the target sits there.
+        state = e.env.with_goal(e.test_goals[0]).reset(jax.random.key(0))
+        np.testing.assert_allclose(state.obs[4:6], e.test_goals[0], atol=1e-6)
+    finally:
+        jax.config.update("jax_numpy_rank_promotion", previous)
+    for method in ("ml3", "ppo"):
+        assert np.isfinite(summary[method]["final_return"]["mean"])
+    assert set(summary["architectures"]) == {"1x8", "2x8"}
 
 
 @pytest.mark.slow  # 9 s; the slow tier also runs every config's smoke variant this way
