@@ -713,6 +713,13 @@ class ImageClassification(Experiment):
             metrics["eval/selected_error"] = state.best_error
         return metrics
 
+    def estimators(self) -> tuple[str, ...]:
+        """`meta.estimator` (the online phase's) and the offline phase's
+        `meta.init_estimator`; none for the baseline."""
+        if not self.learned:
+            return ()
+        return (self.config.meta.estimator, self.init_estimator)
+
     def check_divergence(self, metrics: dict, step: int) -> tuple[int, str] | None:
         """Diverged: test error at chance (≥ 1 − 1.5/classes, or `divergence.max_test_error`)
         after `divergence.check_after` model steps, or the learned loss's gradient ratio

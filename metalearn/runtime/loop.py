@@ -158,7 +158,7 @@ def train_and_evaluate(
                     f"{ckpt.latest_step() or 0} was checkpointed. Usual causes: a learning rate "
                     "too high for the inner or meta optimizer, or Adam differentiated without "
                     "eps_root; lower it and re-run on a fresh --workdir."
-                    + _estimator_hint(config.get("meta") or {})
+                    + _estimator_hint(experiment.estimators())
                 )
             for i in range(num):
                 if (step + i + 1) % log_every == 0:
@@ -213,11 +213,9 @@ _ESTIMATOR_HINT = {
 }
 
 
-def _estimator_hint(meta) -> str:
-    """The hint for the estimators a run uses (`meta.estimator`, and the offline phase's
-    `meta.init_estimator` of the image experiments)."""
-    names = dict.fromkeys((meta.get("estimator"), meta.get("init_estimator")))
-    return "".join(_ESTIMATOR_HINT.get(name, "") for name in names)
+def _estimator_hint(names: tuple[str, ...]) -> str:
+    """The hints for the estimators a run uses (`Experiment.estimators`), once each."""
+    return "".join(_ESTIMATOR_HINT.get(name, "") for name in dict.fromkeys(names))
 
 
 def _raise_if_diverged(found: tuple[int, str] | None) -> None:

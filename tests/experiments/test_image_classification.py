@@ -550,6 +550,8 @@ def test_offline_estimator_settings_are_checked_when_the_experiment_is_built():
     with pytest.raises(ValueError, match="raise meta.init_inner_steps"):
         experiments.make(config)
     config.meta.init_inner_steps = 4
+    # The loop's non-finite hints cover the offline phase's estimator too.
+    assert experiments.make(config).estimators() == ("unrolled", "implicit")
     config.meta.estimator_options.sigmaa = 0.1
     with pytest.raises(ValueError, match="Unknown estimator options"):
         experiments.make(config)
