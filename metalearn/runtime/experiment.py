@@ -11,7 +11,8 @@ An experiment program (a module of `experiments/`) subclasses `Experiment`, or
 
 The loop reads no key of an experiment's config but `log_every`; the cadences it takes
 from the experiment's attributes, and what else it reports (the estimators a non-finite
-error hints at) it asks the experiment (`estimators`).
+error hints at, the phase a progress line names) it asks the experiment (`estimators`,
+`phase`).
 
 `config.fast_compile` (set by every `:smoke` variant) compiles every program of the
 experiment with most XLA optimisations off: a smoke run's time is its compilation, and
@@ -74,10 +75,17 @@ class Experiment(abc.ABC):
         of `eval_every`.
       keep_checkpoints: steps whose checkpoints are saved and kept for good, besides the
         newest two (each a multiple of `eval_every`; e.g. the end of an offline phase).
+      piece_steps: where the loop may cut a chunk into several `train_chunk` calls
+        without changing a number (see the class attribute); None by default.
     """
 
     num_steps: int
     keep_checkpoints: tuple[int, ...] = ()
+    # The smallest number of steps a chunk may be cut into, at multiples of it from the
+    # chunk's start, with every number unchanged (e.g. 1 where each step is a program of
+    # its own); None: a chunk is one program, not to be cut. The loop cuts long chunks
+    # so that progress shows within them.
+    piece_steps: int | None = None
 
     def __init__(self, config: ml_collections.ConfigDict, *, mesh: jax.sharding.Mesh | None = None):
         self.config = config
@@ -134,6 +142,14 @@ class Experiment(abc.ABC):
         meta = self.config.get("meta") or {}
         name = meta.get("estimator")
         return (name,) if name else ()
+
+    def phase(self, step: int) -> str:
+        """What step `step` does, in a few words, for progress lines ("" by default).
+
+        E.g. "offline ML³" for the steps of an offline phase.
+        """
+        del step
+        return ""
 
 
 def scan_steps(step: Callable[[Any, jax.Array], tuple[Any, Any]], state, start, num: int):
