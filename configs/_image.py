@@ -68,8 +68,10 @@ def image_config(algorithm: str, dataset: str, arg: str | None) -> ml_collection
       dataset: a key of `DATASET_DEFAULTS`.
       arg: the variant after ':' in `--config=file.py:variant`, comma-separated parts:
         a model name (`vgg16`, `resnet44`, `wrn28_10`, ...); `subset` (CIFAR-10 only: the
-        real 5,000-image subset in ../shared/data/raw/cifar10_subset); `shared` (read tfds
-        data from ../shared/data/tfds); `smoke` (about a minute on a CPU).
+        real 5,000-image subset in ../shared/data/raw/cifar10_subset); `cpu` (CIFAR-10
+        only: `subset` with LeNet-5 and a budget a CPU finishes in about a quarter of an
+        hour, see `CPU_BUDGET`); `shared` (read tfds data from ../shared/data/tfds);
+        `smoke` (about a minute on a CPU).
     """
     d = DATASET_DEFAULTS[dataset]
     c = ml_collections.ConfigDict()
@@ -190,9 +192,9 @@ def image_config(algorithm: str, dataset: str, arg: str | None) -> ml_collection
     for part in parts:
         if part in MODELS:
             c.model.name = part
-        elif part == "subset":
+        elif part in ("subset", "cpu"):
             if dataset != "cifar10":
-                raise ValueError("The ':subset' variant exists only for CIFAR-10.")
+                raise ValueError(f"The ':{part}' variant exists only for CIFAR-10.")
             c.data.source = "cifar_binary"
             c.data.data_dir = CIFAR10_SUBSET
             c.data.train_files = ("train_first4000.bin",)
@@ -203,11 +205,29 @@ def image_config(algorithm: str, dataset: str, arg: str | None) -> ml_collection
         elif part != "smoke":
             raise ValueError(
                 f"Unknown variant {part!r} of {algorithm}_{dataset}; known: smoke, shared, "
-                f"subset (CIFAR-10), and a model name: {', '.join(MODELS)}."
+                f"subset and cpu (CIFAR-10), and a model name: {', '.join(MODELS)}."
             )
+    if "cpu" in parts:  # LeNet-5 unless a model is named
+        _cpu_budget(c, keep_model=any(p in MODELS for p in parts))
     if "smoke" in parts:  # last, so that it sees where the data comes from
         _smoke(c, dataset)
     return c
+
+
+# The `cpu` variant's budget: LeNet-5, S_init offline steps, then model steps under the
+# dataset's protocol (optimizer, batch 128, its schedule over these steps).
+CPU_BUDGET = {"model": "lenet5", "init_steps": 500, "steps": 3000, "every": 500}
+
+
+def _cpu_budget(c: ml_collections.ConfigDict, keep_model: bool) -> None:
+    """A real result on a CPU in about a quarter of an hour: `CPU_BUDGET` (the model
+    too, unless `keep_model`)."""
+    b = CPU_BUDGET
+    if not keep_model:
+        c.model.name = b["model"]
+    c.meta.init_steps = b["init_steps"]
+    c.inner.steps = c.inner.optimizer.schedule.steps = b["steps"]
+    c.eval.every = c.checkpoint_every = b["every"]
 
 
 def _smoke(c: ml_collections.ConfigDict, dataset: str) -> None:

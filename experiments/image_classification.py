@@ -295,6 +295,10 @@ class ImageClassification(Experiment):
             if self.on_device
             else f"host: per-epoch numpy permutations, one dispatch per step ({reason})"
         )
+        # Where each step is a program of its own (the host path, or one step per scan),
+        # a chunk cut anywhere runs the same programs on the same batches: the loop may
+        # cut it to show progress (a CPU's offline phase is one long chunk).
+        self.piece_steps = 1 if not self.on_device or self.scan_steps == 1 else None
         self.resident = None
         if self.on_device:
             put = functools.partial(jax.make_array_from_process_local_data, repl)
@@ -720,6 +724,17 @@ class ImageClassification(Experiment):
         if self.select_every and step == self.init_steps:
             metrics["eval/selected_error"] = state.best_error
         return metrics
+
+    def estimators(self) -> tuple[str, ...]:
+        """`meta.estimator` (the online phase's) and the offline phase's
+        `meta.init_estimator`; none for the baseline."""
+        if not self.learned:
+            return ()
+        return (self.config.meta.estimator, self.init_estimator)
+
+    def phase(self, step: int) -> str:
+        """'offline ML³' for the offline phase's steps, else the algorithm's name."""
+        return "offline ML³" if step < self.init_steps else self.config.algorithm
 
     def check_divergence(self, metrics: dict, step: int) -> tuple[int, str] | None:
         """Diverged: test error at chance (≥ 1 − 1.5/classes, or `divergence.max_test_error`)

@@ -279,13 +279,9 @@ class InverseDynamics(ML3Experiment):
     # Meta-train ---------------------------------------------------------------------------
 
     def init_one(self, seed_key):
+        """{arm: φ and its optimizer state}, the same φ for every arm (and variant)."""
         phi = learned_losses.init_learned_loss(self.config.loss_net, seed_key)
-        return init_meta_state(phi, self.meta_opt)
-
-    def _init_all(self, seed_keys):
-        """{arm: φ and its optimizer state [V, S]}, the same φ for both variants of a seed."""
-        stacked = super()._init_all(seed_keys)
-        return {name: stacked for name in self.problems}
+        return {name: init_meta_state(phi, self.meta_opt) for name in self.problems}
 
     def _fresh(self, problem: ArmProblem, key: PRNGKey, num: int):
         params = jax.vmap(problem.init_params)(jax.random.split(key, num))
@@ -326,14 +322,15 @@ class InverseDynamics(ML3Experiment):
                 metrics[f"{k}/{name}"] = v
         return new, metrics
 
-    def _train_chunk(self, state, start, num, inputs):
-        state, metrics = super()._train_chunk(state, start, num, inputs)
-        # `meta/loss` of the whole run: the mean over arms, variants and seeds, per step.
+    def chunk_metrics(self, metrics):
+        """The episodes' metrics and `meta/loss` of the whole run: the mean over arms,
+        variants and seeds, per step."""
+        metrics = dict(metrics)
         metrics["meta/loss"] = jnp.mean(
             jnp.stack([jnp.mean(metrics[f"meta/loss/{n}"], axis=(1, 2)) for n in self.problems]),
             axis=0,
         )
-        return state, metrics
+        return metrics
 
     # Meta-test ----------------------------------------------------------------------------
 

@@ -9,10 +9,13 @@ Re-running the same command on the same workdir resumes from the last checkpoint
 Errors that are the user's to fix (an unknown config key or variant, a bad value, a
 missing dataset, a non-finite loss) are printed as their message alone, with exit status
 2 for flags and 1 otherwise; set METALEARN_TRACEBACK=1 to see the traceback instead.
+Ctrl-C (SIGINT) or SIGTERM stops the run with a message saying where its last checkpoint
+is (the step under way is not saved), exit status 130 or 143.
 """
 
 import importlib.util
 import os
+import signal
 import sys
 
 import ml_collections
@@ -49,21 +52,59 @@ def load_config(config_arg: str) -> ml_collections.ConfigDict:
     return module.get_config(variant or None)
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the main thread is, as Ctrl-C's KeyboardInterrupt is."""
+
+
+_SIGNALS: list[int] = []  # the stopping signals received, first first
+
+
+def _on_signal(signum, frame) -> None:
+    del frame
+    _SIGNALS.append(signum)
+    # Python prints and drops an exception raised inside a garbage-collection callback:
+    # the loop then stops at its next call (`should_stop`).
+    raise _Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+def _unraisable(info) -> None:
+    """Python's hook for exceptions it cannot raise, silent about a dropped signal's."""
+    if not issubclass(info.exc_type, KeyboardInterrupt):
+        sys.__unraisablehook__(info)
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         _fail(f"Unexpected arguments: {' '.join(argv[1:])}", 2)
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax is chatty at INFO
+    signal.signal(signal.SIGTERM, _on_signal)
+    sys.unraisablehook = _unraisable
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not ignored
+        signal.signal(signal.SIGINT, _on_signal)
+    workdir = _WORKDIR.value or default_workdir(_CONFIG_ARG)
+    try:
+        _train(_CONFIG.value, workdir)
+    except KeyboardInterrupt as e:
+        if os.environ.get("METALEARN_TRACEBACK"):
+            raise
+        signum = _SIGNALS[0] if _SIGNALS else signal.SIGINT
+        print(f"\n{_interrupted_message(e, workdir)}", file=sys.stderr, flush=True)
+        sys.exit(128 + signum)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str) -> None:
+    print(f"Workdir: {os.path.abspath(workdir)}", flush=True)
+    print("Loading the data and building the experiment ...", flush=True)
     import experiments
     from metalearn.runtime.loop import DivergenceError, train_and_evaluate
     from metalearn.runtime.sharding import initialize_distributed
 
-    config = _CONFIG.value
-    workdir = _WORKDIR.value or default_workdir(_CONFIG_ARG)
     try:
         initialize_distributed()  # on a multi-host launch; a no-op on one machine
-        print(f"Workdir: {os.path.abspath(workdir)}")
-        summary = train_and_evaluate(experiments.make(config), config, workdir)
+        summary = train_and_evaluate(
+            experiments.make(config), config, workdir, should_stop=lambda: bool(_SIGNALS)
+        )
     except (ValueError, FileNotFoundError, DivergenceError) as e:
         if os.environ.get("METALEARN_TRACEBACK"):
             raise
@@ -71,6 +112,21 @@ def main(argv: list[str]) -> None:
     print(f"Done: {os.path.join(workdir, 'summary.json')}")
     for line in _flat_lines(summary):
         print(line)
+
+
+def _interrupted_message(error: KeyboardInterrupt, workdir: str) -> str:
+    """The loop's message (`loop.Interrupted`), or the same for a run stopped before it."""
+    try:
+        from metalearn.runtime import loop
+    except Exception:  # stopped while importing them: the libraries are half loaded
+        return (
+            "Interrupted while starting, before any step. Re-running the same command "
+            f"resumes from the last checkpoint in {os.path.join(workdir, 'checkpoints')}, "
+            "if there is one."
+        )
+    if isinstance(error, loop.Interrupted):
+        return str(error)
+    return loop.interrupted_message(workdir, None, None, loop.latest_checkpoint(workdir))
 
 
 def _flat_lines(d, prefix=""):

@@ -9,6 +9,11 @@ An experiment program (a module of `experiments/`) subclasses `Experiment`, or
 - `finalize(state, history, workdir)` is the impure end: the final evaluation, figures
   and artifacts, returning the summary.
 
+The loop reads no key of an experiment's config but `log_every`; the cadences it takes
+from the experiment's attributes, and what else it reports (the estimators a non-finite
+error hints at, the phase a progress line names) it asks the experiment (`estimators`,
+`phase`).
+
 `config.fast_compile` (set by every `:smoke` variant) compiles every program of the
 experiment with most XLA optimisations off: a smoke run's time is its compilation, and
 the numbers it computes stay meaningful (only their last bits change). Otherwise
@@ -70,10 +75,17 @@ class Experiment(abc.ABC):
         of `eval_every`.
       keep_checkpoints: steps whose checkpoints are saved and kept for good, besides the
         newest two (each a multiple of `eval_every`; e.g. the end of an offline phase).
+      piece_steps: where the loop may cut a chunk into several `train_chunk` calls
+        without changing a number (see the class attribute); None by default.
     """
 
     num_steps: int
     keep_checkpoints: tuple[int, ...] = ()
+    # The smallest number of steps a chunk may be cut into, at multiples of it from the
+    # chunk's start, with every number unchanged (e.g. 1 where each step is a program of
+    # its own); None: a chunk is one program, not to be cut. The loop cuts long chunks
+    # so that progress shows within them.
+    piece_steps: int | None = None
 
     def __init__(self, config: ml_collections.ConfigDict, *, mesh: jax.sharding.Mesh | None = None):
         self.config = config
@@ -120,6 +132,25 @@ class Experiment(abc.ABC):
         """
         return None
 
+    def estimators(self) -> tuple[str, ...]:
+        """The gradient estimators the run's meta-training uses, by their config names.
+
+        The loop's non-finite error hints at each one's usual failure (e.g. the σ of
+        "es"). By default `config.meta.estimator` where the config has one; an experiment
+        with more than one (an offline phase of its own, say) names them all.
+        """
+        meta = self.config.get("meta") or {}
+        name = meta.get("estimator")
+        return (name,) if name else ()
+
+    def phase(self, step: int) -> str:
+        """What step `step` does, in a few words, for progress lines ("" by default).
+
+        E.g. "offline ML³" for the steps of an offline phase.
+        """
+        del step
+        return ""
+
 
 def scan_steps(step: Callable[[Any, jax.Array], tuple[Any, Any]], state, start, num: int):
     """`num` steps `state, metrics = step(state, t)` for t = start … start+num−1, scanned.
@@ -136,7 +167,8 @@ class ML3Experiment(Experiment):
     names `VARIANTS` (learned losses that differ in one input of the episode, e.g. the
     task loss they are meta-trained on). Subclasses implement `episode` — one meta step
     of one (variant, seed), usually `algorithms.ml3.episode` — and `init_one`, and may
-    pass arrays that should not be baked into the program as `chunk_inputs`.
+    pass arrays that should not be baked into the program as `chunk_inputs` and add
+    metrics of the whole run to a chunk's (`chunk_metrics`).
     """
 
     VARIANTS: tuple[str, ...] = ()
@@ -172,9 +204,24 @@ class ML3Experiment(Experiment):
         """
         return None
 
+    def chunk_metrics(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        """The metrics a chunk returns, from its episodes' (pure; traced in the chunk).
+
+        Args:
+          metrics: what `episode` returned, stacked [num, S, ...] ([num, V, S, ...] with
+            VARIANTS).
+
+        Returns:
+          The chunk's metrics, each with the leading axis [num]: by default `metrics`
+          unchanged; a subclass may add figures of the whole run (e.g. a mean over
+          seeds), computed in the same compiled program.
+        """
+        return metrics
+
     @abc.abstractmethod
     def init_one(self, seed_key: PRNGKey) -> Any:
-        """The initial state of one seed (φ and its optimizer state), pure."""
+        """The initial state of one seed (φ and its optimizer state, or a pytree of
+        them), pure."""
 
     @abc.abstractmethod
     def episode(self, meta_state, seed_key: PRNGKey, step, variant, inputs) -> tuple[Any, dict]:
@@ -201,7 +248,8 @@ class ML3Experiment(Experiment):
             body = lambda s, t: per_variant(s, self.seed_keys, t, variants, inputs)  # noqa: E731
         else:
             body = lambda s, t: per_seed(s, self.seed_keys, t, None, inputs)  # noqa: E731
-        return scan_steps(body, state, start, num)
+        state, metrics = scan_steps(body, state, start, num)
+        return state, self.chunk_metrics(metrics)
 
     def train_chunk(self, state, start, num):
         return self._chunk(state, start, num, self.chunk_inputs())

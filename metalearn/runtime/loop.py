@@ -6,10 +6,19 @@ boundaries — and hence every random number, evaluation and checkpoint — are 
 whether or not a run was interrupted. Re-running on the same workdir restores the last
 checkpoint (and says so), drops metrics logged after it, and continues to a bit-identical
 result.
+
+Progress shows from the start: a note before the first compilations, then steps, steps/s
+and ETA (`runtime.progress`). Where an experiment promises that cutting a chunk changes
+no number (`Experiment.piece_steps`), a chunk runs as several calls of about
+`PIECE_SECONDS` each, so that a long chunk (a CPU's offline phase) shows progress too.
+Ctrl-C (KeyboardInterrupt) ends a run with `Interrupted`, whose message says at which step
+and where the last checkpoint is; the step under way is not saved.
 """
 
 import json
 import os
+import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -26,6 +35,9 @@ CONFIG_FILE = "config.json"
 
 
 DIVERGED_FILE = "diverged.json"
+# Seconds a `train_chunk` call takes where the experiment lets the loop cut chunks
+# (`Experiment.piece_steps`): progress shows at least this often.
+PIECE_SECONDS = 2.0
 
 
 class DivergenceError(FloatingPointError):
@@ -97,6 +109,7 @@ def train_and_evaluate(
     workdir: str,
     *,
     stop_at: int | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> dict[str, Any] | None:
     """Runs (or resumes) an experiment in `workdir` to the end.
 
@@ -105,9 +118,17 @@ def train_and_evaluate(
       config: its config, written to `config.json`.
       workdir: the run directory.
       stop_at: stop after this step as if preempted (for tests of resumption).
+      should_stop: polled before every `train_chunk` call and before `finalize`; when
+        it returns True the run stops as on Ctrl-C (`Interrupted`). For a signal handler
+        whose KeyboardInterrupt Python may drop (one raised inside a garbage-collection
+        callback is only printed), so that the run still stops within a call.
 
     Returns:
       The summary (also written to `summary.json`), or None when stopped early.
+
+    Raises:
+      Interrupted: on Ctrl-C (KeyboardInterrupt), with where to resume from.
+      DivergenceError: the run diverged (`NonFiniteError`: a non-finite value).
     """
     if experiment.checkpoint_every % experiment.eval_every:
         raise ValueError(
@@ -123,49 +144,133 @@ def train_and_evaluate(
                 f"({experiment.eval_every}) within the run's {experiment.num_steps} steps."
             )
     ckpt = Checkpointer(workdir, keep_steps=experiment.keep_checkpoints)
-    # Committed where it lives, as a state restored from a checkpoint is: otherwise a
-    # resumed run would miss the compiled programs and compile them again.
-    state = jax.tree.map(lambda x: jax.device_put(x, x.sharding), experiment.init())
     start = ckpt.latest_step()
-    if start is None:
-        start = 0
-        truncate_metrics(workdir, -1)
-    else:
+    if start is not None:
         print(
             f"Resuming from the checkpoint at step {start} of {experiment.num_steps} in {workdir}.",
             flush=True,
         )
-        state = ckpt.restore(start, state)
-        truncate_metrics(workdir, start)
+    progress = Progress(experiment.num_steps, initial=start or 0)
+    try:
+        progress.note("compiling the initial state" + (" and evaluation" if start is None else ""))
+        # Committed where it lives, as a state restored from a checkpoint is: otherwise a
+        # resumed run would miss the compiled programs and compile them again.
+        state = jax.tree.map(lambda x: jax.device_put(x, x.sharding), experiment.init())
+        if start is None:
+            start = 0
+            truncate_metrics(workdir, -1)
+        else:
+            state = ckpt.restore(start, state)
+            truncate_metrics(workdir, start)
+        summary = _run(
+            experiment, config, workdir, state, start, ckpt, progress, stop_at, should_stop
+        )
+    except KeyboardInterrupt as e:
+        if isinstance(e, Interrupted):
+            raise
+        progress.close()
+        message = interrupted_message(workdir, start, experiment.num_steps, ckpt.latest_step())
+        raise Interrupted(message) from e
+    finally:
+        progress.close()
+        ckpt.close()
+    if summary is None:
+        return None
+    path = os.path.join(workdir, SUMMARY_FILE)
+    with open(path + ".tmp", "w") as f:
+        json.dump(summary, f, indent=2)
+    os.replace(path + ".tmp", path)
+    return summary
+
+
+class Interrupted(KeyboardInterrupt):
+    """The run was interrupted (Ctrl-C; SIGTERM under `experiments.run`); the message
+    says at which step, where the last checkpoint is and how to resume from it."""
+
+
+def latest_checkpoint(workdir: str) -> int | None:
+    """The step of the newest complete checkpoint in `workdir`, or None; read from the
+    folder names alone (orbax renames a checkpoint into place when it is complete)."""
+    folder = os.path.join(workdir, "checkpoints")
+    steps = [int(n) for n in os.listdir(folder) if n.isdigit()] if os.path.isdir(folder) else []
+    return max(steps, default=None)
+
+
+def interrupted_message(
+    workdir: str, step: int | None, num_steps: int | None, checkpoint: int | None
+) -> str:
+    """What an interrupted run tells its user.
+
+    Args:
+      workdir: the run directory.
+      step: the last step the run finished (None: interrupted while starting, before it
+        knew).
+      num_steps: the run's steps (None: not known yet).
+      checkpoint: the step of the last checkpoint in `workdir` (None: none yet).
+    """
+    at = "while starting" if step is None else f"at step {step}"
+    at += f" of {num_steps}" if step is not None and num_steps is not None else ""
+    folder = os.path.join(os.path.abspath(workdir), "checkpoints")
+    if checkpoint is None:
+        return (
+            f"Interrupted {at}. No checkpoint was written yet in {folder}: re-running the "
+            "same command starts the run again from step 0."
+        )
+    return (
+        f"Interrupted {at}. The last checkpoint is at step {checkpoint} in {folder}; "
+        "re-run the same command to resume from it."
+    )
+
+
+def _run(experiment, config, workdir, state, start, ckpt, progress, stop_at, should_stop):
+    """The loop of `train_and_evaluate` from step `start`: its summary, or None when
+    stopped at `stop_at`."""
+
+    def poll():
+        if should_stop is not None and should_stop():
+            raise KeyboardInterrupt
+
     writer = MetricWriter(workdir)
     log_every = config.get("log_every", 1)
+    step = start
     try:
         if start == 0:
             _write_checked(writer, 0, experiment.evaluate(state, 0), "evaluation")
-        progress = Progress(experiment.num_steps, initial=start)
-        step = start
+        # Every process of a multi-host run must call the same programs: the cuts of a
+        # chunk, chosen by the time a call takes, would differ from host to host.
+        pieces = _Pieces(experiment.piece_steps if jax.process_count() == 1 else None)
         while step < experiment.num_steps and (stop_at is None or step < stop_at):
-            num = min(
+            end = step + min(
                 experiment.eval_every - step % experiment.eval_every, experiment.num_steps - step
             )
-            state, metrics = experiment.train_chunk(state, step, num)
-            metrics = jax.device_get(metrics)
-            bad = first_non_finite(metrics)
-            if bad is not None:
-                raise NonFiniteError(
-                    f"Non-finite {bad[1]} at step {step + bad[0] + 1} (in meta-training). "
-                    f"Nothing after step "
-                    f"{ckpt.latest_step() or 0} was checkpointed. Usual causes: a learning rate "
-                    "too high for the inner or meta optimizer, or Adam differentiated without "
-                    "eps_root; lower it and re-run on a fresh --workdir."
-                    + _estimator_hint(config.get("meta") or {})
-                )
-            for i in range(num):
-                if (step + i + 1) % log_every == 0:
-                    writer.write(step + i + 1, {k: v[i] for k, v in metrics.items()})
-            _raise_if_diverged(experiment.check_divergence(metrics, step))
-            step += num
-            progress.update(num)
+            while step < end:
+                poll()
+                num = pieces.size(end - step)
+                if step == start:
+                    phase = experiment.phase(step)
+                    progress.note(
+                        f"compiling and running the first {num} step{'s' * (num > 1)}"
+                        + (f" [{phase}]" if phase else "")
+                    )
+                state, metrics = experiment.train_chunk(state, step, num)
+                metrics = jax.device_get(metrics)
+                pieces.done(num)
+                bad = first_non_finite(metrics)
+                if bad is not None:
+                    raise NonFiniteError(
+                        f"Non-finite {bad[1]} at step {step + bad[0] + 1} (in meta-training). "
+                        f"Nothing after step "
+                        f"{ckpt.latest_step() or 0} was checkpointed. Usual causes: a learning "
+                        "rate too high for the inner or meta optimizer, or Adam differentiated "
+                        "without eps_root; lower it and re-run on a fresh --workdir."
+                        + _estimator_hint(experiment.estimators())
+                    )
+                for i in range(num):
+                    if (step + i + 1) % log_every == 0:
+                        writer.write(step + i + 1, {k: v[i] for k, v in metrics.items()})
+                _raise_if_diverged(experiment.check_divergence(metrics, step))
+                progress.update(num, experiment.phase(step))
+                step += num
             if step % experiment.eval_every == 0 or step == experiment.num_steps:
                 evaluation = jax.device_get(experiment.evaluate(state, step))
                 _write_checked(writer, step, evaluation, "evaluation")
@@ -183,20 +288,20 @@ def train_and_evaluate(
         if step < experiment.num_steps:
             return None
         writer.flush()
-        summary = experiment.finalize(state, read_metrics(workdir), workdir)
+        poll()
+        return experiment.finalize(state, read_metrics(workdir), workdir)
     except DivergenceError as e:
         writer.flush()
         with open(os.path.join(workdir, DIVERGED_FILE), "w") as f:
             json.dump({"step": getattr(e, "step", None), "message": str(e)}, f, indent=2)
         raise
+    except KeyboardInterrupt as e:
+        # The step under way is dropped: the last checkpoint is where a re-run resumes.
+        progress.close()
+        message = interrupted_message(workdir, step, experiment.num_steps, ckpt.latest_step())
+        raise Interrupted(message) from e
     finally:
         writer.close()
-        ckpt.close()
-    path = os.path.join(workdir, SUMMARY_FILE)
-    with open(path + ".tmp", "w") as f:
-        json.dump(summary, f, indent=2)
-    os.replace(path + ".tmp", path)
-    return summary
 
 
 _ES_HINT = (
@@ -213,11 +318,42 @@ _ESTIMATOR_HINT = {
 }
 
 
-def _estimator_hint(meta) -> str:
-    """The hint for the estimators a run uses (`meta.estimator`, and the offline phase's
-    `meta.init_estimator` of the image experiments)."""
-    names = dict.fromkeys((meta.get("estimator"), meta.get("init_estimator")))
-    return "".join(_ESTIMATOR_HINT.get(name, "") for name in names)
+class _Pieces:
+    """Sizes of the `train_chunk` calls a run's chunks are cut into: whole chunks, or
+    with `Experiment.piece_steps` g, g·2^k steps that take at most about `PIECE_SECONDS`
+    (the first call g steps: it includes compilation), so that progress shows within a
+    chunk. Where the cuts fall changes no number (the experiment's promise)."""
+
+    def __init__(self, granularity: int | None):
+        self.granularity = granularity
+        self.seconds_per_step = None
+        self._calls = 0
+        self._t0 = 0.0
+
+    def size(self, left: int) -> int:
+        """Steps of the next call, `left` steps before the chunk's end."""
+        self._t0 = time.perf_counter()
+        g = self.granularity
+        if not g:
+            return left
+        if self.seconds_per_step is None:
+            return min(g, left)
+        # A power of two of pieces: few distinct call sizes, so few programs that depend
+        # on the size (a stack of the steps' metrics, say) compile.
+        pieces = max(1, int(PIECE_SECONDS / max(self.seconds_per_step, 1e-9)) // g)
+        return min(left, g * (1 << (pieces.bit_length() - 1)))
+
+    def done(self, num: int) -> None:
+        """The last call's `num` steps are done: measures their time (from the second call,
+        whose time no compilation inflates)."""
+        self._calls += 1
+        if self._calls > 1:
+            self.seconds_per_step = (time.perf_counter() - self._t0) / num
+
+
+def _estimator_hint(names: tuple[str, ...]) -> str:
+    """The hints for the estimators a run uses (`Experiment.estimators`), once each."""
+    return "".join(_ESTIMATOR_HINT.get(name, "") for name in dict.fromkeys(names))
 
 
 def _raise_if_diverged(found: tuple[int, str] | None) -> None:

@@ -101,6 +101,21 @@ def test_every_image_config_builds_its_smoke_experiment(name):
         module.get_config("nope")
 
 
+@pytest.mark.parametrize("algorithm", ["baseline", "ml3", "adalfl"])
+def test_the_cpu_variant_is_lenet5_on_the_real_cifar10_subset_at_the_cpu_budget(algorithm):
+    config = _image.image_config(algorithm, "cifar10", "cpu")
+    budget = _image.CPU_BUDGET
+    assert config.model.name == "lenet5" and config.data.source == "cifar_binary"
+    assert config.data.train_files == ("train_first4000.bin",) and not config.fast_compile
+    assert config.inner.steps == config.inner.optimizer.schedule.steps == budget["steps"]
+    assert config.meta.init_steps == budget["init_steps"]
+    assert config.eval.every == config.checkpoint_every == budget["every"]
+    assert config.data.batch_size == 128  # the protocol's, unlike smoke's
+    assert _image.image_config(algorithm, "cifar10", "resnet8,cpu").model.name == "resnet8"
+    with pytest.raises(ValueError, match="':cpu' variant exists only for CIFAR-10"):
+        _image.image_config(algorithm, "mnist", "cpu")
+
+
 @needs_mnist
 def test_smoke_reads_data_dir_else_tfds_data_dir_else_the_shared_folder(tmp_path, monkeypatch):
     # Resolved when the data is loaded, so that `--config.data.data_dir` (applied after
@@ -550,6 +565,8 @@ def test_offline_estimator_settings_are_checked_when_the_experiment_is_built():
     with pytest.raises(ValueError, match="raise meta.init_inner_steps"):
         experiments.make(config)
     config.meta.init_inner_steps = 4
+    # The loop's non-finite hints cover the offline phase's estimator too.
+    assert experiments.make(config).estimators() == ("unrolled", "implicit")
     config.meta.estimator_options.sigmaa = 0.1
     with pytest.raises(ValueError, match="Unknown estimator options"):
         experiments.make(config)

@@ -7,9 +7,12 @@ The default tier runs one experiment (ML³ sine) through the CLI and in-process;
 import importlib
 import json
 import os
+import re
+import signal
 import struct
 import subprocess
 import sys
+import time
 
 import jax
 import ml_collections
@@ -351,3 +354,57 @@ def test_the_configs_compiler_options_reach_every_program_and_smoke_runs_overrid
         jitted(np.float32(1.0))
     with pytest.raises(TypeError, match="must map XLA option names to values"):
         compiler_options(ml_collections.ConfigDict({"compiler_options": "O1"}))
+
+
+def _interrupt_when(proc, ready, timeout=120):
+    """Sends SIGINT to `proc` once `ready()` holds; returns (stdout, stderr) at its end."""
+    deadline = time.monotonic() + timeout
+    while not ready() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    return proc.communicate(timeout=60)
+
+
+def test_ctrl_c_says_where_the_last_checkpoint_is_and_a_rerun_resumes(tmp_path, request):
+    workdir = tmp_path / "run"
+    # A long run (100,000 steps): it is still running whenever the signal comes.
+    args = [
+        sys.executable,
+        "-m",
+        "experiments.run",
+        "--config=configs/ml3_sine.py:smoke",
+        "--config.meta.steps=100000",
+        f"--workdir={workdir}",
+    ]
+    start = dict(cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Children inherit an ignored SIGINT (pytest started in the background), not a
+    # handler: with one here they get SIGINT as a terminal's Ctrl-C delivers it.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        request.addfinalizer(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    first = subprocess.Popen(args, **start)
+    out, err = _interrupt_when(first, lambda: (workdir / "checkpoints" / "10").is_dir())
+    assert first.returncode == 130, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    checkpoints = os.path.join(str(workdir), "checkpoints")
+    message = re.search(
+        r"Interrupted at step (\d+) of 100000\. The last checkpoint is at step "
+        r"(\d+) in (\S+); re-run the same command to resume from it\.",
+        err,
+    )
+    assert message, err[-3000:]
+    at, last = int(message[1]), int(message[2])
+    assert message[3] == checkpoints and 10 <= last <= at
+    assert ocp.CheckpointManager(checkpoints).latest_step() == last
+
+    second = subprocess.Popen(args, **start)
+    lines = []
+
+    def resumed():
+        lines.append(second.stdout.readline())
+        return "Resuming" in lines[-1]
+
+    out, err = _interrupt_when(second, resumed)
+    out = "".join(lines) + out
+    assert f"Resuming from the checkpoint at step {last} of 100000" in out, (out, err[-2000:])
+    assert second.returncode == 130 and "Traceback" not in err, err[-3000:]
