@@ -56,6 +56,9 @@ from metalearn.optim import make_optimizer
 from metalearn.runtime.experiment import ML3Experiment
 from metalearn.runtime.metrics import mean_std
 from metalearn.state import init_inner_state, init_meta_state
+from metalearn.streams import Ml3InverseDynamicsEpisodeTasks as Tasks
+from metalearn.streams import Ml3InverseDynamicsSeed as Seed
+from metalearn.streams import Ml3InverseDynamicsStep as Step
 from metalearn.tasks import dynamics, trajectories
 from metalearn.types import Array, PRNGKey
 
@@ -147,7 +150,10 @@ class ArmProblem:
 
         self.pool = sample(jax.random.key(c.data.pool_key), c.data.pool_trajectories)
         # Meta-test trajectories: new ones per seed, never in the pool.
-        test = [sample(jax.random.fold_in(k, 9), c.eval.num_tasks) for k in seed_keys]
+        test = [
+            sample(jax.random.fold_in(k, Seed.TEST_TRAJECTORIES), c.eval.num_tasks)
+            for k in seed_keys
+        ]
         self.test_data = jax.tree.map(lambda *x: jnp.stack(x), *test)  # [S, F, P, ...]
         u, bias, qdd = (
             np.asarray(self.pool[k]).reshape(-1, self.num_joints) for k in ("u", "F", "qdd")
@@ -181,9 +187,9 @@ class ArmProblem:
         d = self.config.data
         size = pool["q"].shape[0]
         points = pool["q"].shape[1]
-        idx = jax.random.randint(jax.random.fold_in(key, 0), (num_tasks,), 0, size)
+        idx = jax.random.randint(jax.random.fold_in(key, Tasks.TRAJECTORIES), (num_tasks,), 0, size)
         perm = jax.vmap(lambda k: jax.random.permutation(k, points)[: d.num_train + d.num_outer])(
-            jax.random.split(jax.random.fold_in(key, 1), num_tasks)
+            jax.random.split(jax.random.fold_in(key, Tasks.POINTS), num_tasks)
         )
         data = jax.vmap(lambda i, p: jax.tree.map(lambda x: x[i][p], pool))(idx, perm)
         return self.batches(data, d.num_train)
@@ -291,16 +297,16 @@ class InverseDynamics(ML3Experiment):
         """One meta iteration: an episode from fresh θ on `data.num_tasks` pool trajectories."""
         c = self.config
         num_tasks, length, window = c.data.num_tasks, c.inner.episode_length, c.meta.window
-        key = jax.random.fold_in(jax.random.fold_in(seed_key, 7), step)
-        train, heldout = problem.episode_tasks(pool, jax.random.fold_in(key, 0), num_tasks)
+        key = jax.random.fold_in(jax.random.fold_in(seed_key, Seed.META_TRAIN), step)
+        train, heldout = problem.episode_tasks(pool, jax.random.fold_in(key, Step.TASKS), num_tasks)
         per_task = lambda k: jax.vmap(lambda t: ml3.repeat(t, k))  # noqa: E731
         return ml3.episode(
             meta_state,
-            self._fresh(problem, jax.random.fold_in(key, 1), num_tasks),
+            self._fresh(problem, jax.random.fold_in(key, Step.MODEL_INIT), num_tasks),
             per_task(length)(train),
             per_task(length // window)(heldout),
-            jax.random.fold_in(key, 2),
-            jax.random.fold_in(key, 3),
+            jax.random.fold_in(key, Step.INNER),
+            jax.random.fold_in(key, Step.OUTER),
             window=window,
             meta_optimizer=self.meta_opt,
             inner_loss=self.inner_loss(problem),
@@ -341,7 +347,7 @@ class InverseDynamics(ML3Experiment):
         c = self.config
         train, test = problem.batches(test_data, c.data.num_train)
         params0 = jax.vmap(problem.init_params)(
-            jax.random.split(jax.random.fold_in(seed_key, 11), c.eval.num_tasks)
+            jax.random.split(jax.random.fold_in(seed_key, Seed.META_TEST_INIT), c.eval.num_tasks)
         )
 
         def one(params, train, test):

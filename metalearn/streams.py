@@ -299,6 +299,36 @@ class ImageClassificationSeedOffset(enum.IntEnum):
     SELECT = 200_003  # the selection runs' batches
 
 
+# ---- experiments/ml3_inverse_dynamics.py ----------------------------------------------
+
+
+@enum.unique
+class Ml3InverseDynamicsSeed(enum.IntEnum):
+    """Streams folded from an inverse-dynamics seed's key. Every arm gets the same keys."""
+
+    META_TRAIN = 7  # then the meta step: `Ml3InverseDynamicsStep`
+    TEST_TRAJECTORIES = 9
+    META_TEST_INIT = 11
+
+
+@enum.unique
+class Ml3InverseDynamicsStep(enum.IntEnum):
+    """Streams folded from an inverse-dynamics meta step's key."""
+
+    TASKS = 0
+    MODEL_INIT = 1
+    INNER = 2
+    OUTER = 3
+
+
+@enum.unique
+class Ml3InverseDynamicsEpisodeTasks(enum.IntEnum):
+    """Streams folded from the key that draws an episode's tasks from the pool."""
+
+    TRAJECTORIES = 0
+    POINTS = 1
+
+
 # ---- benchmarks/transformer_step.py ----------------------------------------------------
 
 

@@ -16,7 +16,6 @@ SCANNED = ("metalearn", "experiments", "benchmarks")
 _CONVERTED_ELSEWHERE = {
     "experiments/self_loss_lm.py",  # the text experiments' streams
     "experiments/gist_lm.py",
-    "experiments/ml3_inverse_dynamics.py",  # rewritten
 }
 # Calls that make a key or a generator from a seed.
 _SEEDED_CALLS = {"key", "PRNGKey", "default_rng"}
