@@ -7,6 +7,8 @@ to train a fresh model on a task it has not seen.
 
 import os
 
+import jax.numpy as jnp
+
 EXAMPLE = """
 import flax.linen as nn
 import jax
@@ -92,6 +94,15 @@ first, last = sum(meta_losses[:10]) / 10, sum(meta_losses[-10:]) / 10
 print(f"meta loss {first:.3f} -> {last:.3f}; fresh model's MSE {mse_before:.3f} -> {mse_after:.3f}")
 """
 
+# The README's code block after the example, verbatim: it runs in the example's namespace.
+LOADING = """
+# Continuing the example: the artifact it saved, loaded the way a run's are
+# (ml.load_learned_loss("runs/ml3_sine/learned_loss/seed_0") for seed 0 of an ML³ sine run).
+loaded = ml.load_learned_loss("my_loss")
+print(loaded.description)  # how it is fed ('y', 'y_hat', 'extra') and what it was trained for
+value = loaded(task["y"], net.apply(params, task["x"]))  # y, ŷ: [batch, outputs] -> scalar
+"""
+
 
 def test_readme_example_meta_trains_a_loss_that_trains_a_fresh_model(
     tmp_path, monkeypatch, fast_compile
@@ -106,9 +117,16 @@ def test_readme_example_meta_trains_a_loss_that_trains_a_fresh_model(
     # makes it worse here).
     assert float(namespace["mse_after"]) < 0.5 * float(namespace["mse_before"])
     assert (tmp_path / "my_loss" / "loss_net.json").exists()
+    # The snippet after it loads the artifact, describes it and evaluates it.
+    exec(compile(LOADING, "README loading snippet", "exec"), namespace)
+    assert {"y", "y_hat", "extra"} <= set(namespace["loaded"].description)
+    value = namespace["value"]
+    assert value.shape == () and bool(jnp.isfinite(value))
 
 
 def test_the_readme_shows_this_example_verbatim():
     readme = os.path.join(os.path.dirname(__file__), "..", "..", "README.md")
     with open(readme) as f:
-        assert EXAMPLE.strip() in f.read()
+        text = f.read()
+    assert EXAMPLE.strip() in text
+    assert LOADING.strip() in text
