@@ -39,7 +39,6 @@ import ml_collections
 import numpy as np
 import optax
 
-from experiments.self_loss_lm import phase2_summary
 from metalearn import hacking, plots
 from metalearn.algorithms import adalfl, gist, self_loss
 from metalearn.models import transformer
@@ -390,7 +389,7 @@ class GistLM(Experiment):
                     "steps_to_hack": onset - start if onset >= 0 else None,
                     "hack_detected_at": detected - start if detected >= 0 else None,
                     "phase2_steps": c.phase2.steps,
-                    **phase2_summary(
+                    **hacking.phase2_summary(
                         history,
                         start,
                         c.detector.degrade_margin,

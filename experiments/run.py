@@ -117,7 +117,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> None:
 def _interrupted_message(error: KeyboardInterrupt, workdir: str) -> str:
     """The loop's message (`loop.Interrupted`), or the same for a run stopped before it."""
     try:
-        from metalearn.runtime import loop
+        from metalearn.runtime import checkpoint, loop
     except Exception:  # stopped while importing them: the libraries are half loaded
         return (
             "Interrupted while starting, before any step. Re-running the same command "
@@ -126,7 +126,7 @@ def _interrupted_message(error: KeyboardInterrupt, workdir: str) -> str:
         )
     if isinstance(error, loop.Interrupted):
         return str(error)
-    return loop.interrupted_message(workdir, None, None, loop.latest_checkpoint(workdir))
+    return loop.interrupted_message(workdir, None, None, checkpoint.latest_checkpoint(workdir))
 
 
 def _flat_lines(d, prefix=""):

@@ -12,6 +12,14 @@ import jax
 import orbax.checkpoint as ocp
 
 
+def latest_checkpoint(workdir: str) -> int | None:
+    """The step of the newest complete checkpoint in `workdir`, or None; read from the
+    folder names alone (orbax renames a checkpoint into place when it is complete)."""
+    folder = os.path.join(os.path.abspath(workdir), "checkpoints")
+    steps = [int(n) for n in os.listdir(folder) if n.isdigit()] if os.path.isdir(folder) else []
+    return max(steps, default=None)
+
+
 class Checkpointer:
     """Saves and restores an experiment state pytree under `<workdir>/checkpoints`.
 

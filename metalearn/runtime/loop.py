@@ -168,7 +168,6 @@ def train_and_evaluate(
     except KeyboardInterrupt as e:
         if isinstance(e, Interrupted):
             raise
-        progress.close()
         message = interrupted_message(workdir, start, experiment.num_steps, ckpt.latest_step())
         raise Interrupted(message) from e
     finally:
@@ -186,14 +185,6 @@ def train_and_evaluate(
 class Interrupted(KeyboardInterrupt):
     """The run was interrupted (Ctrl-C; SIGTERM under `experiments.run`); the message
     says at which step, where the last checkpoint is and how to resume from it."""
-
-
-def latest_checkpoint(workdir: str) -> int | None:
-    """The step of the newest complete checkpoint in `workdir`, or None; read from the
-    folder names alone (orbax renames a checkpoint into place when it is complete)."""
-    folder = os.path.join(workdir, "checkpoints")
-    steps = [int(n) for n in os.listdir(folder) if n.isdigit()] if os.path.isdir(folder) else []
-    return max(steps, default=None)
 
 
 def interrupted_message(
@@ -297,7 +288,7 @@ def _run(experiment, config, workdir, state, start, ckpt, progress, stop_at, sho
         raise
     except KeyboardInterrupt as e:
         # The step under way is dropped: the last checkpoint is where a re-run resumes.
-        progress.close()
+        # (`train_and_evaluate` closes the progress bar before the message is shown.)
         message = interrupted_message(workdir, step, experiment.num_steps, ckpt.latest_step())
         raise Interrupted(message) from e
     finally:

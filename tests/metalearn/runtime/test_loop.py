@@ -10,7 +10,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from metalearn.runtime import loop
+from metalearn.runtime import checkpoint, loop
 from metalearn.runtime.experiment import Experiment
 from metalearn.runtime.loop import Interrupted, NonFiniteError, train_and_evaluate
 
@@ -131,7 +131,7 @@ def test_an_interrupted_run_says_where_its_last_checkpoint_is_and_resumes_from_i
         "re-run the same command to resume from it."
     )
     assert isinstance(err.value, KeyboardInterrupt)  # what callers catch already
-    assert loop.latest_checkpoint(workdir) == 4
+    assert checkpoint.latest_checkpoint(workdir) == 4
     resumed = Counter(config)
     train_and_evaluate(resumed, config, workdir)
     assert resumed.calls[0] == (4, 1)
@@ -144,6 +144,6 @@ def test_an_interrupted_run_without_a_checkpoint_says_so(tmp_path):
     config = counter_config()
     with pytest.raises(Interrupted, match=r"at step 0 of 8\. No checkpoint was written yet"):
         train_and_evaluate(Counter(config, interrupt_at=0), config, str(tmp_path / "run"))
-    assert loop.latest_checkpoint(str(tmp_path / "run")) is None
+    assert checkpoint.latest_checkpoint(str(tmp_path / "run")) is None
     rows = [json.loads(r) for r in _rows(tmp_path / "run").splitlines()]
     assert [r["step"] for r in rows] == [0]  # the step-0 evaluation, nothing else
