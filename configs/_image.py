@@ -28,7 +28,7 @@ MODELS = (
 # weight decay 5e-4, 150,000 steps, the rate ×0.1 at 100,000 and 135,000. Batch 128.
 # `max_grad_ratio`: the bound on the learned loss's step relative to cross-entropy's
 # (loss_net.max_grad_ratio). Under momentum the offline phase's one-step objective tunes
-# the loss's scale about 5× too large and training diverges (README, "AdaLFL: why it
+# the loss's scale about 5× too large and training diverges (docs/adalfl.md, "AdaLFL: why it
 # diverged"); bounded at 1 it trains. Plain SGD needs no bound.
 _PAPER_SGD = {"name": "sgd", "lr": 0.01, "momentum": 0.0, "weight_decay": 0.0}
 _PAPER_NESTEROV = {"name": "nesterov", "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4}

@@ -1,7 +1,7 @@
 """The shared builder of the ML³ model-free RL configs (Fig. 4): `mfrl_config(env, arg)`.
 
 The paper's appendix with horizons, learning rates and iteration counts is not available;
-the choices below are ours (README, "ML³ for model-free RL").
+the choices below are ours (docs/mfrl.md).
 
 Fields (protocol in `experiments/ml3_mfrl.py`):
   experiment: the module experiments/ml3_mfrl.py, for both environments.

@@ -20,7 +20,7 @@ jobs; GPU: one H200. "Estimate" marks a figure extrapolated from a measured step
 - default (VGG-16, 2,500 offline + 150,000 model steps; downloads CIFAR-10 first):
   CPU estimate about 5 months (one offline step of the `:subset` run took 88 s, after
   3 min 07 s to compile and run the first; every step costs as much). GPU estimate
-  about 17 min of step time (6.66 ms per AdaLFL step, the README's
+  about 17 min of step time (6.66 ms per AdaLFL step, docs/speed.md's
   `benchmarks.image_step` table) plus compilation and 61 evaluations; not measured
   end to end.
 - `:subset` (the same run on the 5,000-image subset): as the default, on both.
@@ -29,8 +29,8 @@ jobs; GPU: one H200. "Estimate" marks a figure extrapolated from a measured step
 - `:cpu` (LeNet-5 on the subset, 500 + 3,000 steps): CPU measured 12 min wall
   (32 s to compile and run the first step, then 5.2-6.0 steps/s), test error 44.6 %
   (chance 90 %; cross-entropy under the same budget, `baseline_cifar.py:cpu`: 42.5 % in
-  3 min 47 s. One seed; under momentum AdaLFL does not beat cross-entropy, see the
-  README's Known problems); GPU not measured.
+  3 min 47 s. One seed; under momentum AdaLFL does not beat cross-entropy, see
+  docs/known_problems.md); GPU not measured.
 - `:smoke` (ResNet-8 on the subset, 20 + 40 steps): CPU measured 48 s wall; GPU not
   measured.
 

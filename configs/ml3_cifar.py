@@ -18,7 +18,7 @@ measured. The other variants' times: see configs/adalfl_cifar.py.
 
 Variants (comma-separated): a model name (lenet5, vgg16, allcnn_c, resnet8, resnet20,
 resnet44, resnet56, wrn16_8, wrn28_10), `smoke`, `shared`, `subset`, `cpu`. Every field
-is described in configs/_image.py; runtimes measured on CPU and GPU are in the README.
+is described in configs/_image.py; runtimes measured on CPU and GPU are in docs/speed.md.
 """
 
 import ml_collections

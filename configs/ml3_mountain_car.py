@@ -23,7 +23,7 @@ same + the intermediate-goal term ("ml3_extra"). Meta-test: 4 fresh policies per
 50 updates; iLQR 50 iterations from zero actions on max(g − x_T, 0)² + 1e-4 Σ a².
 "Reached" = within 0.01 of the goal; updates to goal = 51 when never reached.
 
-Results: the README's control table (5 seeds; per seed the mean over its 4 policies).
+Results: docs/control.md's table (5 seeds; per seed the mean over its 4 policies).
 
 Runtime: about 7 minutes wall each on a 2-core CPU shared with other jobs (~65 s CPU);
 about 3 minutes when the CPU is less loaded.

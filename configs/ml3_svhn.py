@@ -13,7 +13,7 @@ Offline, set TFDS_DATA_DIR (or --config.data.data_dir) to a prepared tfds folder
 
 Variants (comma-separated): a model name (lenet5, vgg16, allcnn_c, resnet8, resnet20,
 resnet44, resnet56, wrn16_8, wrn28_10), `smoke`, `shared`, `subset`. Every field is
-described in configs/_image.py; runtimes measured on CPU and GPU are in the README.
+described in configs/_image.py; runtimes measured on CPU and GPU are in docs/speed.md.
 """
 
 import ml_collections

@@ -32,7 +32,7 @@ one iteration counting as one update. The summary reports, for all three, the up
 until the car first comes within `eval.tolerance` of the goal (never = test_steps + 1,
 with the reached fraction alongside) and the final distance after the last update.
 
-What the runs show (the README has the numbers): at T = 100 all three reach the goal
+What the runs show (docs/control.md has the numbers): at T = 100 all three reach the goal
 within a few updates, with or without the extra term, so the paper's contrast does not
 appear there; at T = 75 (the ``short`` variant) the plain ML³ loss teaches every policy to
 push right (a local optimum of the final distance) and never reaches, while ML³ with the

@@ -32,7 +32,7 @@ a policy towards an expert, and is then used alone to train policies for new tar
 The state holds φ with a leading seed axis (`ML3Experiment` without variants); targets
 and seeds run under `vmap`.
 
-What tuning the learned loss showed (5 seeds; the README has the default's numbers): an
+What tuning the learned loss showed (5 seeds; docs/control.md has the default's numbers): an
 ELU loss net beats ReLU, whose piecewise-constant gradients plateau further from new
 targets; episodes of 30 inner steps (the meta-test horizon) help a little at three times
 the cost, so the default is 1000 meta iterations of 10 steps; the goal-relative offset
