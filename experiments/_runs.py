@@ -90,8 +90,8 @@ def markdown_table(rows: dict[str, dict], columns, first: str = "variant") -> st
 def phase2_record(workdir: str) -> tuple[list[dict], int, dict]:
     """A finished self-training run's history, the step its Phase 2 starts at (the end
     of Phase 1 or of Phase G) and its Phase 2 numbers recomputed from the history
-    (`self_loss_lm.phase2_summary`), so that runs finished by older code agree."""
-    from experiments.self_loss_lm import phase2_summary
+    (`hacking.phase2_summary`), so that runs finished by older code agree."""
+    from metalearn.hacking import phase2_summary
     from metalearn.runtime.metrics import read_metrics
 
     history = read_metrics(workdir)

@@ -39,7 +39,6 @@ import ml_collections
 import numpy as np
 import optax
 
-from experiments.self_loss_lm import phase2_summary
 from metalearn import hacking, plots
 from metalearn.algorithms import adalfl, gist, self_loss
 from metalearn.models import transformer
@@ -47,12 +46,13 @@ from metalearn.optim import make_optimizer
 from metalearn.runtime.experiment import Experiment
 from metalearn.runtime.metrics import mean_std
 from metalearn.state import InnerState, MetaState
+from metalearn.streams import GistLM as Stream
+from metalearn.streams import GistLMPhase2 as Phase2Stream
 from metalearn.tasks import text
 from metalearn.types import Array, Params
 
 PLANS = ("plan2", "plan3", "bottleneck")
 ENCODERS = ("frozen", "ema")
-_INIT, _PHASE_G, _PHASE2, _META = range(4)
 COLLAPSE = ("gist/mean_cosine", "gist/effective_rank")
 
 
@@ -167,7 +167,7 @@ class GistLM(Experiment):
     def _init_state(self) -> GistState:
         c = self.config
         params = transformer.init_transformer(
-            self.model, jax.random.fold_in(self.key, _INIT), self.context
+            self.model, jax.random.fold_in(self.key, Stream.INIT), self.context
         )
         val = self._ce(params, self.diag_windows)
         return GistState(
@@ -189,7 +189,7 @@ class GistLM(Experiment):
 
     def _phase_g(self, state: GistState, t: Array) -> tuple[GistState, dict]:
         c = self.config
-        tokens = self._batch(jax.random.fold_in(jax.random.fold_in(self.key, _PHASE_G), t))
+        tokens = self._batch(jax.random.fold_in(jax.random.fold_in(self.key, Stream.PHASE_G), t))
         (loss, parts), grads = jax.value_and_grad(self.bottleneck, has_aux=True)(
             state.params, tokens
         )
@@ -232,10 +232,10 @@ class GistLM(Experiment):
 
     def _phase2(self, state: GistState, t: Array) -> tuple[GistState, dict]:
         c = self.config
-        key = jax.random.fold_in(jax.random.fold_in(self.key, _PHASE2), t)
+        key = jax.random.fold_in(jax.random.fold_in(self.key, Stream.PHASE2), t)
         tokens = self._batch(key)
         if c.gist.plan == "plan3":
-            meta_batch = self._batch(jax.random.fold_in(key, _META), split=c.meta.split)
+            meta_batch = self._batch(jax.random.fold_in(key, Phase2Stream.META), split=c.meta.split)
             inner, meta, aux = adalfl.lockstep(
                 InnerState(state.params, state.inner_opt, {}, jnp.zeros((), jnp.int32)),
                 MetaState(state.encoder, state.meta_opt, jnp.zeros((), jnp.int32)),
@@ -390,7 +390,7 @@ class GistLM(Experiment):
                     "steps_to_hack": onset - start if onset >= 0 else None,
                     "hack_detected_at": detected - start if detected >= 0 else None,
                     "phase2_steps": c.phase2.steps,
-                    **phase2_summary(
+                    **hacking.phase2_summary(
                         history,
                         start,
                         c.detector.degrade_margin,

@@ -47,15 +47,14 @@ from metalearn.models import transformer
 from metalearn.optim import make_optimizer
 from metalearn.runtime.experiment import Experiment
 from metalearn.runtime.metrics import mean_std
+from metalearn.streams import SelfLossLM as Stream
+from metalearn.streams import SelfLossLMPhase1 as Phase1Stream
 from metalearn.tasks import text
 from metalearn.types import Array, Params
 
 ACTIONS = ("continue", "stop", "rollback", "meta")
-# Independent random streams under the seed's key.
-_INIT, _INNER, _OUTER, _PHASE2, _SAMPLE, _NOISE = range(6)
 SAMPLE_TOKENS = 96  # bytes of text the hack report samples from θ
 FAVOURED = 8  # tokens the hack report lists by target (or prediction) mass
-QUALITY_TAIL = 10  # logged steps the summary's target-quality columns average over
 
 
 @flax.struct.dataclass
@@ -177,7 +176,7 @@ class SelfLossLM(Experiment):
     def _init_state(self) -> SelfLossState:
         c = self.config
         params = transformer.init_transformer(
-            self.model, jax.random.fold_in(self.key, _INIT), self.context
+            self.model, jax.random.fold_in(self.key, Stream.INIT), self.context
         )
         val = self._ce(params, self.diag_windows)
         return SelfLossState(
@@ -210,9 +209,11 @@ class SelfLossLM(Experiment):
     def _phase1(self, state: SelfLossState, t: Array) -> tuple[SelfLossState, dict]:
         c = self.config
         key = jax.random.fold_in(self.key, t)
-        tokens = self._batch(jax.random.fold_in(key, _INNER), num=c.meta.inner_steps)
-        outer = self._batch(jax.random.fold_in(key, _OUTER), split=c.meta.split)
-        keys = jax.random.split(jax.random.fold_in(key, _INNER + 10), c.meta.inner_steps)
+        tokens = self._batch(jax.random.fold_in(key, Phase1Stream.INNER), num=c.meta.inner_steps)
+        outer = self._batch(jax.random.fold_in(key, Phase1Stream.OUTER), split=c.meta.split)
+        keys = jax.random.split(
+            jax.random.fold_in(key, Phase1Stream.INNER_STEPS), c.meta.inner_steps
+        )
         loss, grads, (theta_prime, inner) = self_loss.meta_grad(
             state.params,
             tokens,
@@ -226,7 +227,7 @@ class SelfLossLM(Experiment):
             window=c.meta.window,
             remat=c.meta.remat,
             options=self.estimator_options,
-            noise_key=jax.random.fold_in(key, _NOISE),
+            noise_key=jax.random.fold_in(key, Phase1Stream.NOISE),
         )
         updates, meta_opt = self.meta_opt.update(grads, state.meta_opt, state.params)
         params = self_loss.interpolate(
@@ -270,7 +271,7 @@ class SelfLossLM(Experiment):
 
     def _phase2(self, state: SelfLossState, t: Array) -> tuple[SelfLossState, dict]:
         c = self.config
-        key = jax.random.fold_in(jax.random.fold_in(self.key, _PHASE2), t)
+        key = jax.random.fold_in(jax.random.fold_in(self.key, Stream.PHASE2), t)
         tokens = self._batch(key)
         critic = state.params if self.spec.critic == "same" else state.critic
         n = t - c.meta.steps + 1  # Phase 2 steps so far, this one included
@@ -450,7 +451,7 @@ class SelfLossLM(Experiment):
             num_tokens=text.NUM_BYTES,
         )
         out["greedy"] = sample()[0]
-        out["sampled"] = sample(jax.random.fold_in(self.key, _SAMPLE))[0]
+        out["sampled"] = sample(jax.random.fold_in(self.key, Stream.SAMPLE))[0]
         out["prompt"] = prompt[0]
         return out
 
@@ -515,7 +516,7 @@ class SelfLossLM(Experiment):
             "rollbacks": int(state.rollbacks),
             "detections": int(state.detections),
             "test_ce": mean_std([test]),
-            **phase2_summary(
+            **hacking.phase2_summary(
                 history,
                 start,
                 c.detector.degrade_margin,
@@ -557,97 +558,3 @@ def _favoured(stats: dict) -> list[dict]:
         }
         for i in top
     ]
-
-
-def phase2_summary(
-    history: list[dict],
-    meta_steps: int,
-    margin: float,
-    *,
-    tolerance: float = 0.01,
-    window: int = 10,
-) -> dict:
-    """The numbers of a run's Phase 2 read from its logged rows (see `steps_to_degrade`);
-    predicted-loss figures skip anchor steps, which log the true loss they descend.
-
-    Besides the detector's horizon, `last_improvement` is the Phase 2 step of the last
-    new minimum of the logged validation cross-entropy (by any margin), for θ and for
-    the control; `control_steps_to_stall` is the step at which the control's validation
-    cross-entropy had not improved by `tolerance` over `window` logged steps: the
-    detector's stall condition applied to a model trained on the true loss, which says
-    when slow but real learning looks like a stall to the detector.
-    """
-    rows = [r for r in history if "self/pred_loss" in r]
-    phase2 = [r for r in rows if r["phase"] == 2]
-    if not phase2:
-        return {}
-    val = [r["true/val_ce"] for r in phase2]
-    pred = [r["self/pred_loss"] for r in phase2 if not r["self/anchor"]] or [np.nan]
-    start = next(r["true/val_ce"] for r in rows if r["step"] == meta_steps)
-    control = phase2[-1]["control/val_ce"]
-    steps = [r["step"] - meta_steps for r in phase2]
-    control_val = [r["control/val_ce"] for r in phase2]
-    out = {
-        "steps_to_degrade": steps_to_degrade(history, meta_steps, margin),
-        "phase1_end_val_ce": mean_std([start]),
-        "best_val_ce": mean_std([min(val)]),
-        "final_val_ce": mean_std([val[-1]]),
-        "control_final_val_ce": mean_std([control]),
-        # The share of the control's improvement over Phase 2 that self-training made.
-        "recovered": mean_std([(start - val[-1]) / (start - control)]) if start > control else None,
-        "min_pred_loss": mean_std([min(pred)]),
-        "final_pred_loss": mean_std([pred[-1]]),
-        "last_improvement": _last_minimum(steps, val),
-        "control_last_improvement": _last_minimum(steps, control_val),
-        "control_steps_to_stall": _stall(steps, [start, *control_val], tolerance, window),
-    }
-    if "critic/target_ce" in rows[-1]:
-        # The targets' quality against the model's own predictions, at the end of Phase 1
-        # (the mean over its last logged steps) and over the last logged steps of Phase 2.
-        phase1 = [r for r in rows if r["phase"] == 1 and r["step"] <= meta_steps]
-        for name, part in (
-            ("phase1", phase1),
-            ("phase2", [r for r in phase2 if not r["self/anchor"]]),
-        ):
-            tail = part[-QUALITY_TAIL:]
-            out[f"{name}_target_ce"] = mean_std([np.mean([r["critic/target_ce"] for r in tail])])
-            out[f"{name}_model_ce"] = mean_std([np.mean([r["true/train_ce"] for r in tail])])
-            out[f"{name}_target_accuracy"] = mean_std(
-                [np.mean([r["critic/target_accuracy"] for r in tail])]
-            )
-            out[f"{name}_target_entropy"] = mean_std(
-                [np.mean([r["critic/target_entropy"] for r in tail])]
-            )
-    return out
-
-
-def _last_minimum(steps: list[int], values: list[float]) -> int:
-    best, at = np.inf, 0
-    for step, value in zip(steps, values, strict=True):
-        if value < best:
-            best, at = value, step
-    return at
-
-
-def _stall(steps: list[int], values: list[float], tolerance: float, window: int) -> int | None:
-    """The step at which `values` (the reference first, then one per step) meet the
-    detector's stall condition (`hacking.first_stall`); None if never."""
-    i = int(hacking.first_stall(np.asarray(values), tolerance=tolerance, window=window))
-    return None if i < 0 else steps[i]
-
-
-def steps_to_degrade(history: list[dict], meta_steps: int, margin: float) -> int | None:
-    """Phase 2 steps until the logged validation cross-entropy first exceeds its value at
-    the end of Phase 1 by more than `margin` nats (None if it never does).
-
-    A second horizon beside `steps_to_hack`: the detector dates where improvement stopped,
-    which is step 0 for a critic that never improves the model; this dates how long the
-    model lasts before it is clearly worse than where self-training began.
-    """
-    rows = [r for r in history if "true/val_ce" in r and "phase" in r]
-    start = next((r["true/val_ce"] for r in rows if r["step"] == meta_steps), None)
-    if start is None:
-        return None
-    worse = (r["step"] for r in rows if r["phase"] == 2 and r["true/val_ce"] > start + margin)
-    step = next(worse, None)
-    return None if step is None else step - meta_steps
