@@ -42,13 +42,14 @@ def transformer() -> ml_collections.ConfigDict:
 
 
 def detector() -> ml_collections.ConfigDict:
-    """The `detector` group: the reward-hacking detector of `algorithms.self_loss`."""
+    """The `detector` group: the reward-hacking detector (`metalearn.hacking`) and its
+    action (`experiments._text`)."""
     return ml_collections.ConfigDict(
         {
             "window": 10,  # logged steps
             "tolerance": 0.01,  # nats
             "action": "continue",  # or "stop" | "rollback" | "meta"
-            "meta_steps": 50,  # action "meta": Phase 1 steps before Phase 2 resumes
+            "meta_steps": 50,  # action "meta": first-phase steps before Phase 2 resumes
             "degrade_margin": 0.1,  # nats above the end of Phase 1: `steps_to_degrade`
         }
     )
