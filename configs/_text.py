@@ -42,13 +42,14 @@ def transformer() -> ml_collections.ConfigDict:
 
 
 def detector() -> ml_collections.ConfigDict:
-    """The `detector` group: the reward-hacking detector of `algorithms.self_loss`."""
+    """The `detector` group: the reward-hacking detector (`metalearn.hacking`) and its
+    action (`experiments._text`)."""
     return ml_collections.ConfigDict(
         {
             "window": 10,  # logged steps
             "tolerance": 0.01,  # nats
             "action": "continue",  # or "stop" | "rollback" | "meta"
-            "meta_steps": 50,  # action "meta": Phase 1 steps before Phase 2 resumes
+            "meta_steps": 50,  # action "meta": first-phase steps before Phase 2 resumes
             "degrade_margin": 0.1,  # nats above the end of Phase 1: `steps_to_degrade`
         }
     )
@@ -62,6 +63,22 @@ def use_shared_data(c: ml_collections.ConfigDict) -> None:
 def use_file(c: ml_collections.ConfigDict) -> None:
     """Read tiny_shakespeare as a plain text file."""
     c.data.source, c.data.path = "file", SHARED_TEXT
+
+
+def shared_part(c: ml_collections.ConfigDict, part: str, name: str) -> None:
+    """Applies a variant part both text experiments take (a detector action, `shared`,
+    `file`); any other part is unknown to config `name`: a ValueError."""
+    if part in ("stop", "rollback", "meta"):
+        c.detector.action = part
+    elif part == "shared":
+        use_shared_data(c)
+    elif part == "file":
+        use_file(c)
+    else:
+        raise ValueError(
+            f"Unknown variant part {part!r} of {name}; see the list in configs/{name}.py's "
+            "docstring."
+        )
 
 
 def smoke_sizes(c: ml_collections.ConfigDict) -> None:

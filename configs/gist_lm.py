@@ -24,6 +24,7 @@ Variants are comma-separated parts (`:plan3,st,smoke`):
   gists         k1 | k2 | k4 (default) | k8
   encoder       frozen (default) | ema (plan 2)
   continuation  soft (default) | st (straight-through) | score (sampled, REINFORCE)
+  detector      stop | rollback | meta (action on detection; default: continue)
   data          shared (the project's tfds copy) | file (the raw text file)
   size          smoke (seconds on a CPU)
 `SWEEP` and `BOTTLENECK` list the runs `experiments.sweep_gist` makes.
@@ -68,7 +69,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         {"optimizer": {"name": "adam", "lr": 1e-4}, "split": "validation", "method": "jvp"}
     )
     c.phase2 = ml_collections.ConfigDict({"steps": 2000})
-    c.detector = _text.detector()  # its action is always 'continue' here
+    c.detector = _text.detector()
     c.detector.window = 40
     c.diagnostics = ml_collections.ConfigDict({"val_windows": 64})
     c.eval = ml_collections.ConfigDict({"every": 500, "windows": 1024})
@@ -96,20 +97,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             g.path = "straight_through"
         elif part == "score":
             g.path = "score_function"
-        elif part == "shared":
-            _text.use_shared_data(c)
-        elif part == "file":
-            _text.use_file(c)
         elif part != "smoke":
-            raise ValueError(
-                f"Unknown variant part {part!r} of gist_lm; see the list in "
-                "configs/gist_lm.py's docstring."
-            )
+            _text.shared_part(c, part, "gist_lm")
     if "smoke" in parts:
         _text.smoke_sizes(c)
         g.context, g.chunk = 8, 8
         c.phase_g.steps = 4
         c.phase2.steps = 0 if g.plan == "bottleneck" else 6
+        c.detector.meta_steps = 2
         c.eval.every = 2
         c.checkpoint_every = 4
     return c

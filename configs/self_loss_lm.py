@@ -184,19 +184,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             c.meta.estimator = "es"
         elif part == "truncated":
             c.meta.inner_steps, c.meta.estimator, c.meta.window = 3, "last_window", 1
-        elif part in ("stop", "rollback", "meta"):
-            c.detector.action = part
         elif part == "prefix":
             s.layout = "shared_prefix"
-        elif part == "file":
-            _text.use_file(c)
-        elif part == "shared":
-            _text.use_shared_data(c)
         elif part != "smoke":
-            raise ValueError(
-                f"Unknown variant part {part!r} of self_loss_lm; see the list in "
-                "configs/self_loss_lm.py's docstring."
-            )
+            _text.shared_part(c, part, "self_loss_lm")
     if "smoke" in parts:
         _text.smoke_sizes(c)
         c.meta.steps = 8 if "long" in parts else 4

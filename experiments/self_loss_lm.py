@@ -24,6 +24,8 @@ tolerance above its best or has not improved by the tolerance for a whole window
 there), 'rollback' (θ back to its best-validation copy) or 'meta' (`detector.meta_steps`
 more Phase 1 steps, then the critic refreshed).
 
+What it shares with `gist_lm` (the text data, the control, the logged steps with the
+detector and its actions, the summary's Phase 2 numbers) is the base `experiments._text`.
 Everything runs in one jitted `lax.scan` per chunk over device-resident text; the
 batches of step t are a pure function of (seed, t), so a resumed run is bit-identical.
 """
@@ -31,7 +33,6 @@ batches of step t are a pure function of (seed, t), so a resumed run is bit-iden
 import functools
 import json
 import os
-from typing import Any
 
 import flax
 import jax
@@ -40,48 +41,34 @@ import ml_collections
 import numpy as np
 import optax
 
-from metalearn import hacking, plots
+from experiments._text import TextSelfTraining, TextState
+from metalearn import plots
 from metalearn.algorithms import self_loss
 from metalearn.estimators import EstimatorOptions
 from metalearn.models import transformer
 from metalearn.optim import make_optimizer
-from metalearn.runtime.experiment import Experiment
 from metalearn.runtime.metrics import mean_std
+from metalearn.streams import SelfLossLMSeed as Stream
+from metalearn.streams import SelfLossLMStep as Phase1Stream
 from metalearn.tasks import text
 from metalearn.types import Array, Params
 
-ACTIONS = ("continue", "stop", "rollback", "meta")
-# Independent random streams under the seed's key.
-_INIT, _INNER, _OUTER, _PHASE2, _SAMPLE, _NOISE = range(6)
 SAMPLE_TOKENS = 96  # bytes of text the hack report samples from θ
 FAVOURED = 8  # tokens the hack report lists by target (or prediction) mass
 
 
 @flax.struct.dataclass
-class SelfLossState:
-    """θ with its two optimizer states, the critic copy, the control, and bookkeeping."""
+class SelfLossState(TextState):
+    """`TextState` with Phase 1's optimizer, the critic copy and the hack report's
+    snapshots."""
 
-    params: Params
-    inner_opt: optax.OptState  # Phase 2's optimizer (the inner optimizer of Phase 1)
     meta_opt: optax.OptState  # Phase 1's outer optimizer
     critic: Params  # frozen or EMA copy of θ (unused for critic 'same')
-    control: Params  # θ trained on the true cross-entropy from the end of Phase 1
-    control_opt: optax.OptState
-    best: Params  # θ at the best validation cross-entropy of Phase 2 (for rollback)
-    detector: hacking.Detector
-    val_ce: Array  # the last logged validation cross-entropy of θ and the control
-    control_val_ce: Array
-    meta_left: Array  # Phase 1 steps still to run after a 'meta' action
-    stopped: Array  # a 'stop' action froze θ
-    rollbacks: Array
     # At the first detection: θ then and at the onset (the last improvement before it),
-    # the critic in effect, and the step (−1 before): for the hack report.
+    # and the critic in effect: for the hack report.
     onset_params: Params
     detect_params: Params
     detect_critic: Params
-    detect_step: Array
-    onset_step: Array
-    detections: Array  # detections so far (one per Phase 2 cycle with the 'meta' action)
 
 
 def make_spec(config: ml_collections.ConfigDict) -> self_loss.Spec:
@@ -100,42 +87,23 @@ def make_spec(config: ml_collections.ConfigDict) -> self_loss.Spec:
     )
 
 
-class SelfLossLM(Experiment):
-    """The experiment; driven by `runtime.loop` (see the module docstring). One device:
-    these models are small, so `mesh` is not used."""
+class SelfLossLM(TextSelfTraining):
+    """The experiment; driven by `runtime.loop` (see the module docstring)."""
+
+    STREAMS = Stream
+    FIRST = "meta.steps"
+    FIRST_PHASE = "Phase 1 (meta-training)"
 
     def __init__(self, config: ml_collections.ConfigDict, *, mesh=None):
-        super().__init__(config, mesh=mesh)
+        super().__init__(config, mesh=mesh, first_steps=config.meta.steps)
         c = config
         self.spec = make_spec(c)
-        if c.detector.action not in ACTIONS:
-            raise ValueError(f"Unknown detector.action {c.detector.action!r}; choose {ACTIONS}.")
-        if c.detector.action == "meta" and c.detector.meta_steps < 1:
-            raise ValueError("detector.action='meta' needs detector.meta_steps >= 1.")
         self_loss.check_estimator(c.meta.estimator, c.meta.window, c.meta.inner_steps)
         # σ and pairs of "es"; unknown keys are refused here, before anything compiles.
         self.estimator_options = EstimatorOptions.from_config(c.meta.get("estimator_options"))
         # The spread of ES's perturbed outer losses, logged (zero in Phase 2) under "es".
         self.es_metrics = ("meta/es_loss_spread",) if c.meta.estimator == "es" else ()
-        if c.meta.steps < 1 or c.phase2.steps < 0:
-            raise ValueError("meta.steps must be >= 1 and phase2.steps >= 0.")
-        for name, value in (("eval.every", c.eval.every), ("meta.steps", c.meta.steps)):
-            if value % c.log_every:
-                raise ValueError(
-                    f"{name} ({value}) must be a multiple of log_every ({c.log_every})."
-                )
-        self.num_steps = c.meta.steps + c.phase2.steps
-        self.context = c.model.context
-        data = text.load_text(c.data)
-        text.check_length(data, self.context)
-        self.tokens = {s: jnp.asarray(data.split(s)) for s in text.SPLITS}
-        self.diag_windows = jnp.asarray(
-            text.fixed_windows(data.validation, c.diagnostics.val_windows, self.context)
-        )
-        self.eval_windows = {
-            s: jnp.asarray(text.fixed_windows(data.split(s), c.eval.windows, self.context))
-            for s in ("validation", "test")
-        }
+        self.log_actions = True  # its rows have always had the detector's action counts
         observe = c.self_loss.get("observe", "embed") if self.spec.sees == "observed" else "none"
         self.model = transformer.make_transformer(c.model, self.context, observe=observe)
         self.refresh_every = c.phase2.get("refresh_every", 0)
@@ -147,7 +115,7 @@ class SelfLossLM(Experiment):
         self.quality = self_loss.QUALITY if self.spec.signal == "targets" else ()
         disjoint = self.spec.disjoint
         inner_opt = make_optimizer(c.inner.optimizer, differentiated=True)
-        self.control_opt = make_optimizer(c.inner.optimizer)
+        # Phase 2's optimizer and the inner optimizer of Phase 1.
         self.self_opt = self_loss.routed(inner_opt, "loss" if disjoint else None)
         meta_opt = make_optimizer(c.meta.optimizer)
         if c.meta.get("critic_lr", 0.0):  # the critic's own parameters at their own rate
@@ -158,60 +126,28 @@ class SelfLossLM(Experiment):
                 {"trunk": meta_opt, "lm": meta_opt, "loss": critic_opt}, transformer.param_groups
             )
         self.meta_opt = self_loss.routed(meta_opt, "lm" if disjoint else None)
-        self.key = jax.random.key(c.seed)
-        self._chunk = self.jit(self._train_chunk, static_argnums=2)
         self._snapshot = self.jit(self._snapshot_stats)
-        self._eval = self.jit(self._evaluate)
-        self._init = self.jit(self._init_state)
 
     # ---- pure pieces ---------------------------------------------------------------
 
-    def _ce(self, params: Params, windows: Array) -> Array:
-        return self_loss.true_loss(params, {}, windows, None, model=self.model)
-
-    def _eval_ce(self, params: Params, windows: Array) -> Array:
-        """Mean cross-entropy over many windows (`text.mean_over_windows`)."""
-        return text.mean_over_windows(lambda w: self._ce(params, w), windows)
-
-    def _init_state(self) -> SelfLossState:
-        c = self.config
-        params = transformer.init_transformer(
-            self.model, jax.random.fold_in(self.key, _INIT), self.context
-        )
-        val = self._ce(params, self.diag_windows)
+    def _initial_state(self, params: Params, fields: dict) -> SelfLossState:
         return SelfLossState(
-            params=params,
-            inner_opt=self.self_opt.init(params),
+            **fields,
             meta_opt=self.meta_opt.init(params),
             critic=params,
-            control=params,
-            control_opt=self.control_opt.init(params),
-            best=params,
-            detector=hacking.init_detector(c.detector.window, val, jnp.asarray(c.meta.steps)),
-            val_ce=val,
-            control_val_ce=val,
-            meta_left=jnp.zeros((), jnp.int32),
-            stopped=jnp.zeros((), bool),
-            rollbacks=jnp.zeros((), jnp.int32),
             onset_params=params,
             detect_params=params,
             detect_critic=params,
-            detect_step=jnp.full((), -1, jnp.int32),
-            onset_step=jnp.full((), -1, jnp.int32),
-            detections=jnp.zeros((), jnp.int32),
         )
 
-    def _batch(self, key, split="train", num=None) -> Array:
-        c = self.config
-        draw = lambda k: text.windows(k, self.tokens[split], c.data.batch_size, self.context)  # noqa: E731
-        return draw(key) if num is None else jax.vmap(draw)(jax.random.split(key, num))
-
-    def _phase1(self, state: SelfLossState, t: Array) -> tuple[SelfLossState, dict]:
+    def _first_step(self, state: SelfLossState, t: Array) -> tuple[SelfLossState, dict]:
         c = self.config
         key = jax.random.fold_in(self.key, t)
-        tokens = self._batch(jax.random.fold_in(key, _INNER), num=c.meta.inner_steps)
-        outer = self._batch(jax.random.fold_in(key, _OUTER), split=c.meta.split)
-        keys = jax.random.split(jax.random.fold_in(key, _INNER + 10), c.meta.inner_steps)
+        tokens = self._batch(jax.random.fold_in(key, Phase1Stream.INNER), num=c.meta.inner_steps)
+        outer = self._batch(jax.random.fold_in(key, Phase1Stream.OUTER), split=c.meta.split)
+        keys = jax.random.split(
+            jax.random.fold_in(key, Phase1Stream.INNER_STEPS), c.meta.inner_steps
+        )
         loss, grads, (theta_prime, inner) = self_loss.meta_grad(
             state.params,
             tokens,
@@ -225,38 +161,15 @@ class SelfLossLM(Experiment):
             window=c.meta.window,
             remat=c.meta.remat,
             options=self.estimator_options,
-            noise_key=jax.random.fold_in(key, _NOISE),
+            noise_key=jax.random.fold_in(key, Phase1Stream.NOISE),
         )
         updates, meta_opt = self.meta_opt.update(grads, state.meta_opt, state.params)
         params = self_loss.interpolate(
             optax.apply_updates(state.params, updates), theta_prime, c.meta.tau
         )
-        meta_left = jnp.maximum(state.meta_left - 1, 0)
-        # The last Phase 1 step (initial, or of a 'meta' action) hands over to Phase 2.
-        handover = (t == c.meta.steps - 1) | (state.meta_left == 1)
-        initial = t == c.meta.steps - 1
-        pick = lambda new, old, cond=handover: jax.tree.map(  # noqa: E731
-            lambda a, b: jnp.where(cond, a, b), new, old
-        )
-        logged = ((t + 1) % c.log_every == 0) | handover
-        val = jax.lax.cond(
-            logged, lambda: self._ce(params, self.diag_windows), lambda: state.val_ce
-        )
-        state = state.replace(
-            params=params,
-            meta_opt=meta_opt,
-            critic=pick(params, state.critic),
-            control=pick(params, state.control, initial),
-            control_opt=pick(self.control_opt.init(params), state.control_opt, initial),
-            inner_opt=pick(self.self_opt.init(params), state.inner_opt),
-            best=pick(params, state.best),
-            detector=pick(hacking.init_detector(c.detector.window, val, t + 1), state.detector),
-            val_ce=val,
-            control_val_ce=jnp.where(initial, val, state.control_val_ce),
-            meta_left=meta_left,
-        )
+        new, pick = self._end_first_step(state, t, params)
+        new = new.replace(meta_opt=meta_opt, critic=pick(params, state.critic))
         metrics = {
-            "phase": jnp.ones((), jnp.int32),
             "self/pred_loss": jnp.mean(inner["pred_loss"]),
             "true/train_ce": inner["train_ce"][0],
             "meta/outer_ce": loss,
@@ -265,13 +178,13 @@ class SelfLossLM(Experiment):
             **{k: inner[k][0] for k in self.quality},  # the targets for θ, this step
             **{k: inner[k.split("/")[1]][0] for k in self.es_metrics},
         }
-        return state, metrics
+        return new, metrics
 
-    def _phase2(self, state: SelfLossState, t: Array) -> tuple[SelfLossState, dict]:
-        c = self.config
-        key = jax.random.fold_in(jax.random.fold_in(self.key, _PHASE2), t)
-        tokens = self._batch(key)
+    def _self_step(
+        self, state: SelfLossState, t: Array, key: Array, tokens: Array
+    ) -> tuple[SelfLossState, dict, dict]:
         critic = state.params if self.spec.critic == "same" else state.critic
+        c = self.config
         n = t - c.meta.steps + 1  # Phase 2 steps so far, this one included
 
         def descend(loss_fn):
@@ -300,126 +213,37 @@ class SelfLossLM(Experiment):
         else:  # no anchor branch to compile
             anchor = jnp.zeros((), bool)
             params, inner_opt, aux = descend(self_objective)(None)
-        params = jax.tree.map(lambda a, b: jnp.where(state.stopped, b, a), params, state.params)
-        ctrl_grads = jax.grad(self._ce)(state.control, tokens)
-        ctrl_updates, control_opt = self.control_opt.update(
-            ctrl_grads, state.control_opt, state.control
-        )
-        control = optax.apply_updates(state.control, ctrl_updates)
+        params = self._unless_stopped(state, params)
         critic_copy = state.critic
         if self.spec.critic == "ema":
             critic_copy = self_loss.ema(state.critic, params, c.self_loss.ema_decay)
         if self.refresh_every:  # the critic copy becomes θ every refresh_every steps
             refresh = n % self.refresh_every == 0
             critic_copy = jax.tree.map(lambda a, b: jnp.where(refresh, a, b), params, critic_copy)
-
-        logged = (t + 1) % c.log_every == 0
-        val, control_val = jax.lax.cond(
-            logged,
-            lambda: (self._ce(params, self.diag_windows), self._ce(control, self.diag_windows)),
-            lambda: (state.val_ce, state.control_val_ce),
-        )
-        det, hacked, improved, corr = hacking.detector_update(
-            state.detector,
-            aux["pred_loss"],
-            aux["train_ce"],
-            val,
-            t + 1,
-            tolerance=c.detector.tolerance,
-        )
-        det = jax.tree.map(lambda a, b: jnp.where(logged, a, b), det, state.detector)
-        hacked, improved = hacked & logged & ~state.stopped, improved & logged
-        best = jax.tree.map(lambda a, b: jnp.where(improved, a, b), params, state.best)
-        new_detection = (det.detected_at >= 0) & (state.detector.detected_at < 0)
-        first = new_detection & (state.detect_step < 0)
-        # The hack snapshots change once per run: a cond, not a tree-wide select per step.
-        snapshots = jax.lax.cond(
-            first,
-            lambda: (best, params, params if self.spec.critic == "same" else critic_copy),
-            lambda: (state.onset_params, state.detect_params, state.detect_critic),
-        )
-        state = state.replace(
-            onset_params=snapshots[0],
-            detect_params=snapshots[1],
-            detect_critic=snapshots[2],
-            detect_step=jnp.where(first, t + 1, state.detect_step),
-            onset_step=jnp.where(first, det.onset, state.onset_step),
-            detections=state.detections + new_detection.astype(jnp.int32),
-        )
-        state = state.replace(
-            params=params,
-            inner_opt=inner_opt,
-            critic=critic_copy,
-            control=control,
-            control_opt=control_opt,
-            best=best,
-            detector=det,
-            val_ce=val,
-            control_val_ce=control_val,
-        )
-        state = self._act(state, hacked, t)
         metrics = {
-            "phase": jnp.full((), 2, jnp.int32),
-            "self/pred_loss": aux["pred_loss"],
-            "true/train_ce": aux["train_ce"],
             "meta/outer_ce": jnp.zeros(()),
             "meta/grad_norm": jnp.zeros(()),
             "self/anchor": anchor.astype(jnp.int32),
             **{k: aux[k] for k in self.quality},
             **{k: jnp.zeros(()) for k in self.es_metrics},
         }
-        extra = {"diag/rank_corr": corr, "diag/hacked": hacked.astype(jnp.int32)}
-        return state, {**metrics, **extra}
+        new = state.replace(params=params, inner_opt=inner_opt, critic=critic_copy)
+        return new, aux, metrics
 
-    def _act(self, state: SelfLossState, hacked: Array, t: Array) -> SelfLossState:
-        """The detector's action on a detection at step t + 1."""
-        c = self.config
-        action = c.detector.action
-        if action == "stop":
-            return state.replace(stopped=state.stopped | hacked)
-        if action == "rollback":
-            pick = lambda a, b: jax.tree.map(lambda x, y: jnp.where(hacked, x, y), a, b)  # noqa: E731
-            fresh = hacking.restart_detector(state.detector, t + 1)
-            return state.replace(
-                params=pick(state.best, state.params),
-                inner_opt=pick(self.self_opt.init(state.best), state.inner_opt),
-                detector=pick(fresh, state.detector),
-                rollbacks=state.rollbacks + hacked.astype(jnp.int32),
-            )
-        if action == "meta":
-            return state.replace(
-                meta_left=jnp.where(hacked, c.detector.meta_steps, state.meta_left)
-            )
-        return state
-
-    def _step(self, state: SelfLossState, t: Array) -> tuple[SelfLossState, dict]:
-        in_phase1 = (t < self.config.meta.steps) | (state.meta_left > 0)
-
-        def phase1(s):
-            s, m = self._phase1(s, t)
-            return s, {
-                **m,
-                "diag/rank_corr": jnp.zeros(()),
-                "diag/hacked": jnp.zeros((), jnp.int32),
-            }
-
-        state, metrics = jax.lax.cond(in_phase1, phase1, lambda s: self._phase2(s, t), state)
-        metrics.update(
-            {
-                "true/val_ce": state.val_ce,
-                "control/val_ce": state.control_val_ce,
-                "diag/gap": metrics["self/pred_loss"] - metrics["true/train_ce"],
-                "diag/rollbacks": state.rollbacks,
-                "diag/steps_to_hack": jnp.where(
-                    state.onset_step >= 0, state.onset_step - self.config.meta.steps, -1
-                ),
-                "diag/detections": state.detections,
-            }
+    def _record_detection(self, state: SelfLossState, first: Array) -> SelfLossState:
+        # The hack snapshots change once per run: a cond, not a tree-wide select per step.
+        critic = state.params if self.spec.critic == "same" else state.critic
+        snapshots = jax.lax.cond(
+            first,
+            lambda: (state.best, state.params, critic),
+            lambda: (state.onset_params, state.detect_params, state.detect_critic),
         )
-        return state, metrics
+        return state.replace(
+            onset_params=snapshots[0], detect_params=snapshots[1], detect_critic=snapshots[2]
+        )
 
-    def _train_chunk(self, state, start, num):
-        return jax.lax.scan(self._step, state, start + jnp.arange(num))
+    def _step_metrics(self, state: SelfLossState, metrics: dict) -> dict:
+        return {"diag/gap": metrics["self/pred_loss"] - metrics["true/train_ce"]}
 
     def _snapshot_stats(self, params: Params, critic: Params) -> dict[str, Array]:
         """What θ and its critic do on the diagnostic validation windows: cross-entropy,
@@ -449,7 +273,7 @@ class SelfLossLM(Experiment):
             num_tokens=text.NUM_BYTES,
         )
         out["greedy"] = sample()[0]
-        out["sampled"] = sample(jax.random.fold_in(self.key, _SAMPLE))[0]
+        out["sampled"] = sample(jax.random.fold_in(self.key, Stream.SAMPLE))[0]
         out["prompt"] = prompt[0]
         return out
 
@@ -484,43 +308,15 @@ class SelfLossLM(Experiment):
             }
         return report
 
-    def _evaluate(self, state: SelfLossState) -> dict[str, Array]:
-        return {
-            "eval/val_ce": self._eval_ce(state.params, self.eval_windows["validation"]),
-            "eval/control_val_ce": self._eval_ce(state.control, self.eval_windows["validation"]),
-        }
-
-    # ---- the runtime.loop protocol ----------------------------------------------------
-
-    def init(self) -> SelfLossState:
-        return self._init()
-
-    def train_chunk(self, state, start: int, num: int):
-        return self._chunk(state, jnp.asarray(start, jnp.int32), num)
-
-    def evaluate(self, state, step: int) -> dict[str, Any]:
-        return self._eval(state)
+    # ---- the end of the run ------------------------------------------------------------
 
     def finalize(self, state: SelfLossState, history: list[dict], workdir: str) -> dict:
-        c = self.config
-        start = c.meta.steps
+        start = self.first_steps
         # The first detection (a 'meta' action starts the detector afresh after each).
-        onset, detected = int(state.onset_step), int(state.detect_step)
-        test = float(self._eval_ce(state.params, self.eval_windows["test"]))
         summary = {
-            "steps_to_hack": onset - start if onset >= 0 else None,
-            "hack_detected_at": detected - start if detected >= 0 else None,
-            "phase2_steps": c.phase2.steps,
-            "rollbacks": int(state.rollbacks),
-            "detections": int(state.detections),
-            "test_ce": mean_std([test]),
-            **hacking.phase2_summary(
-                history,
-                start,
-                c.detector.degrade_margin,
-                tolerance=c.detector.tolerance,
-                window=c.detector.window,
-            ),
+            **self.detector_summary(state),
+            "test_ce": mean_std([self.test_ce(state)]),
+            **self.phase2_summary(history),
         }
         rows = [r for r in history if "self/pred_loss" in r]
         plots.self_loss_curves(

@@ -4,8 +4,8 @@ The detector (`Detector`, `init_detector`, `detector_update`) watches the logged
 training for a predicted loss that keeps falling while the validation cross-entropy does
 not; `first_stall` and `improvement` read curves after the fact. Pure functions of
 arrays: jit them, scan them, vmap them over runs. `phase2_summary` and
-`steps_to_degrade` read a finished self-training run's logged rows (host-side), the
-same for every text experiment.
+`steps_to_degrade` read a finished two-phase run (a phase that trains the model on the
+true loss, then Phase 2 on its own signal) from its logged rows, on the host.
 """
 
 import flax
@@ -176,9 +176,22 @@ def phase2_summary(
     the control; `control_steps_to_stall` is the step at which the control's validation
     cross-entropy had not improved by `tolerance` over `window` logged steps: the
     detector's stall condition applied to a model trained on the true loss, which says
-    when slow but real learning looks like a stall to the detector. The target-quality
-    figures (where the run logs `critic/target_ce`) average the last `quality_tail`
-    logged steps of each phase.
+    when slow but real learning looks like a stall to the detector.
+
+    Args:
+      history: the run's rows (`runtime.metrics.read_metrics`); those of training steps
+        have `phase` (1 or 2), `self/pred_loss`, `self/anchor`, `true/train_ce`,
+        `true/val_ce` and `control/val_ce`, and `critic/target_*` where the loss is
+        self-produced targets.
+      meta_steps: the step Phase 2 starts at (the end of Phase 1 or of Phase G).
+      margin: nats above the start that count as degraded (`steps_to_degrade`).
+      tolerance, window: the detector's (`detector_update`), for the control's stall.
+      quality_tail: the logged steps of each phase that the target-quality figures (where
+        the run logs `critic/target_ce`) average over.
+
+    Returns:
+      The summary's Phase 2 entries, each number as `runtime.metrics.mean_std` gives it
+      (empty if the run has no Phase 2 rows).
     """
     rows = [r for r in history if "self/pred_loss" in r]
     phase2 = [r for r in rows if r["phase"] == 2]
@@ -234,7 +247,7 @@ def _last_minimum(steps: list[int], values: list[float]) -> int:
 
 def _stall(steps: list[int], values: list[float], tolerance: float, window: int) -> int | None:
     """The step at which `values` (the reference first, then one per step) meet the
-    detector's stall condition (`hacking.first_stall`); None if never."""
+    detector's stall condition (`first_stall`); None if never."""
     i = int(first_stall(np.asarray(values), tolerance=tolerance, window=window))
     return None if i < 0 else steps[i]
 
@@ -246,6 +259,14 @@ def steps_to_degrade(history: list[dict], meta_steps: int, margin: float) -> int
     A second horizon beside `steps_to_hack`: the detector dates where improvement stopped,
     which is step 0 for a critic that never improves the model; this dates how long the
     model lasts before it is clearly worse than where self-training began.
+
+    Args:
+      history: the run's rows, as for `phase2_summary`.
+      meta_steps: the step Phase 2 starts at.
+      margin: nats above the validation cross-entropy at `meta_steps`.
+
+    Returns:
+      The Phase 2 step of the first such row, or None.
     """
     rows = [r for r in history if "true/val_ce" in r and "phase" in r]
     start = next((r["true/val_ce"] for r in rows if r["step"] == meta_steps), None)

@@ -341,3 +341,48 @@ class TransformerStepBenchmark(enum.IntEnum):
     OUTER_TOKENS = 2
     INNER = 3
     OUTER = 4
+
+
+# ---- experiments/self_loss_lm.py -------------------------------------------------------
+
+
+@enum.unique
+class SelfLossLMSeed(enum.IntEnum):
+    """Streams folded from the self-loss LM's run key (`jax.random.key(config.seed)`).
+
+    Phase 1 step t's key is `fold_in(run_key, t)`, so the keys of steps 0, 3 and 4 equal
+    these.
+    """
+
+    INIT = 0  # θ's initialisation
+    PHASE2 = 3  # Phase 2's key, folded with the step for its batch
+    SAMPLE = 4  # the hack report's sampled continuation
+
+
+@enum.unique
+class SelfLossLMStep(enum.IntEnum):
+    """Streams folded from the key of Phase 1 step t (the run key folded with t)."""
+
+    INNER = 1  # the inner steps' batches
+    OUTER = 2  # the outer batch
+    NOISE = 5  # ES's perturbations
+    INNER_STEPS = 11  # the inner steps' keys
+
+
+# ---- experiments/gist_lm.py ------------------------------------------------------------
+
+
+@enum.unique
+class GistLMSeed(enum.IntEnum):
+    """Streams folded from the gist LM's run key (`jax.random.key(config.seed)`)."""
+
+    INIT = 0  # θ's initialisation
+    PHASE_G = 1  # Phase G's key, folded with the step for its batch
+    PHASE2 = 2  # Phase 2's key, folded with the step for its batch
+
+
+@enum.unique
+class GistLMStep(enum.IntEnum):
+    """Streams folded from the key of Phase 2 step t (the PHASE2 key folded with t)."""
+
+    META = 3  # plan 3: the batch of the encoder's meta-objective

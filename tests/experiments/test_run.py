@@ -1,7 +1,10 @@
 """End to end: configs through `experiments.run`, resume, determinism, bad input.
 
-The default tier runs one experiment (ML³ sine) through the CLI and in-process; the
-`slow` tier runs every config's `:smoke` variant through the CLI.
+The default tier runs ML³ sine in-process (resume, interrupts, bad input); the `slow`
+tier runs every config's `:smoke` variant: one config of each experiment through the CLI
+(a subprocess, as a user runs it), the others of that experiment in this process (as
+flax's `train_test.py` calls `train_and_evaluate`), and the configs that only re-wire a
+compiled one's programs built and traced, not compiled.
 """
 
 import importlib
@@ -164,23 +167,56 @@ def test_smoke_variant_builds_and_traces_its_programs(config):
         assert metrics and all(m.shape[0] == num for m in jax.tree.leaves(metrics)), start
 
 
+# Configs run in this process, each with the config of its experiment that runs through
+# the CLI (one per experiment).
+IN_PROCESS = {
+    "baseline_mnist": "adalfl_mnist",
+    "ml3_mnist": "adalfl_mnist",
+    "ml3_mbrl_pointmass": "ml3_mbrl_reacher",
+}
+CLI = sorted(set(CONFIGS) - set(TRACED) - set(IN_PROCESS))
+
+
+def _smoke(name):
+    return importlib.import_module(f"configs.{name}").get_config("smoke")
+
+
 def test_traced_configs_share_their_programs_with_a_compiled_one():
     compiled = set(CONFIGS) - set(TRACED)
     for name, twin in TRACED.items():
         assert twin in compiled, name
-        a, b = (importlib.import_module(f"configs.{n}").get_config("smoke") for n in (name, twin))
+        a, b = _smoke(name), _smoke(twin)
         assert (a.experiment, a.get("algorithm")) == (b.experiment, b.get("algorithm")), name
 
 
+def test_each_experiment_has_one_config_through_the_cli_and_the_rest_in_process():
+    assert not set(IN_PROCESS) & set(TRACED)
+    through_cli = [_smoke(name).experiment for name in CLI]
+    assert sorted(through_cli) == sorted(set(through_cli)) == sorted(experiments.available())
+    for name, twin in IN_PROCESS.items():
+        assert twin in CLI and _smoke(name).experiment == _smoke(twin).experiment, name
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("config", sorted(set(CONFIGS) - set(TRACED)))
+@pytest.mark.parametrize("config", CLI)
 def test_smoke_variant_runs_through_the_cli(config, tmp_path):
     workdir = tmp_path / "run"
     proc = run_cli(f"--config=configs/{config}.py:smoke", f"--workdir={workdir}")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    summary, _ = check_run_directory(workdir)
+    summary, rows = check_run_directory(workdir)
     if config == "ml3_mfrl_reacher":
         check_ppo_and_ml3_had_the_same_goals_and_budget(config, workdir, summary)
+    if config == "ml3_sine":
+        assert "final_mse.learned_loss" in proc.stdout and "Resuming" not in proc.stdout
+        assert rows[-1]["step"] == ml3_sine.get_config("smoke").meta.steps
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", sorted(IN_PROCESS))
+def test_smoke_variant_runs_in_process(config, tmp_path):
+    smoke = _smoke(config)
+    summary = train_and_evaluate(experiments.make(smoke), smoke, str(tmp_path / "run"))
+    assert check_run_directory(tmp_path / "run")[0] == summary
 
 
 def check_ppo_and_ml3_had_the_same_goals_and_budget(name, workdir, summary):
@@ -206,16 +242,6 @@ def check_ppo_and_ml3_had_the_same_goals_and_budget(name, workdir, summary):
     for method in ("ml3", "ppo"):
         assert np.isfinite(summary[method]["final_return"]["mean"])
     assert set(summary["architectures"]) == {"1x8", "2x8"}
-
-
-@pytest.mark.slow  # 9 s; the slow tier also runs every config's smoke variant this way
-def test_ml3_sine_through_the_cli(tmp_path):
-    workdir = tmp_path / "run"
-    proc = run_cli("--config=configs/ml3_sine.py:smoke", f"--workdir={workdir}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "final_mse.learned_loss" in proc.stdout and "Resuming" not in proc.stdout
-    _, rows = check_run_directory(workdir)
-    assert rows[-1]["step"] == ml3_sine.get_config("smoke").meta.steps
 
 
 @pytest.fixture(scope="module")

@@ -2,10 +2,14 @@
 
 In the slow tier: one smoke run of the document's setting shared by three tests (moved
 there from the default tier, whose time it dominated), every variant of the sweep and
-every detector action, each checked for the effect its name promises.
+every detector action, each checked for the effect its name promises. Each variant runs
+once, driven chunk by chunk (`variant_runs`); the document's setting alone also runs
+through `runtime.loop` to its summary, on the same experiment.
 """
 
+import dataclasses
 import json
+from typing import Any
 
 import chex
 import jax
@@ -29,14 +33,17 @@ def _rows(workdir) -> list[dict]:
 
 def _chunk_states(experiment, chunk: int) -> tuple[list, list[dict]]:
     """The states at every multiple of `chunk` steps (0 included) and the metrics of each
-    step, from driving the experiment's chunks directly."""
+    step as `metrics.jsonl` has them (with their `step`), from driving the experiment's
+    chunks directly."""
     state, states, metrics = experiment.init(), [], []
     states.append(state)
     for start in range(0, experiment.num_steps, chunk):
         state, m = experiment.train_chunk(state, start, chunk)
         states.append(state)
         m = jax.device_get(m)
-        metrics += [{k: v[i] for k, v in m.items()} for i in range(chunk)]
+        metrics += [
+            {"step": start + i + 1, **{k: v[i].item() for k, v in m.items()}} for i in range(chunk)
+        ]
     return states, metrics
 
 
@@ -78,26 +85,55 @@ def test_bad_input_fails_with_a_message_saying_what_to_change(tmp_path):
         experiments.make(config)
 
 
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """A smoke run of one variant, driven chunk by chunk: the states at every chunk
+    boundary (0 included) and the rows it logs."""
+
+    config: Any
+    experiment: Any
+    rows: list[dict]
+    states: list
+
+
 @pytest.fixture(scope="module")
-def hard_run(tmp_path_factory):
-    """The document's setting (hard tokens, the same live critic) as a smoke run to the end,
-    and its states at every chunk boundary (the cheapest variant to compile)."""
-    config = _config("hard")
-    experiment = experiments.make(config)
+def variant_runs():
+    """`run(variant)`: the variant's `Run`, made once for the module."""
+    cache = {}
+
+    def run(variant):
+        if variant not in cache:
+            config = _config(variant)
+            experiment = experiments.make(config)
+            states, rows = _chunk_states(experiment, config.eval.every)
+            cache[variant] = Run(config, experiment, rows, states)
+        return cache[variant]
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def hard_run(variant_runs, tmp_path_factory):
+    """The document's setting (hard tokens, the same live critic; the cheapest variant to
+    compile) as a smoke run to the end through `runtime.loop`, on the experiment of its
+    `Run`, and that run's states at every chunk boundary."""
+    run = variant_runs("hard")
     workdir = tmp_path_factory.mktemp("self_loss_hard")
-    summary = train_and_evaluate(experiment, config, str(workdir))
-    states, _ = _chunk_states(experiment, config.eval.every)
-    return experiment, workdir, summary, states
+    summary = train_and_evaluate(run.experiment, run.config, str(workdir))
+    return run.experiment, workdir, summary, run.states
 
 
 @pytest.mark.slow  # the shared smoke run compiles for ~35 s
-def test_a_run_logs_both_phases_and_writes_its_summary_and_figure(hard_run):
+def test_a_run_logs_both_phases_and_writes_its_summary_and_figure(hard_run, variant_runs):
     experiment, workdir, summary, _ = hard_run
     config = experiment.config
     assert {"steps_to_hack", "best_val_ce", "control_final_val_ce", "min_pred_loss"} <= set(summary)
+    assert np.isfinite(summary["test_ce"]["mean"])
     rows = _rows(workdir)
     assert [r["phase"] for r in rows] == [1] * config.meta.steps + [2] * config.phase2.steps
     assert all(np.isfinite(r["true/val_ce"]) for r in rows)
+    # The rows the variants are checked on, from their chunks, are the ones a run logs.
+    assert rows == variant_runs("hard").rows
     assert (workdir / "plots" / "self_loss.png").exists()
     assert list((workdir / "tensorboard").iterdir())
 
@@ -176,24 +212,6 @@ ACTING = [v for v in self_loss_lm.SWEEP if "meta" in v.split(",")]
 TRACED = ("self/pred_loss", "true/val_ce", "meta/outer_ce")
 
 
-@pytest.fixture(scope="module")
-def variant_runs(tmp_path_factory):
-    """`run(variant)`: its config, logged rows, summary and chunk-boundary states, once."""
-    cache = {}
-
-    def run(variant):
-        if variant not in cache:
-            config = _config(variant)
-            experiment = experiments.make(config)
-            workdir = tmp_path_factory.mktemp(variant.replace(",", "_"))
-            summary = train_and_evaluate(experiment, config, str(workdir))
-            states, _ = _chunk_states(experiment, config.eval.every)
-            cache[variant] = config, _rows(workdir), summary, states, experiment.spec
-        return cache[variant]
-
-    return run
-
-
 def _check_variant(variant, config, rows, states):
     """The effect the variant's own parts promise, beyond changing the numbers."""
     end_of_phase1, final = states[config.meta.steps // config.eval.every], states[-1]
@@ -250,20 +268,22 @@ def _check_variant(variant, config, rows, states):
     "variant", [*(v for v in self_loss_lm.SWEEP if v not in ACTING), "prefix,softplus"]
 )
 def test_every_variant_runs_and_changes_the_run_it_modifies(variant, variant_runs):
-    config, rows, summary, states, spec = variant_runs(variant)
+    run = variant_runs(variant)
+    config, rows, states = run.config, run.rows, run.states
     assert len(rows) == config.meta.steps + config.phase2.steps
     assert [r["phase"] for r in rows] == [1] * config.meta.steps + [2] * config.phase2.steps
     assert all(np.isfinite(r["self/pred_loss"]) and np.isfinite(r["true/val_ce"]) for r in rows)
-    assert np.isfinite(summary["test_ce"]["mean"])
-    reference = variant_runs(REFERENCE[variant])[1]
+    # The final θ, critic and control, whose cross-entropy the last row logs, are finite.
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(states[-1]))
+    reference = variant_runs(REFERENCE[variant]).rows
     n = min(len(rows), len(reference))  # `long` runs more Phase 1 steps
     assert (
         variant in STATE_ONLY or np.max(np.abs(_traced(rows[:n]) - _traced(reference[:n]))) > 1e-5
     ), f"{variant} gives the numbers of {REFERENCE[variant]}"
     _check_variant(variant, config, rows, states)
     if "prefix" in variant.split(","):  # the same numbers as the separate loss pass
-        assert spec.layout == "shared_prefix"
-        separate = variant_runs(variant.replace("prefix,", ""))[1]
+        assert run.experiment.spec.layout == "shared_prefix"
+        separate = variant_runs(variant.replace("prefix,", "")).rows
         np.testing.assert_allclose(_traced(rows), _traced(separate), rtol=1e-4, atol=1e-6)
 
 

@@ -12,11 +12,6 @@ from metalearn import streams
 
 ROOT = pathlib.Path(__file__).parents[2]
 SCANNED = ("metalearn", "experiments", "benchmarks")
-# Files whose streams are being named on other branches; empty it once they are merged.
-_CONVERTED_ELSEWHERE = {
-    "experiments/self_loss_lm.py",  # the text experiments' streams
-    "experiments/gist_lm.py",
-}
 # Calls that make a key or a generator from a seed.
 _SEEDED_CALLS = {"key", "PRNGKey", "default_rng"}
 
@@ -142,8 +137,6 @@ def test_no_stream_is_numbered_by_hand():
     for folder in SCANNED:
         for path in sorted((ROOT / folder).rglob("*.py")):
             relative = path.relative_to(ROOT).as_posix()
-            if relative in _CONVERTED_ELSEWHERE:
-                continue
             found += [
                 f"{relative}:{line}: {what}" for line, what in numbered_streams(path.read_text())
             ]
