@@ -21,6 +21,7 @@ def loss_net(**overrides) -> ml_collections.ConfigDict:
             "gamma": 0.01,  # smooth leaky ReLU leak
             "output_wise": True,
             "ce_term": False,  # classification: cross-entropy + the learned term (NPBML)
+            "anchor": "none",  # or "weighted_squared_error", "target_distance"
         }
     )
     c.update(overrides)

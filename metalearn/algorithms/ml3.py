@@ -148,7 +148,8 @@ def meta_train_episode(
       `(meta_state, metrics)`, metrics averaged over the episode's meta updates; with
       `return_final_states`, `(meta_state, final_states [T], metrics)`.
     """
-    meta_state, final_states, metrics = bilevel.windowed_meta_steps(
+    # Each episode is a whole unroll from fresh θ: PES's particles start afresh too.
+    meta_state, final_states, metrics, _ = bilevel.windowed_meta_steps(
         meta_state,
         fresh_states,
         batches,

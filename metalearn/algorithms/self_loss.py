@@ -475,7 +475,7 @@ def meta_grad(
     forward = functools.partial(objective, estimator="unrolled")  # never differentiated
     theta = jax.lax.stop_gradient(theta)
     loss, (theta_prime, metrics) = forward(theta)
-    grads, losses = estimators.antithetic_es(
+    grads, losses, _ = estimators.antithetic_es(
         forward, theta, noise_key, sigma=options.sigma, pairs=options.pairs
     )
     spread = jnp.broadcast_to(jnp.std(losses), (tokens.shape[0],))

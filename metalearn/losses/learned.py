@@ -21,6 +21,7 @@ A trained loss is saved as a directory (`loss_net.json` + orbax parameters) and
 JAX training loop can differentiate.
 """
 
+import difflib
 import functools
 import json
 import os
@@ -29,6 +30,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
 from metalearn.models.mlp import MLP
@@ -52,8 +54,31 @@ def default_loss_net_config() -> ml_collections.ConfigDict:
             "gamma": 0.01,  # smooth leaky ReLU leak
             "output_wise": True,
             "ce_term": False,  # classification: cross-entropy + the learned term (NPBML)
+            "anchor": "none",  # or one of ANCHORS below
         }
     )
+
+
+# Keys a loss_net group may hold that experiments read and the library ignores.
+EXPERIMENT_KEYS = ("max_grad_ratio",)  # experiments/image_classification.py
+
+
+def check_loss_net_config(config: ml_collections.ConfigDict) -> None:
+    """Refuses a `loss_net` group with a key the library does not know (a typo such as
+    `anchr`), naming the closest known key; a missing key takes its default."""
+    known = [*default_loss_net_config().keys(), *EXPERIMENT_KEYS]
+    for key in config.keys():
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"Unknown loss_net key {key!r}.{hint} Known keys: {sorted(known)}.")
+
+
+def _with_defaults(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    check_loss_net_config(config)
+    full = default_loss_net_config()
+    full.update(dict(config.items()))
+    return full
 
 
 # Ways of tying ℓ_φ's minimum to ŷ = y (`loss_net.anchor`; configs without it: "none").
@@ -75,7 +100,12 @@ def cross_entropy_of_probabilities(y: Array, y_hat: Array) -> Array:
 
 
 def make_loss_network(config: ml_collections.ConfigDict) -> MLP:
-    """The MLP ℓ_φ described by a `loss_net` config group (scalar output)."""
+    """The MLP ℓ_φ described by a `loss_net` config group (scalar output).
+
+    Raises:
+      ValueError: for a key the library does not know (`check_loss_net_config`).
+    """
+    config = _with_defaults(config)
     return MLP(
         features=(*config.hidden, 1),
         activation=config.activation,
@@ -156,6 +186,7 @@ def init_learned_loss(
     """Initial φ for a `loss_net` config, for `num_outputs` outputs and `num_extra` extras."""
     y = jnp.zeros((1, num_outputs))
     extra = jnp.zeros((1, num_extra)) if num_extra else None
+    config = _with_defaults(config)
     feats = loss_features(y, y, extra, config.output_wise)
     return make_loss_network(config).init(key, feats)
 
@@ -164,7 +195,8 @@ def learned_loss_fn(
     config: ml_collections.ConfigDict,
 ) -> Callable[..., Array]:
     """`loss(params, y, y_hat, extra=None) -> scalar` for a `loss_net` config."""
-    anchor = config.get("anchor", "none")
+    config = _with_defaults(config)
+    anchor = config.anchor
     if anchor not in ANCHORS:
         raise ValueError(f"Unknown loss_net.anchor {anchor!r}; known: {ANCHORS}.")
     return functools.partial(
@@ -184,45 +216,86 @@ def save_learned_loss(
     config: ml_collections.ConfigDict,
     params: MetaParams,
     *,
+    inner_optimizer: dict,
+    inner_steps: int,
     y: str = "targets",
     y_hat: str = "model outputs",
     extra: tuple[str, ...] | list[str] = (),
-    inner_optimizer: dict | None = None,
-    inner_steps: int | None = None,
 ) -> None:
     """Writes a learned-loss artifact: `loss_net.json` and orbax parameters under `path`.
 
-    A learned loss only works when fed as it was meta-trained, so the artifact records
-    that too (returned by `load_learned_loss` as `loss.description`).
+    A learned loss only works when fed as it was meta-trained, and for the inner training
+    it was meta-trained for (the same loss is broken at 10× the learning rate), so the
+    artifact records both (returned by `load_learned_loss` as `loss.description`).
 
     Args:
-      path: the artifact directory.
+      path: the artifact directory (must not exist yet, or hold an earlier artifact).
       config: the `loss_net` config group.
-      params: φ.
+      params: φ (every leaf finite).
+      inner_optimizer: the inner optimizer it was meta-trained for, as a JSON-able
+        mapping with at least its name and learning rate, e.g. {"name": "sgd", "lr": 0.01}
+        (not an optax object: that cannot be written down).
+      inner_steps: the inner steps per episode it was meta-trained for.
       y: what the loss's `y` input is, e.g. "one-hot labels" or "targets".
       y_hat: what its `y_hat` input is, e.g. "softmax probabilities" or "raw outputs".
       extra: names of the extra per-sample inputs it was meta-trained with, in order.
-      inner_optimizer: the inner optimizer config it was meta-trained for (name, lr, ...).
-      inner_steps: the inner steps per episode it was meta-trained for.
 
-    The parameters are written by orbax (atomically: a temporary directory renamed into
-    place); the json is written to a temporary file and renamed.
+    Everything is checked before anything is written; the parameters are written by orbax
+    (atomically: a temporary directory renamed into place) and the json to a temporary
+    file renamed, so a failure leaves no partial artifact.
+
+    Raises:
+      ValueError: for a non-finite φ (a diverged meta-training: save an earlier φ), an
+        unknown loss_net key, or an inner_optimizer / inner_steps that does not describe
+        the inner training.
+      TypeError: for a description that cannot be written as JSON.
     """
-    path = os.path.abspath(path)
-    os.makedirs(path, exist_ok=True)
-    params_dir = os.path.join(path, PARAMS_DIR)
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(params_dir, jax.device_get(params), force=True)
+    check_loss_net_config(config)
+    bad = [
+        jax.tree_util.keystr(k)
+        for k, x in jax.tree_util.tree_leaves_with_path(jax.device_get(params))
+        if not np.all(np.isfinite(x))
+    ]
+    if bad:
+        raise ValueError(
+            f"Refusing to save a learned loss whose φ is not finite (NaN or inf in {bad[:3]}"
+            f"{' ...' if len(bad) > 3 else ''}): its meta-training diverged, and the loaded "
+            "loss would return NaN. Save the φ of an earlier step (a checkpoint) instead."
+        )
+    if not isinstance(inner_optimizer, dict) or not {"name", "lr"} <= set(inner_optimizer):
+        raise ValueError(
+            "inner_optimizer must describe the inner optimizer the loss was meta-trained for "
+            'as a mapping with its name and learning rate, e.g. {"name": "sgd", "lr": 0.01} '
+            f"(an optax object cannot be written down); got {type(inner_optimizer).__name__}"
+            f" {inner_optimizer!r:.80}."
+        )
+    if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 1:
+        raise ValueError(
+            f"inner_steps must be the inner steps per episode the loss was meta-trained for, "
+            f"an integer >= 1; got {inner_steps!r}."
+        )
     description = {
         "y": y,
         "y_hat": y_hat,
         "extra": list(extra),
-        "inner_optimizer": inner_optimizer,
+        "inner_optimizer": dict(inner_optimizer),
         "inner_steps": inner_steps,
     }
+    try:
+        group = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+        text = json.dumps({**group, "description": description}, indent=2)
+    except TypeError as e:
+        raise TypeError(
+            f"The learned loss's description cannot be written as JSON ({e}): pass plain "
+            "numbers, strings, lists and dicts in inner_optimizer, y, y_hat and extra."
+        ) from None
+    path = os.path.abspath(path)
+    os.makedirs(path, exist_ok=True)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(os.path.join(path, PARAMS_DIR), jax.device_get(params), force=True)
     tmp = os.path.join(path, LOSS_NET_FILE + ".tmp")
     with open(tmp, "w") as f:
-        json.dump({**config.to_dict(), "description": description}, f, indent=2)
+        f.write(text)
     os.replace(tmp, os.path.join(path, LOSS_NET_FILE))
 
 

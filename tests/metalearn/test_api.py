@@ -309,3 +309,12 @@ def test_the_refusal_is_real_adam_without_eps_root_gives_a_nan_meta_gradient():
     assert not np.isfinite(np.asarray(grads[0]["a"])).all()
     assert np.isfinite(np.asarray(grads[1]["a"])).all()
     assert np.abs(np.asarray(grads[1]["a"])).max() > 0
+
+
+def test_the_heart_is_a_package_of_small_modules():
+    folder = ROOT / "metalearn" / "bilevel"
+    sizes = {p.name: len(p.read_text().splitlines()) for p in folder.glob("*.py")}
+    assert len(sizes) >= 6 and max(sizes.values()) <= 300, sizes
+    for name in bilevel.__all__:  # `from metalearn.bilevel import x`, and metalearn.x
+        assert hasattr(bilevel, name)
+        assert name not in metalearn.__all__ or getattr(metalearn, name) is getattr(bilevel, name)

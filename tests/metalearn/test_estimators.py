@@ -10,6 +10,7 @@ Gaussian smoothing of ES/PES adds no bias: an unbiased estimator's mean over man
 must land within a few standard errors of the truth.
 """
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -173,6 +174,7 @@ def test_implicit_matches_the_fixed_point_and_the_full_unroll_at_convergence(flo
     fixed_point = np.linalg.solve(A + damping * np.eye(3), C).T @ (theta_star - TARGET)
     np.testing.assert_allclose(implicit["w"], fixed_point, rtol=1e-8)
     assert float(metrics["meta/cg_residual"][0]) < 1e-8
+    assert float(metrics["meta/fixed_point_rel"][0]) < 1e-10  # θ_400 is a fixed point
     if damping == 0.0:
         np.testing.assert_allclose(implicit["w"], unrolled["w"], rtol=1e-6)
     else:  # damping biases it: the check above can tell
@@ -182,8 +184,15 @@ def test_implicit_matches_the_fixed_point_and_the_full_unroll_at_convergence(flo
 def test_implicit_is_the_fixed_point_gradient_not_the_short_unroll(float64):
     args = common(3, jnp.float64)  # far from converged: implicit answers for θ*, the unroll for θ₃
     phi = jax.tree.map(jnp.asarray, PHI)
-    _, implicit, _, _ = bilevel.meta_grad(phi, **args, estimator="implicit")
+    _, implicit, _, metrics = bilevel.meta_grad(phi, **args, estimator="implicit")
     _, unrolled, _, _ = bilevel.meta_grad(phi, **args)
+    # The CG solve converged all the same; the fixed-point residual says θ_3 is not θ*.
+    assert float(metrics["meta/cg_residual"][0]) < 1e-8
+    assert float(metrics["meta/fixed_point_rel"][0]) > 0.1
+    theta_star = np.linalg.solve(A, C @ PHI["w"])
+    expected = np.linalg.norm(A @ closed_form(3)[0] - C @ PHI["w"])  # ∇_θ L_in(θ_3)
+    np.testing.assert_allclose(metrics["meta/fixed_point_grad_norm"][0], expected, rtol=1e-8)
+    assert np.linalg.norm(A @ theta_star - C @ PHI["w"]) < 1e-12
     theta, jac = closed_form(3)
     np.testing.assert_allclose(unrolled["w"], jac.T @ (theta - TARGET), rtol=1e-8)
     assert not np.allclose(implicit["w"], unrolled["w"], rtol=0.05)
@@ -208,7 +217,7 @@ def test_windowed_meta_steps_run_es_pes_and_implicit():
     states = jax.tree.map(lambda x: jnp.stack([x] * t), state())
     meta_opt = optax.sgd(0.1)
     for estimator in ("es", "pes", "implicit"):
-        meta_state, finals, metrics = jax.jit(
+        meta_state, finals, metrics, _ = jax.jit(
             lambda ms, s, est=estimator: bilevel.windowed_meta_steps(
                 ms,
                 s,
@@ -237,7 +246,7 @@ def test_windowed_meta_steps_run_es_pes_and_implicit():
 def test_es_of_a_non_finite_loss_gives_a_non_finite_estimate():
     # The runtime loop stops on a non-finite meta/grad_norm like any other; here the pure
     # estimate must carry the NaN through rather than hide it.
-    grads, losses = antithetic_es(
+    grads, losses, _ = antithetic_es(
         lambda phi: (jnp.log(phi["w"][0]), None),
         {"w": jnp.array([-1.0, 0.0])},
         jax.random.key(0),
@@ -273,3 +282,114 @@ def test_pes_needs_windows_and_meta_loss_refuses_estimators_it_cannot_differenti
     args["meta_params"] = PHI
     with pytest.raises(ValueError, match=r"computes the meta-gradient itself"):
         bilevel.meta_loss(**args, estimator="es")
+
+
+def test_es_reports_the_standard_error_its_draws_show(float64):
+    """`meta/es_stderr` from one draw's pairs against the spread of many draws' estimates."""
+    args = common(5, jnp.float64)
+    phi = jax.tree.map(jnp.asarray, PHI)
+    options = EstimatorOptions(sigma=0.1, pairs=4)
+
+    @jax.vmap
+    def draw(noise_key):
+        _, g, _, m = bilevel.meta_grad(
+            phi, **args, estimator="es", options=options, noise_key=noise_key
+        )
+        return g["w"], m["meta/es_stderr"][0], m["meta/es_rel_stderr"][0]
+
+    grads, stderr, rel = jax.jit(draw)(jax.random.split(jax.random.key(4), DRAWS))
+    spread = np.sqrt(np.sum(np.var(np.asarray(grads), axis=0, ddof=1)))
+    np.testing.assert_allclose(np.sqrt(np.mean(np.asarray(stderr) ** 2)), spread, rtol=0.1)
+    np.testing.assert_allclose(rel, stderr / np.linalg.norm(grads, axis=-1), rtol=1e-6)
+    one_pair = EstimatorOptions(sigma=0.1, pairs=1)  # no spread to measure: not reported
+    metrics = bilevel.meta_grad(phi, **args, estimator="es", options=one_pair)[3]
+    assert "meta/es_stderr" not in metrics and "meta/es_loss_spread" in metrics
+
+
+def _pes_windows(meta_state, states, data, estimator_state, **kw):
+    batches, keys, outer_batches, outer_keys = data
+    return bilevel.windowed_meta_steps(
+        meta_state,
+        states,
+        batches,
+        keys,
+        outer_batches,
+        outer_keys,
+        window=2,
+        meta_optimizer=optax.sgd(0.05),
+        inner_loss=inner_loss,
+        outer_loss=outer_loss,
+        optimizer=optax.sgd(LR),
+        estimator="pes",
+        options=EstimatorOptions(sigma=0.1, pairs=2),
+        estimator_state=estimator_state,
+        **kw,
+    )
+
+
+def test_pes_split_into_any_number_of_calls_gives_the_numbers_of_one_call():
+    t, k, w = 2, 12, 2
+    states = jax.tree.map(lambda x: jnp.stack([x] * t), state())
+    data = (
+        jnp.zeros((t, k)),
+        jax.random.split(jax.random.key(0), (t, k)),
+        jnp.zeros((t, k // w)),
+        jax.random.split(jax.random.key(1), (t, k // w)),
+    )
+    run = jax.jit(_pes_windows, static_argnames="keep_estimates")
+    whole = run(init_meta_state(PHI, optax.sgd(0.05)), states, data, None, keep_estimates=True)
+
+    def split(calls, carry_state=True):
+        meta, s, pes, rows = init_meta_state(PHI, optax.sgd(0.05)), states, None, []
+        for c in range(calls):
+            per = k // calls
+            chunk = (
+                data[0][:, c * per : (c + 1) * per],
+                data[1][:, c * per : (c + 1) * per],
+                data[2][:, c * per // w : (c + 1) * per // w],
+                data[3][:, c * per // w : (c + 1) * per // w],
+            )
+            meta, s, m, pes = run(meta, s, chunk, pes if carry_state else None, keep_estimates=True)
+            rows.append(m)
+        return meta, s, jax.tree.map(lambda *x: jnp.concatenate(x), *rows)
+
+    for calls in (2, 3, 6):
+        meta, s, metrics = split(calls)
+        chex.assert_trees_all_close(meta.params, whole[0].params, rtol=1e-6, atol=1e-7)
+        chex.assert_trees_all_close(s.params, whole[1].params, rtol=1e-6, atol=1e-7)
+        chex.assert_trees_all_close(metrics, whole[2], rtol=1e-5, atol=1e-6)
+    assert whole[2]["meta/estimate"]["w"].shape == (k // w, 2)  # each window's estimate
+    assert np.all(whole[2]["meta/finite"] == 1.0) and np.all(whole[2]["meta/es_stderr"] > 0)
+    # Restarting the particles at every call is truncated ES: other numbers (the check can fail).
+    restarted = split(3, carry_state=False)[0]
+    assert not np.allclose(restarted.params["w"], whole[0].params["w"], rtol=1e-3)
+
+
+def test_a_pes_state_that_does_not_fit_is_refused():
+    t, k = 2, 4
+    states = jax.tree.map(lambda x: jnp.stack([x] * t), state())
+    data = (
+        jnp.zeros((t, k)),
+        jax.random.split(jax.random.key(0), (t, k)),
+        jnp.zeros((t, k // 2)),
+        jax.random.split(jax.random.key(1), (t, k // 2)),
+    )
+    meta = init_meta_state(PHI, optax.sgd(0.05))
+    one_task = bilevel.init_pes_over_tasks(jax.tree.map(lambda x: x[:1], states), PHI, 2)
+    with pytest.raises(ValueError, match="PES state has 1 tasks and 2 pairs, but this call has 2"):
+        _pes_windows(meta, states, data, one_task)
+    with pytest.raises(TypeError, match="takes as estimator_state the PESState"):
+        _pes_windows(meta, states, data, {"particles": 0})
+    with pytest.raises(ValueError, match="carries nothing between calls"):
+        bilevel.windowed_meta_steps(
+            meta,
+            states,
+            *data,
+            window=2,
+            meta_optimizer=optax.sgd(0.05),
+            inner_loss=inner_loss,
+            outer_loss=outer_loss,
+            optimizer=optax.sgd(LR),
+            estimator="truncated",
+            estimator_state=one_task,
+        )

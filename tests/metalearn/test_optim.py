@@ -1,8 +1,12 @@
 """Optimizers from config: Adam refused without eps_root when differentiated, schedules."""
 
+import warnings
+
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
 from metalearn import bilevel
@@ -101,3 +105,31 @@ def test_lookahead_from_config_is_the_momentum_displacement_at_the_scheduled_rat
     cfg.name, cfg.eps_root = "adam", 1e-8
     with pytest.raises(ValueError, match="needs an SGD-family inner optimizer"):
         make_lookahead("momentum", cfg)
+
+
+def test_the_probe_refuses_adam_only_and_warns_of_what_it_cannot_vouch_for():
+    # adafactor has no eps_root; its meta-gradient is finite wherever a tensor's gradient
+    # is not all zero: accepted, with a warning of where it is not.
+    with pytest.warns(UserWarning, match="not finite at a zero gradient .*adafactor"):
+        bilevel.check_differentiable_optimizer(optax.adafactor(1e-3), PARAMS)
+    # Lion's sign update: a meta-gradient of exactly zero, named.
+    with pytest.warns(UserWarning, match="exactly zero.*optax.lion"):
+        bilevel.check_differentiable_optimizer(optax.lion(1e-4), PARAMS)
+    # A schedule that starts at 0 is not mistaken for a sign update.
+    warmup = optax.sgd(optax.linear_schedule(0.0, 0.1, 10))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bilevel.check_differentiable_optimizer(warmup, PARAMS)
+
+    def needs_vectors(g, state, params):
+        return jax.tree.map(lambda x: x @ jnp.ones((3, 3)), g), state
+
+    custom = optax.GradientTransformation(lambda p: optax.EmptyState(), needs_vectors)
+    with pytest.warns(UserWarning, match="Could not check this inner optimizer.*unprobed"):
+        bilevel.check_differentiable_optimizer(custom, PARAMS)
+    with warnings.catch_warnings():  # skipped on request, Adam's refusal included
+        warnings.simplefilter("error")
+        bilevel.check_differentiable_optimizer(bilevel.unprobed(custom), PARAMS)
+        bilevel.check_differentiable_optimizer(bilevel.unprobed(optax.adam(1e-3)), PARAMS)
+    with pytest.raises(ValueError, match="eps_root"):  # still refused without the mark
+        bilevel.check_differentiable_optimizer(optax.adamw(1e-3), PARAMS)

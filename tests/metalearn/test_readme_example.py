@@ -72,7 +72,9 @@ for step in range(100):
 
 # The learned loss is an artifact: save it, load it as a plain loss(y, y_hat) -> scalar,
 # and train a fresh model on a new task with it, in any training loop.
-ml.save_learned_loss("my_loss", loss_config, meta.params)
+ml.save_learned_loss(
+    "my_loss", loss_config, meta.params, inner_optimizer={"name": "sgd", "lr": 0.01}, inner_steps=K
+)
 loss_fn = ml.load_learned_loss("my_loss")
 task = sine_task(jax.random.key(123))
 params = net.init(jax.random.key(7), task["x"])

@@ -4,6 +4,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -67,9 +68,20 @@ def artifacts(tmp_path_factory):
     root = tmp_path_factory.mktemp("learned_loss")
     c = _config(output_activation="softplus", use_bias=False)
     phi = learned.init_learned_loss(c, jax.random.key(1), num_outputs=2)
-    learned.save_learned_loss(str(root / "seed_0"), c, phi, y="targets", y_hat="outputs")
+    sgd = {"name": "sgd", "lr": 0.01}
+    learned.save_learned_loss(
+        str(root / "seed_0"),
+        c,
+        phi,
+        y="targets",
+        y_hat="outputs",
+        inner_optimizer=sgd,
+        inner_steps=5,
+    )
     phi_x = learned.init_learned_loss(c, jax.random.key(2), num_outputs=2, num_extra=1)
-    learned.save_learned_loss(str(root / "seed_1"), c, phi_x, extra=("x",), inner_steps=10)
+    learned.save_learned_loss(
+        str(root / "seed_1"), c, phi_x, extra=("x",), inner_optimizer=sgd, inner_steps=10
+    )
     return root, c, phi
 
 
@@ -200,3 +212,50 @@ def test_an_unknown_anchor_is_refused():
     )
     with pytest.raises(ValueError, match="Unknown anchor 'diagonal'"):  # the pure function too
         jax.eval_shape(apply, phi, jnp.ones((2, 1)), jnp.ones((2, 1)))
+
+
+def test_saving_refuses_a_non_finite_phi_and_an_undescribed_loss_before_writing(tmp_path):
+    c = _config()
+    phi = learned.init_learned_loss(c, jax.random.key(0))
+    sgd = {"name": "sgd", "lr": 0.01}
+    nan_phi = jax.tree.map(lambda x: x.at[..., 0].set(jnp.nan) if x.ndim else x, phi)
+    with pytest.raises(ValueError, match=r"not finite .*Save the φ of an earlier step"):
+        learned.save_learned_loss(
+            str(tmp_path / "nan"), c, nan_phi, inner_optimizer=sgd, inner_steps=3
+        )
+    with pytest.raises(
+        ValueError, match=r"as a mapping with its name and learning rate.*optax object"
+    ):
+        learned.save_learned_loss(
+            str(tmp_path / "optax"), c, phi, inner_optimizer=optax.sgd(0.01), inner_steps=3
+        )
+    with pytest.raises(ValueError, match="inner_steps must be"):
+        learned.save_learned_loss(
+            str(tmp_path / "steps"), c, phi, inner_optimizer=sgd, inner_steps=0
+        )
+    with pytest.raises(TypeError, match="cannot be written as JSON"):
+        learned.save_learned_loss(
+            str(tmp_path / "json"), c, phi, inner_optimizer={**sgd, "f": len}, inner_steps=3
+        )
+    with pytest.raises(TypeError, match="inner_optimizer"):
+        learned.save_learned_loss(str(tmp_path / "missing"), c, phi)  # both are required
+    assert list(tmp_path.iterdir()) == []  # nothing written, no partial folder
+
+
+def test_an_unknown_loss_net_key_is_refused_with_the_closest_known_one():
+    c = _config()
+    c.anchr = "target_distance"
+    for build in (
+        learned.make_loss_network,
+        learned.learned_loss_fn,
+        lambda cfg: learned.init_learned_loss(cfg, jax.random.key(0)),
+    ):
+        with pytest.raises(
+            ValueError, match=r"Unknown loss_net key 'anchr'. Did you mean 'anchor'\?"
+        ):
+            build(c)
+    assert learned.default_loss_net_config().anchor == "none"
+    # A group without some keys takes their defaults.
+    partial = ml_collections.ConfigDict({"hidden": (8,)})
+    phi = learned.init_learned_loss(partial, jax.random.key(0))
+    assert learned.learned_loss_fn(partial)(phi, jnp.zeros((2, 1)), jnp.ones((2, 1))).shape == ()

@@ -1,0 +1,166 @@
+"""PES's influence-balancing task: truncation biases the gradient, PES does not.
+
+    python -m benchmarks.influence_balancing [--windows=3000] [--pairs=500]
+
+The task of Vicol et al. 2021 (§5.1, after Tallec & Ollivier's UORO paper), as in the
+authors' `persistent_es/influence_balancing.py`: a 23-unit linear state that is never
+reset, s_{t+1} = A s_t + θ·b with A = 0.5·I + 0.5·(the superdiagonal), b = (+1 × 10,
+−1 × 13), s_0 = 1, and after every window of one step the loss ½(s_t[0] − 1)². At the
+steady state s*[0] = −6θ, so the loss is minimised at θ* = −1/6, and its gradient at
+θ = 0.5 is +24.0. One scalar θ₀ = 0.5, SGD with learning rate 1e-4 for 3,000 windows,
+500 antithetic pairs of σ = 0.1 for the ES estimators.
+
+Written with the library's own pieces: the state is the inner "parameters", the
+dynamics are an optax transformation (the inner "optimizer", `unprobed`: it needs the
+real shapes) and the inner loss −θ⟨b, s⟩ gives the gradient −θ·b it turns into the step;
+`windowed_meta_steps` runs the windows, one meta update after each, and carries PES's
+particles as its `estimator_state` from one call to the next.
+
+Printed, per estimator: θ after the run done as one call and split into calls of 100 and
+of 10 windows, and the gradient at θ = 0.5 (θ held there for the same number of windows:
+mean ± standard error over the windows after the first 100, the standard error from 30
+batch means, since successive PES estimates are correlated). "full unroll" backpropagates
+through 200 steps from s_0 for every meta update (the steady state's gradient; exact,
+no noise). The results: docs/estimators.md.
+"""
+
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import app, flags
+
+from metalearn import bilevel
+from metalearn.estimators import EstimatorOptions
+from metalearn.state import init_inner_state, init_meta_state
+
+_WINDOWS = flags.DEFINE_integer("windows", 3000, "Meta updates (windows of one step).")
+_PAIRS = flags.DEFINE_integer("pairs", 500, "Antithetic pairs of ES and PES.")
+_SIGMA = flags.DEFINE_float("sigma", 0.1, "Perturbation scale of ES and PES.")
+_LR = flags.DEFINE_float("lr", 1e-4, "θ's SGD learning rate.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the perturbations.")
+
+N, POSITIVE = 23, 10
+A = 0.5 * np.eye(N) + 0.5 * np.eye(N, k=1)
+SIGN = np.asarray([1.0] * POSITIVE + [-1.0] * (N - POSITIVE), np.float32)
+THETA0, THETA_STAR, TRUE_GRAD = 0.5, -1.0 / 6.0, 24.0
+FULL_STEPS = 200  # the full unroll: (0.5 (I + N))^200 is below float32's precision
+BURN_IN, BATCHES = 100, 30
+
+
+def _dynamics() -> optax.GradientTransformation:
+    """s ← A s − g: with the inner gradient g = −θ b, the task's s ← A s + θ b."""
+    a = jnp.asarray(A, jnp.float32)
+
+    def update(grads, state, params):
+        return jax.tree.map(lambda g, s: a @ s - s - g, grads, params), state
+
+    return bilevel.unprobed(optax.GradientTransformation(lambda p: optax.EmptyState(), update))
+
+
+def inner_loss(params, model_state, meta_params, batch, key):
+    del batch, key
+    return -meta_params["theta"][0] * jnp.dot(jnp.asarray(SIGN), params), (model_state, {})
+
+
+def outer_loss(params, model_state, batch, key):
+    del model_state, batch, key
+    return 0.5 * (params[0] - 1.0) ** 2
+
+
+PROBLEM = dict(inner_loss=inner_loss, outer_loss=outer_loss, optimizer=_dynamics())
+
+
+@functools.partial(jax.jit, static_argnames=("estimator", "lr", "pairs", "sigma", "window"))
+def _windows(meta, states, keys, estimator_state, *, estimator, lr, pairs, sigma, window=1):
+    """`len(keys) // window` meta updates of one task; the estimates of each window."""
+    k = keys.shape[0]
+    meta, states, metrics, estimator_state = bilevel.windowed_meta_steps(
+        meta,
+        states,
+        jnp.zeros((1, k)),
+        keys[None],
+        jnp.zeros((1, k // window)),
+        keys[None, ::window],
+        window=window,
+        meta_optimizer=optax.sgd(lr),
+        estimator=estimator,
+        options=EstimatorOptions(sigma=sigma, pairs=pairs),
+        estimator_state=estimator_state,
+        keep_estimates=True,
+        **PROBLEM,
+    )
+    return meta, states, metrics["meta/estimate"]["theta"][:, 0], estimator_state
+
+
+def run(estimator: str, theta: float, lr: float, calls: int) -> tuple[float, np.ndarray]:
+    """θ after `_WINDOWS` windows in `calls` calls, and every window's estimate."""
+    windows, opt = _WINDOWS.value, optax.sgd(lr)
+    meta = init_meta_state({"theta": jnp.asarray([theta], jnp.float32)}, opt)
+    keys = jax.random.split(jax.random.key(_SEED.value), windows)
+    settings = dict(lr=lr, pairs=_PAIRS.value, sigma=_SIGMA.value)
+    estimates, pes = [], None
+    if estimator == "unrolled":  # every meta update a fresh unroll of FULL_STEPS from s_0
+        fresh = jax.tree.map(lambda x: x[None], init_inner_state(jnp.ones(N, jnp.float32), opt))
+        for w in range(windows):
+            step_keys = jax.random.split(keys[w], FULL_STEPS)
+            meta, _, g, _ = _windows(
+                meta, fresh, step_keys, None, estimator="unrolled", window=FULL_STEPS, **settings
+            )
+            estimates.append(g)
+        return float(meta.params["theta"][0]), np.concatenate(estimates)
+    states = jax.tree.map(lambda x: x[None], init_inner_state(jnp.ones(N, jnp.float32), opt))
+    per = windows // calls
+    for c in range(calls):
+        meta, states, g, pes = _windows(
+            meta, states, keys[c * per : (c + 1) * per], pes, estimator=estimator, **settings
+        )
+        estimates.append(g)
+    return float(meta.params["theta"][0]), np.concatenate(estimates)
+
+
+def gradient_at_start(estimator: str) -> tuple[float, float]:
+    """Mean and standard error of the estimates with θ held at θ₀ (learning rate 0)."""
+    _, g = run(estimator, THETA0, 0.0, calls=1)
+    if estimator == "unrolled":
+        return float(g.mean()), 0.0
+    g = g[BURN_IN:]
+    means = g[: len(g) // BATCHES * BATCHES].reshape(BATCHES, -1).mean(1)
+    return float(g.mean()), float(means.std(ddof=1) / np.sqrt(BATCHES))
+
+
+def main(argv):
+    del argv
+    names = {
+        "unrolled": f"full unroll ({FULL_STEPS} steps from s_0)",
+        "truncated": "truncated backprop (1 step)",
+        "es": "truncated ES (1 step)",
+        "pes": "PES (1 step)",
+    }
+    print(
+        f"influence balancing: θ₀ = {THETA0}, θ* = {THETA_STAR:.5f}, true gradient at θ₀ = "
+        f"{TRUE_GRAD}; {_WINDOWS.value} windows, SGD {_LR.value}, {_PAIRS.value} pairs, "
+        f"σ = {_SIGMA.value}, {jax.devices()[0].platform}\n"
+    )
+    print(
+        "| estimator | final θ, one call | in calls of 100 | in calls of 10 | gradient at θ₀ | s |"
+    )
+    print("|---|---|---|---|---|---|")
+    for estimator, name in names.items():
+        start = time.time()
+        finals = [
+            run(estimator, THETA0, _LR.value, calls)[0]
+            for calls in ((1,) if estimator == "unrolled" else (1, 30, 300))
+        ]
+        mean, se = gradient_at_start(estimator)
+        cells = [f"{x:+.5f}" for x in finals] + ["(one call per update)"] * (3 - len(finals))
+        print(
+            f"| {name} | {' | '.join(cells)} | {mean:+.2f} ± {se:.2f} | {time.time() - start:.0f} |"
+        )
+
+
+if __name__ == "__main__":
+    app.run(main)
