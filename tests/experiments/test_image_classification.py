@@ -26,6 +26,7 @@ from experiments.reproduce_images import seed_offline_phase
 from metalearn import load_learned_loss
 from metalearn.models import vision
 from metalearn.runtime import sharding
+from metalearn.runtime.experiment import FAST_COMPILE_OPTIONS
 from metalearn.runtime.loop import DivergenceError, train_and_evaluate
 from metalearn.tasks import images
 
@@ -52,6 +53,11 @@ def tiny(algorithm="adalfl"):
     config.meta.init_steps = 8
     config.inner.steps = config.inner.optimizer.schedule.steps = 8
     config.eval.every = config.checkpoint_every = 4
+    # The smoke run's options but XLA's default CPU emitters, which tests/conftest.py turns
+    # off: its runs must equal each other bit for bit across programs of other shapes (a
+    # chunk cut in two, a resumed run), which is what a user's run does.
+    config.fast_compile = False
+    config.compiler_options = {**FAST_COMPILE_OPTIONS, "xla_cpu_use_fusion_emitters": True}
     return config
 
 
@@ -495,7 +501,7 @@ EIGHT_DEVICES = textwrap.dedent(
 def test_a_step_matches_on_1_and_8_devices(algorithm, tmp_path):
     env = {
         **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+        "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8",
         "JAX_DISABLE_MOST_OPTIMIZATIONS": "true",  # compile time is this test's cost
     }
     out = tmp_path / "eight.npz"

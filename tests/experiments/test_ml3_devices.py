@@ -53,7 +53,10 @@ EIGHT_DEVICES = textwrap.dedent(
 
 @pytest.mark.slow  # two smoke runs of 8 seeds, compilation-bound (~40 s)
 def test_ml3_sine_gives_the_same_numbers_on_1_and_8_devices(tmp_path):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    env = {
+        **os.environ,
+        "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8",
+    }
     eight_dir = str(tmp_path / "eight")
     proc = subprocess.Popen(
         [sys.executable, "-c", EIGHT_DEVICES, os.path.abspath(__file__), eight_dir],

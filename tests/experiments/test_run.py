@@ -201,7 +201,10 @@ def test_each_experiment_has_one_config_through_the_cli_and_the_rest_in_process(
 @pytest.mark.parametrize("config", CLI)
 def test_smoke_variant_runs_through_the_cli(config, tmp_path):
     workdir = tmp_path / "run"
-    proc = run_cli(f"--config=configs/{config}.py:smoke", f"--workdir={workdir}")
+    # brax's PPO trainer jits its own programs, out of reach of the experiment's
+    # fast_compile: over 40 % of this smoke run (a third less with optimisations off).
+    env = {"JAX_DISABLE_MOST_OPTIMIZATIONS": "true"} if config == "ml3_mfrl_reacher" else {}
+    proc = run_cli(f"--config=configs/{config}.py:smoke", f"--workdir={workdir}", env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary, rows = check_run_directory(workdir)
     if config == "ml3_mfrl_reacher":
@@ -228,7 +231,8 @@ def check_ppo_and_ml3_had_the_same_goals_and_budget(name, workdir, summary):
     try:
         e = experiments.make(c)
         assert summary["budget_samples"] == c.eval.test_updates * c.inner.rollouts * c.horizon
-        assert summary["test_goals"] == np.asarray(e.test_goals).tolist()
+        # The same goals (the subprocess compiled their sampler with optimisations off).
+        np.testing.assert_allclose(summary["test_goals"], np.asarray(e.test_goals), rtol=1e-6)
         runs = [json.loads(p.read_text()) for p in sorted((workdir / "ppo").glob("*.json"))]
         assert len(runs) == len(c.ppo.seeds) * c.eval.num_goals
         for run in runs:
