@@ -6,7 +6,8 @@ Each root holds run directories (found by their config.json, at any depth); a ru
 AFTER is paired with the run of BEFORE whose config.json is the same (with --by-name:
 the one at the same relative path, for a change that adds a config key on purpose).
 Wall-clock fields (names with time, seconds, wall, per_sec or steps_per_s) are left out,
-and so are the keys given with --new (fields a change adds on purpose), from AFTER only:
+and so are the keys given with --new (fields a change adds on purpose, and the ones
+below them: meta/finite/...), from AFTER only:
 every other field must be byte-identical.
 """
 
@@ -30,7 +31,8 @@ def _runs(root, by_name=False):
 
 def _strip(obj, new=()):
     if isinstance(obj, dict):
-        return {k: _strip(v, new) for k, v in obj.items() if not _CLOCK.search(k) and k not in new}
+        drop = lambda k: _CLOCK.search(k) or any(k == n or k.startswith(n + "/") for n in new)  # noqa: E731
+        return {k: _strip(v, new) for k, v in obj.items() if not drop(k)}
     if isinstance(obj, list):
         return [_strip(v, new) for v in obj]
     return obj

@@ -21,7 +21,8 @@ of 10 windows, and the gradient at θ = 0.5 (θ held there for the same number o
 mean ± standard error over the windows after the first 100, the standard error from 30
 batch means, since successive PES estimates are correlated). "full unroll" backpropagates
 through 200 steps from s_0 for every meta update (the steady state's gradient; exact,
-no noise). The results: docs/estimators.md.
+no noise). A last row drops PES's state between calls, as a loop that ignores the
+returned `estimator_state` would. The results: docs/estimators.md.
 """
 
 import functools
@@ -96,11 +97,16 @@ def _windows(meta, states, keys, estimator_state, *, estimator, lr, pairs, sigma
     return meta, states, metrics["meta/estimate"]["theta"][:, 0], estimator_state
 
 
-def run(estimator: str, theta: float, lr: float, calls: int) -> tuple[float, np.ndarray]:
-    """θ after `_WINDOWS` windows in `calls` calls, and every window's estimate."""
+def run(
+    estimator: str, theta: float, lr: float, calls: int, restart: bool = False
+) -> tuple[float, np.ndarray]:
+    """θ after `_WINDOWS` windows in `calls` calls, and every window's estimate; with
+    `restart`, PES's particles restart at every call (what a loop that drops the
+    estimator state gets: truncated ES over each call)."""
     windows, opt = _WINDOWS.value, optax.sgd(lr)
     meta = init_meta_state({"theta": jnp.asarray([theta], jnp.float32)}, opt)
-    keys = jax.random.split(jax.random.key(_SEED.value), windows)
+    seed = _SEED.value  # the perturbations' stream (the task itself has no randomness)
+    keys = jax.random.split(jax.random.key(seed), windows)
     settings = dict(lr=lr, pairs=_PAIRS.value, sigma=_SIGMA.value)
     estimates, pes = [], None
     if estimator == "unrolled":  # every meta update a fresh unroll of FULL_STEPS from s_0
@@ -116,7 +122,12 @@ def run(estimator: str, theta: float, lr: float, calls: int) -> tuple[float, np.
     per = windows // calls
     for c in range(calls):
         meta, states, g, pes = _windows(
-            meta, states, keys[c * per : (c + 1) * per], pes, estimator=estimator, **settings
+            meta,
+            states,
+            keys[c * per : (c + 1) * per],
+            None if restart else pes,
+            estimator=estimator,
+            **settings,
         )
         estimates.append(g)
     return float(meta.params["theta"][0]), np.concatenate(estimates)
@@ -160,6 +171,10 @@ def main(argv):
         print(
             f"| {name} | {' | '.join(cells)} | {mean:+.2f} ± {se:.2f} | {time.time() - start:.0f} |"
         )
+    start = time.time()
+    restarted = [run("pes", THETA0, _LR.value, calls, restart=True)[0] for calls in (1, 30, 300)]
+    cells = " | ".join(f"{x:+.5f}" for x in restarted)
+    print(f"| PES, its state dropped between calls | {cells} | | {time.time() - start:.0f} |")
 
 
 if __name__ == "__main__":

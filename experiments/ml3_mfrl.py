@@ -382,7 +382,8 @@ class ModelFreeRL(ML3Experiment):
             batch = {"goal": jnp.broadcast_to(goals[:, None], (num, n, goals.shape[-1]))}
             return batch, jax.random.split(jax.random.fold_in(key, stream), (num, n))
 
-        meta, _, metrics = bilevel.windowed_meta_steps(
+        # Each meta iteration is a whole episode from fresh θ: PES's particles start afresh.
+        meta, _, metrics, _ = bilevel.windowed_meta_steps(
             meta,
             states,
             *per_goal(length, Ml3MfrlEsStep.INNER),

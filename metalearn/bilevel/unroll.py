@@ -3,6 +3,7 @@
 import functools
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from metalearn.state import InnerState, MetaState
@@ -42,9 +43,17 @@ def inner_step(
       loss reports.
     """
     params = jax.lax.stop_gradient(state.params) if first_order else state.params
-    (loss, (model_state, metrics)), grads = jax.value_and_grad(inner_loss, has_aux=True)(
-        params, state.model_state, meta_params, batch, key
-    )
+    try:
+        (loss, (model_state, metrics)), grads = jax.value_and_grad(inner_loss, has_aux=True)(
+            params, state.model_state, meta_params, batch, key
+        )
+    except TypeError as e:
+        if "scalar-output" not in str(e):
+            raise
+        raise ValueError(
+            "inner_loss must return (loss, (model_state, metrics)) with a scalar loss, but "
+            f"its loss is not a scalar ({e}): reduce it over the batch, e.g. with jnp.mean."
+        ) from None
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     new_state = InnerState(
         params=optax.apply_updates(state.params, updates),
@@ -80,6 +89,7 @@ def unroll(
     Returns:
       The final inner state and per-step metrics, each with a leading axis of length K.
     """
+    _check_steps(batches, keys)
     step_fn = functools.partial(
         inner_step, inner_loss=inner_loss, optimizer=optimizer, first_order=first_order
     )
@@ -93,8 +103,28 @@ def unroll(
     return jax.lax.scan(body, state, (batches, keys))
 
 
+def _check_steps(batches: Batch, keys: PRNGKey) -> None:
+    """Refuses a single key where K are expected, and batches without the K axis."""
+    k = _num_steps(keys)
+    sizes = sorted({x.shape[0] if jnp.ndim(x) else None for x in jax.tree.leaves(batches)}, key=str)
+    if sizes and sizes != [k]:
+        raise ValueError(
+            f"An unroll of K = {k} steps (the keys' leading axis) takes batches whose every "
+            f"leaf has a leading axis of K, one batch per step; got leading sizes {sizes}. "
+            "Stack the K batches, e.g. jax.tree.map(lambda x: jnp.stack([x] * K), batch)."
+        )
+
+
 def _num_steps(keys: PRNGKey) -> int:
-    return jax.tree.leaves(keys)[0].shape[0]
+    """K, the keys' leading axis; a single key where K are expected is refused."""
+    leaf = jax.tree.leaves(keys)[0]
+    typed = jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key)
+    if leaf.ndim == (0 if typed else 1):
+        raise ValueError(
+            "An unroll takes one PRNG key per inner step, [K] typed keys or [K, 2] raw ones; "
+            f"got a single key (shape {leaf.shape}): pass jax.random.split(key, K)."
+        )
+    return leaf.shape[0]
 
 
 def meta_step(

@@ -318,3 +318,22 @@ def test_the_heart_is_a_package_of_small_modules():
     for name in bilevel.__all__:  # `from metalearn.bilevel import x`, and metalearn.x
         assert hasattr(bilevel, name)
         assert name not in metalearn.__all__ or getattr(metalearn, name) is getattr(bilevel, name)
+
+
+def test_a_single_key_a_missing_step_axis_and_a_non_scalar_loss_are_named():
+    (phi, state, batches, keys, outer, outer_key), kwargs = _one("unrolled")
+    with pytest.raises(ValueError, match=r"got a single key .*jax.random.split\(key, K\)"):
+        bilevel.meta_grad(phi, state, batches, keys[0], outer, outer_key, **kwargs)
+    raw = jax.random.PRNGKey(0)  # an old-style raw key, shape [2]
+    with pytest.raises(ValueError, match=r"got a single key \(shape \(2,\)\)"):
+        bilevel.unroll(state, phi, batches, raw, inner_loss=inner_loss, optimizer=SGD)
+    with pytest.raises(ValueError, match=rf"K = {K} steps .*got leading sizes \[3\]"):
+        bilevel.meta_grad(phi, state, batches[0], keys, outer, outer_key, **kwargs)
+
+    def per_sample_loss(params, model_state, phi, batch, key):
+        return phi["a"] * (params["w"] - batch) ** 2, (model_state, {})
+
+    with pytest.raises(ValueError, match="its loss is not a scalar .*jnp.mean"):
+        bilevel.meta_grad(
+            phi, state, batches, keys, outer, outer_key, **{**kwargs, "inner_loss": per_sample_loss}
+        )

@@ -135,7 +135,7 @@ def test_episode_draws_the_documented_keys_and_returns_the_final_states():
         other = ml3.episode(meta, fresh, batches, outer, outer_key, inner_key, **kw)
         return got, expected, other
 
-    (got_meta, finals, metrics), (meta_expected, finals_expected, m), (other, _) = run(meta)
+    (got_meta, finals, metrics), (meta_expected, finals_expected, m, _), (other, _) = run(meta)
     chex.assert_trees_all_close(got_meta.params, meta_expected.params, rtol=1e-6)
     chex.assert_trees_all_close(finals.params, finals_expected.params, rtol=1e-6)
     assert jax.tree.leaves(finals.params)[0].shape == (t,)
