@@ -229,7 +229,8 @@ def save_learned_loss(
     artifact records both (returned by `load_learned_loss` as `loss.description`).
 
     Args:
-      path: the artifact directory (must not exist yet, or hold an earlier artifact).
+      path: the artifact directory (created if missing; an artifact already there is
+        replaced).
       config: the `loss_net` config group.
       params: φ (every leaf finite).
       inner_optimizer: the inner optimizer it was meta-trained for, as a JSON-able
