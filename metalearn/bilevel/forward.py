@@ -42,13 +42,11 @@ def es_diagnostics(losses: Array, stderr: Array | None, grads: MetaParams) -> di
     """What ES and PES report of an estimate: the spread of the perturbed losses, the norm
     of the estimate's standard error, and that relative to the estimate's norm (near or
     above 1: mostly noise; raise `pairs`). With one pair (stderr None) the spread only."""
-    if stderr is None:
-        return {"meta/es_loss_spread": jnp.std(losses)}
-    return {
-        "meta/es_loss_spread": jnp.std(losses),
-        "meta/es_stderr": stderr,
-        "meta/es_rel_stderr": stderr / jnp.maximum(optax.global_norm(grads), 1e-30),
-    }
+    out = {"meta/es_loss_spread": jnp.std(losses)}
+    if stderr is not None:
+        out["meta/es_stderr"] = stderr
+        out["meta/es_rel_stderr"] = stderr / jnp.maximum(optax.global_norm(grads), 1e-30)
+    return out
 
 
 def _estimated_grad(

@@ -306,7 +306,7 @@ def test_es_reports_the_standard_error_its_draws_show(float64):
     assert "meta/es_stderr" not in metrics and "meta/es_loss_spread" in metrics
 
 
-def _pes_windows(meta_state, states, data, estimator_state, **kw):
+def _windowed(meta_state, states, data, estimator_state, estimator="pes", **kw):
     batches, keys, outer_batches, outer_keys = data
     return bilevel.windowed_meta_steps(
         meta_state,
@@ -320,7 +320,7 @@ def _pes_windows(meta_state, states, data, estimator_state, **kw):
         inner_loss=inner_loss,
         outer_loss=outer_loss,
         optimizer=optax.sgd(LR),
-        estimator="pes",
+        estimator=estimator,
         options=EstimatorOptions(sigma=0.1, pairs=2),
         estimator_state=estimator_state,
         **kw,
@@ -336,7 +336,7 @@ def test_pes_split_into_any_number_of_calls_gives_the_numbers_of_one_call():
         jnp.zeros((t, k // w)),
         jax.random.split(jax.random.key(1), (t, k // w)),
     )
-    run = jax.jit(_pes_windows, static_argnames="keep_estimates")
+    run = jax.jit(_windowed, static_argnames="keep_estimates")
     whole = run(init_meta_state(PHI, optax.sgd(0.05)), states, data, None, keep_estimates=True)
 
     def split(calls, carry_state=True):
@@ -377,19 +377,8 @@ def test_a_pes_state_that_does_not_fit_is_refused():
     meta = init_meta_state(PHI, optax.sgd(0.05))
     one_task = bilevel.init_pes_over_tasks(jax.tree.map(lambda x: x[:1], states), PHI, 2)
     with pytest.raises(ValueError, match="PES state has 1 tasks and 2 pairs, but this call has 2"):
-        _pes_windows(meta, states, data, one_task)
+        _windowed(meta, states, data, one_task)
     with pytest.raises(TypeError, match="takes as estimator_state the PESState"):
-        _pes_windows(meta, states, data, {"particles": 0})
+        _windowed(meta, states, data, {"particles": 0})
     with pytest.raises(ValueError, match="carries nothing between calls"):
-        bilevel.windowed_meta_steps(
-            meta,
-            states,
-            *data,
-            window=2,
-            meta_optimizer=optax.sgd(0.05),
-            inner_loss=inner_loss,
-            outer_loss=outer_loss,
-            optimizer=optax.sgd(LR),
-            estimator="truncated",
-            estimator_state=one_task,
-        )
+        _windowed(meta, states, data, one_task, estimator="truncated")
