@@ -7,7 +7,7 @@ import pytest
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
 # Tests compile with XLA's CPU fusion emitters off (its older loop emitters), which takes
-# 20-40 % less compilation time, most of what the test tiers spend (docs/testing.md). Their
+# 20-60 % less compilation time, most of what the test tiers spend (docs/testing.md). Their
 # numbers differ from a user's run of the same config in the last bits only, and no test
 # compares against such a run. Read when the backend starts, so it reaches every program
 # of the session and every subprocess (which inherit it; tests that set XLA_FLAGS for a

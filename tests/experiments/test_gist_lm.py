@@ -11,16 +11,11 @@ import experiments
 from configs import gist_lm
 from metalearn.runtime.loop import train_and_evaluate
 from metalearn.runtime.metrics import read_metrics
-from tests.experiments._detector_actions import check_rollback, check_stop
+from tests.experiments._detector_actions import check_rollback, check_stop, equal
 
 
 def _config(variant: str = ""):
     return gist_lm.get_config(",".join(p for p in (variant, "smoke") if p))
-
-
-def _equal(a, b) -> bool:
-    pairs = zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
-    return all(np.array_equal(x, y) for x, y in pairs)
 
 
 def test_bad_input_fails_with_a_message_saying_what_to_change():
@@ -94,8 +89,8 @@ def test_plan2_trains_on_the_gist_loss_against_a_frozen_encoder(gist_runs):
     experiment, summary, rows, states = gist_runs("plan2")
     end_g = states[experiment.config.phase_g.steps // 2 - 1]
     last = states[-1]
-    assert _equal(end_g.params, last.encoder)
-    assert not _equal(last.params, end_g.params) and not _equal(last.params, last.control)
+    assert equal(end_g.params, last.encoder)
+    assert not equal(last.params, end_g.params) and not equal(last.params, last.control)
     for key in (
         "steps_to_degrade",
         "best_val_ce",
@@ -117,14 +112,14 @@ def test_plan2_trains_on_the_gist_loss_against_a_frozen_encoder(gist_runs):
 def test_plan2_resumes_exactly_whatever_the_chunking():
     experiment = experiments.make(_config("plan2,ema,score"))
     by_two, by_five = _states(experiment, chunk=2), _states(experiment, chunk=5)
-    assert _equal(by_two[-1], by_five[-1])
+    assert equal(by_two[-1], by_five[-1])
 
 
 @pytest.mark.slow
 def test_plan3_learns_its_encoder_by_the_meta_gradient(gist_runs):
     experiment, summary, rows, states = gist_runs("plan3")
     end_g = states[experiment.config.phase_g.steps // 2 - 1]
-    assert not _equal(end_g.encoder, states[-1].encoder)
+    assert not equal(end_g.encoder, states[-1].encoder)
     phase2 = [r for r in rows if r["phase"] == 2]
     assert all(r["meta/grad_norm"] > 0 for r in phase2)
     assert summary["plan"] == "plan3" and np.isfinite(summary["final_val_ce"]["mean"])
@@ -154,7 +149,7 @@ def _steps(action: str):
 def test_detector_action_stop_freezes_theta_from_the_detection_on():
     config, states, metrics = _steps("stop")
     check_stop(states, metrics, config.phase_g.steps)
-    assert not _equal(states[-2].control, states[-1].control)  # the control goes on
+    assert not equal(states[-2].control, states[-1].control)  # the control goes on
 
 
 @pytest.mark.slow
@@ -162,7 +157,7 @@ def test_detector_action_rollback_restores_the_best_theta():
     config, states, metrics = _steps("rollback")
     end_g = states[config.phase_g.steps].params
     for t in check_rollback(states, metrics, config.phase_g.steps):
-        assert not _equal(states[t].params, end_g)
+        assert not equal(states[t].params, end_g)
 
 
 @pytest.mark.slow
@@ -173,10 +168,10 @@ def test_detector_action_meta_runs_phase_g_again_then_refreshes_the_encoder():
     again = range(first + 1, first + 1 + config.detector.meta_steps)
     assert [phases[t] for t in again] == [1] * len(again)
     assert all(metrics[t]["gist/ce_chunk"] > 0 for t in again)  # real Phase G steps
-    assert not _equal(states[first + 1].encoder, states[first + 1].params)
+    assert not equal(states[first + 1].encoder, states[first + 1].params)
     handover = states[again[-1] + 1]
-    assert _equal(handover.encoder, handover.params)  # the frozen encoder refreshed
-    assert not _equal(handover.control, handover.params)  # the control forks only once
+    assert equal(handover.encoder, handover.params)  # the frozen encoder refreshed
+    assert not equal(handover.control, handover.params)  # the control forks only once
     assert int(handover.detector.count) == 0  # a fresh window for the next Phase 2
     assert 2 in phases[again[-1] + 1 :]
     assert metrics[-1]["diag/detections"] >= 1
