@@ -139,8 +139,8 @@ def test_the_control_forks_at_the_end_of_phase1_and_learns_on_the_true_loss(hard
     experiment, workdir, _, states = hard_run
     config = experiment.config
     end_of_phase1, final = states[config.meta.steps // config.eval.every], states[-1]
-    chex.assert_trees_allequal(end_of_phase1.control, end_of_phase1.params)
-    chex.assert_trees_allequal(end_of_phase1.critic, end_of_phase1.params)
+    chex.assert_trees_all_equal(end_of_phase1.control, end_of_phase1.params)
+    chex.assert_trees_all_equal(end_of_phase1.critic, end_of_phase1.params)
     rows = _rows(workdir)
     phase2 = [r for r in rows if r["phase"] == 2]
     # the control descends the true loss and leaves θ to the self-produced one
@@ -231,14 +231,14 @@ def _check_variant(variant, config, rows, states):
         assert "loss_head" in final.params
     if "disjoint" in parts:  # Phase 2 never trains the critic's own blocks
         assert _group(final.params, "loss")
-        chex.assert_trees_allequal(
+        chex.assert_trees_all_equal(
             _group(final.params, "loss"), _group(end_of_phase1.params, "loss")
         )
         assert not np.allclose(
             _group(final.params, "trunk")[0], _group(end_of_phase1.params, "trunk")[0]
         )
     if "frozen" in parts:
-        chex.assert_trees_allequal(final.critic, end_of_phase1.params)
+        chex.assert_trees_all_equal(final.critic, end_of_phase1.params)
     if "ema" in parts:  # between where it started and where θ went
         critic, start = final.critic["embed"]["embedding"], end_of_phase1.params["embed"]
         assert not np.allclose(critic, start["embedding"])
@@ -324,7 +324,7 @@ def test_detector_action_meta_runs_phase1_again_then_refreshes_the_critic():
     assert [phases[t] for t in again] == [1] * len(again)
     assert all(metrics[t]["meta/outer_ce"] > 0 for t in again)  # real meta steps
     handover = states[again[-1] + 1]
-    chex.assert_trees_allequal(handover.critic, handover.params)
+    chex.assert_trees_all_equal(handover.critic, handover.params)
     assert int(handover.detector.count) == 0  # a fresh window for the next Phase 2
     assert 2 in phases[again[-1] + 1 :]
 
