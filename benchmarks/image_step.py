@@ -10,7 +10,7 @@ random pixels at the dataset's shape (the input pipeline is not timed). Also a p
 forward and a forward + backward, to show where the time goes, and the AdaLFL step with
 its meta-gradient taken by backpropagating through the backward pass (`meta.method =
 "backprop"`), which costs at least three plain steps; the default JVP method
-(`metalearn.bilevel.one_step_meta_grad`) needs two plain steps plus one forward-mode pass.
+(`metalearn.bilevel.OneStep`) needs two plain steps plus one forward-mode pass.
 
 Each model runs in a fresh subprocess, so its peak device memory (GPU: the allocator's
 peak; CPU: the process's peak RSS) is its own.
@@ -161,7 +161,7 @@ def main() -> None:
         )
         print(
             "ratio = AdaLFL step / baseline step. AdaLFL takes its meta-gradient by a JVP "
-            "(metalearn.bilevel.one_step_meta_grad); 'by backprop' differentiates through the "
+            "(metalearn.bilevel.OneStep); 'by backprop' differentiates through the "
             "backward pass instead. Peak memory accumulates within a model's process and is "
             "read after each column; compile s includes the first call."
         )

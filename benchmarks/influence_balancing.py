@@ -13,8 +13,8 @@ steady state s*[0] = −6θ, so the loss is minimised at θ* = −1/6, and its g
 Written with the library's own pieces: the state is the inner "parameters", the
 dynamics are an optax transformation (the inner "optimizer", `unprobed`: it needs the
 real shapes) and the inner loss −θ⟨b, s⟩ gives the gradient −θ·b it turns into the step;
-`windowed_meta_steps` runs the windows, one meta update after each, and carries PES's
-particles as its `estimator_state` from one call to the next.
+`windowed_meta_steps` runs the windows, one meta update after each, and its returned
+`EstimatorState` (the state, and PES's particles) goes on from one call to the next.
 
 Printed, per estimator: θ after the run done as one call and split into calls of 100 and
 of 10 windows, and the gradient at θ = 0.5 (θ held there for the same number of windows:
@@ -22,7 +22,7 @@ mean ± standard error over the windows after the first 100, the standard error 
 batch means, since successive PES estimates are correlated). "full unroll" backpropagates
 through 200 steps from s_0 for every meta update (the steady state's gradient; exact,
 no noise). A last row drops PES's state between calls, as a loop that ignores the
-returned `estimator_state` would. The results: docs/estimators.md.
+returned state's particles would (`PES.init` at every call). The results: docs/estimators.md.
 """
 
 import functools
@@ -35,7 +35,6 @@ import optax
 from absl import app, flags
 
 from metalearn import bilevel
-from metalearn.estimators import EstimatorOptions
 from metalearn.state import init_inner_state, init_meta_state
 
 _WINDOWS = flags.DEFINE_integer("windows", 3000, "Meta updates (windows of one step).")
@@ -72,40 +71,48 @@ def outer_loss(params, model_state, batch, key):
     return 0.5 * (params[0] - 1.0) ** 2
 
 
-PROBLEM = dict(inner_loss=inner_loss, outer_loss=outer_loss, optimizer=_dynamics())
+PROBLEM = bilevel.Problem(inner_loss, outer_loss, _dynamics())
 
 
-@functools.partial(jax.jit, static_argnames=("estimator", "lr", "pairs", "sigma", "window"))
-def _windows(meta, states, keys, estimator_state, *, estimator, lr, pairs, sigma, window=1):
-    """`len(keys) // window` meta updates of one task; the estimates of each window."""
-    k = keys.shape[0]
-    meta, states, metrics, estimator_state = bilevel.windowed_meta_steps(
+def _estimator(name: str, pairs: int, sigma: float, window: int = 1) -> bilevel.Estimator:
+    return {
+        "unrolled": lambda: bilevel.Unrolled(),
+        "truncated": lambda: bilevel.Truncated(window=window),
+        "es": lambda: bilevel.ES(sigma=sigma, pairs=pairs, window=window),
+        "pes": lambda: bilevel.PES(window=window, sigma=sigma, pairs=pairs),
+    }[name]()
+
+
+@functools.partial(jax.jit, static_argnames=("estimator", "lr"))
+def _windows(meta, state, keys, *, estimator, lr):
+    """`len(keys) // W` meta updates of one task (W the estimator's window, None: all the
+    keys); the estimates of each window."""
+    k, window = keys.shape[0], estimator.window or keys.shape[0]
+    meta, state, metrics = bilevel.windowed_meta_steps(
         meta,
-        states,
+        state,
         jnp.zeros((1, k)),
         keys[None],
         jnp.zeros((1, k // window)),
         keys[None, ::window],
-        window=window,
-        meta_optimizer=optax.sgd(lr),
+        problem=PROBLEM,
         estimator=estimator,
-        options=EstimatorOptions(sigma=sigma, pairs=pairs),
-        estimator_state=estimator_state,
+        meta_optimizer=optax.sgd(lr),
         keep_estimates=True,
-        **PROBLEM,
     )
-    return meta, states, metrics["meta/estimate"]["theta"][:, 0], estimator_state
+    return meta, state, metrics["meta/estimate"]["theta"][:, 0]
 
 
-@functools.partial(jax.jit, static_argnames=("lr", "pairs", "sigma"))
-def _full_unrolls(meta, fresh, keys, *, lr, pairs, sigma):
+@functools.partial(jax.jit, static_argnames=("lr",))
+def _full_unrolls(meta, fresh, keys, *, lr):
     """One meta update per key, each backpropagated through FULL_STEPS from `fresh`, as
     one scanned program; the estimates [len(keys)]."""
+    unrolled = bilevel.Unrolled()
 
     def update(meta, key):
         steps = jax.random.split(key, FULL_STEPS)
-        settings = dict(lr=lr, pairs=pairs, sigma=sigma, window=FULL_STEPS)
-        meta, _, g, _ = _windows(meta, fresh, steps, None, estimator="unrolled", **settings)
+        start = unrolled.init_tasks(meta.params, fresh)
+        meta, _, g = _windows(meta, start, steps, estimator=unrolled, lr=lr)
         return meta, g[0]
 
     return jax.lax.scan(update, meta, keys)
@@ -126,22 +133,17 @@ def run(
     meta = init_meta_state({"theta": jnp.asarray([theta], jnp.float32)}, opt)
     seed = _SEED.value  # the perturbations' stream (the task itself has no randomness)
     keys = jax.random.split(jax.random.key(seed), windows)
-    settings = dict(lr=lr, pairs=_PAIRS.value, sigma=_SIGMA.value)
     states = jax.tree.map(lambda x: x[None], init_inner_state(jnp.ones(N, jnp.float32), opt))
     if estimator == "unrolled":  # every meta update a fresh unroll of FULL_STEPS from s_0
-        meta, g = _full_unrolls(meta, states, keys, **settings)
+        meta, g = _full_unrolls(meta, states, keys, lr=lr)
         return float(meta.params["theta"][0]), np.asarray(g)
-    estimates, pes = [], None
-    per = windows // calls
+    est = _estimator(estimator, _PAIRS.value, _SIGMA.value)
+    state = est.init_tasks(meta.params, states)
+    estimates, per = [], windows // calls
     for c in range(calls):
-        meta, states, g, pes = _windows(
-            meta,
-            states,
-            keys[c * per : (c + 1) * per],
-            None if restart else pes,
-            estimator=estimator,
-            **settings,
-        )
+        if restart and c:  # fresh particles from the unperturbed state: truncated ES
+            state = est.init_tasks(meta.params, state.inner)
+        meta, state, g = _windows(meta, state, keys[c * per : (c + 1) * per], estimator=est, lr=lr)
         estimates.append(g)
     return float(meta.params["theta"][0]), np.concatenate(estimates)
 

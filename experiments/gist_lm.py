@@ -8,7 +8,7 @@ Global step t is a Phase G step for t < `phase_g.steps` and a Phase 2 step after
   'positive' and 'negative').
 - Phase 2, plan 2: θ ← θ − α ∇ `gist.gist_self_loss`, the encoder a copy of θ frozen at
   the end of Phase G or its exponential moving average; plan 3: the same loss between
-  E(x̂) and E(x̂ ⊕ x) with the encoder φ learned in lock-step (`adalfl.lockstep`: the
+  E(x̂) and E(x̂ ⊕ x) with the encoder φ learned in lock-step (`adalfl.OnlineLearner`: the
   one-step meta-gradient of the cross-entropy of a `meta.split` batch at θ_{t+1}).
   A control copy of θ, forked at the end of Phase G, takes the same number of steps on
   the true cross-entropy of the same batches. θ never sees the true loss in Phase 2.
@@ -42,7 +42,7 @@ import numpy as np
 import optax
 
 from experiments._text import TextSelfTraining, TextState
-from metalearn import plots
+from metalearn import bilevel, plots
 from metalearn.algorithms import adalfl, gist, self_loss
 from metalearn.models import transformer
 from metalearn.optim import make_optimizer
@@ -178,17 +178,21 @@ class GistLM(TextSelfTraining):
         c = self.config
         if c.gist.plan == "plan3":
             meta_batch = self._batch(jax.random.fold_in(key, Phase2Stream.META), split=c.meta.split)
-            inner, meta, aux = adalfl.lockstep(
-                InnerState(state.params, state.inner_opt, {}, jnp.zeros((), jnp.int32)),
+            problem = bilevel.Problem(
+                self.self_loss,
+                functools.partial(self_loss.true_loss, model=self.model),
+                self.self_opt,
+            )
+            if c.meta.method not in ("jvp", "backprop"):
+                raise ValueError(f"meta.method must be 'jvp' or 'backprop'; got {c.meta.method!r}.")
+            estimator = bilevel.OneStep() if c.meta.method == "jvp" else bilevel.Unrolled()
+            learner = adalfl.OnlineLearner(problem, self.meta_opt, estimator)
+            inner, meta, aux = learner.step(
                 MetaState(state.encoder, state.meta_opt, jnp.zeros((), jnp.int32)),
+                InnerState(state.params, state.inner_opt, {}, jnp.zeros((), jnp.int32)),
                 tokens,
                 meta_batch,
                 key,
-                inner_loss=self.self_loss,
-                outer_loss=functools.partial(self_loss.true_loss, model=self.model),
-                optimizer=self.self_opt,
-                meta_optimizer=self.meta_opt,
-                method=c.meta.method,
             )
             params = self._unless_stopped(state, inner.params)
             inner_opt, encoder, meta_opt = inner.opt_state, meta.params, meta.opt_state

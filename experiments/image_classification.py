@@ -52,7 +52,6 @@ import optax
 
 from metalearn import bilevel, plots
 from metalearn.algorithms import adalfl
-from metalearn.estimators import EstimatorOptions
 from metalearn.losses import learned as learned_losses
 from metalearn.losses.task import softmax_cross_entropy
 from metalearn.models import vision
@@ -66,6 +65,9 @@ from metalearn.tasks import images
 from metalearn.types import Array, Batch, PRNGKey
 
 ALGORITHMS = ("baseline", "ml3", "adalfl")
+# Two exact ways to differentiate AdaLFL's one inner step (`meta.method`): a
+# forward-mode JVP of the inner loss (`bilevel.OneStep`) or backpropagation (`Unrolled`).
+METHODS = ("jvp", "backprop")
 CURVE_POINTS = 21  # predicted probabilities at which the learned loss's shape is logged
 NO_ERROR_YET = 2.0  # the best selection error before any (above every error rate; finite)
 # The device path's data streams, each a stream of the run's key.
@@ -178,19 +180,24 @@ class ImageClassification(Experiment):
         if c.algorithm not in ALGORITHMS:
             raise ValueError(f"Unknown algorithm {c.algorithm!r}; choose one of {ALGORITHMS}.")
         self.learned = c.algorithm != "baseline"
-        if self.learned:
-            adalfl.check_online_estimator(c.meta.estimator)
-            if c.meta.method not in adalfl.METHODS:
-                raise ValueError(
-                    f"Unknown meta.method {c.meta.method!r}; choose one of {adalfl.METHODS}."
-                )
         self.init_steps = c.meta.init_steps if self.learned else 0
         # S_inner steps from a fresh θ in each offline step, and their estimator.
         self.init_inner_steps = c.meta.get("init_inner_steps", 1)
         self.init_estimator = c.meta.get("init_estimator", "unrolled")
         if self.learned:
-            adalfl.check_offline_estimator(self.init_estimator, self.init_inner_steps)
-        self.estimator_options = EstimatorOptions.from_config(c.meta.get("estimator_options"))
+            if c.meta.method not in METHODS:
+                raise ValueError(f"Unknown meta.method {c.meta.method!r}; choose one of {METHODS}.")
+            # The online step's estimator: `meta.estimator` of one step ('unrolled'), by a
+            # JVP (`OneStep`) or backpropagation (`Unrolled`) as `meta.method` says.
+            online = bilevel.estimator_from_config(c.meta.estimator, window=1, episode_length=1)
+            adalfl.check_online_estimator(online)
+            self.offline_estimator = bilevel.estimator_from_config(
+                self.init_estimator,
+                window=self.init_inner_steps,
+                episode_length=self.init_inner_steps,
+                options=c.meta.get("estimator_options"),
+            )
+            adalfl.check_offline_estimator(self.offline_estimator, self.init_inner_steps)
         self.num_steps = self.init_steps + c.inner.steps
         # The end of the offline phase: kept, for other runs to start from (reproduce_images).
         self.keep_checkpoints = (self.init_steps,) if self.init_steps else ()
@@ -251,6 +258,15 @@ class ImageClassification(Experiment):
         self.learned_inner, self.ce_inner, self.outer = make_losses(
             self.model, self.info, augment, meta_augment, loss_fn, c.loss_net.max_grad_ratio
         )
+        self.problem = bilevel.Problem(self.learned_inner, self.outer, self.optimizer)
+        if self.learned:
+            if self.lookahead is not None and c.meta.method != "jvp":
+                raise ValueError("meta.lookahead is taken by meta.method='jvp' only; set it.")
+            self.learner = adalfl.OnlineLearner(
+                self.problem,
+                self.meta_optimizer,
+                bilevel.OneStep(self.lookahead) if c.meta.method == "jvp" else online,
+            )
         self.key = jax.random.key(c.seed)
         self._streams: dict[str, tuple[int, Any]] = {}
 
@@ -344,20 +360,7 @@ class ImageClassification(Experiment):
         """
         fresh_key, key = self._step_keys(step, offline)
         start = jax.lax.cond(offline, lambda: self._fresh_inner(fresh_key), lambda: state.inner)
-        inner, meta, metrics = adalfl.lockstep(
-            start,
-            state.meta,
-            batch,
-            meta_batch,
-            key,
-            inner_loss=self.learned_inner,
-            outer_loss=self.outer,
-            optimizer=self.optimizer,
-            meta_optimizer=self.meta_optimizer,
-            estimator=self.config.meta.estimator,
-            method=self.config.meta.method,
-            lookahead=self.lookahead,
-        )
+        inner, meta, metrics = self.learner.step(state.meta, start, batch, meta_batch, key)
         metrics["train/update_norm"] = optax.global_norm(
             jax.tree.map(jnp.subtract, inner.params, start.params)
         )
@@ -386,12 +389,9 @@ class ImageClassification(Experiment):
             batches,
             meta_batch,
             key,
-            inner_loss=self.learned_inner,
-            outer_loss=self.outer,
-            optimizer=self.optimizer,
+            problem=self.problem,
+            estimator=self.offline_estimator,
             meta_optimizer=self.meta_optimizer,
-            estimator=self.init_estimator,
-            options=self.estimator_options,
         )
         return state.replace(meta=meta), metrics
 

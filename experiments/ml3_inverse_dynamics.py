@@ -236,7 +236,7 @@ class InverseDynamics(ML3Experiment):
 
     def __init__(self, config: ml_collections.ConfigDict, *, mesh=None):
         c = config
-        bilevel.check_estimator(c.meta.estimator, c.meta.window, c.inner.episode_length)
+        self.estimator = self.config_estimator(c, c.inner.episode_length)
         unknown = set(c.arms) - set(ARMS)
         if unknown or not c.arms:
             raise ValueError(f"Unknown arms {sorted(unknown)}; choose from {sorted(ARMS)}.")
@@ -307,14 +307,13 @@ class InverseDynamics(ML3Experiment):
             per_task(length // window)(heldout),
             jax.random.fold_in(key, Step.INNER),
             jax.random.fold_in(key, Step.OUTER),
-            window=window,
             meta_optimizer=self.meta_opt,
-            inner_loss=self.inner_loss(problem),
-            outer_loss=self.outer_loss(problem, shaped),
-            optimizer=self.inner_opt,
-            estimator=c.meta.estimator,
-            options=self.estimator_options,
-            remat=c.meta.remat,
+            problem=bilevel.Problem(
+                self.inner_loss(problem),
+                self.outer_loss(problem, shaped),
+                self.inner_opt,
+            ),
+            estimator=self.estimator,
         )
 
     def episode(self, meta_state, seed_key, step, shaped, pools):

@@ -131,7 +131,7 @@ class ModelBasedRL(ML3Experiment):
         c = config
         if c.env not in ENVS:
             raise ValueError(f"Unknown environment {c.env!r}; choose one of {sorted(ENVS)}.")
-        bilevel.check_estimator(c.meta.estimator, c.meta.window, c.inner.episode_length)
+        self.estimator = self.config_estimator(c, c.inner.episode_length)
         super().__init__(config, mesh=mesh)
         self.env = env = ENVS[c.env]()
         self.horizon = c.horizon
@@ -426,15 +426,14 @@ class ModelBasedRL(ML3Experiment):
             per_task(windows)(goals),
             jax.random.fold_in(key, Ml3MbrlStep.INNER),
             jax.random.fold_in(key, Ml3MbrlStep.OUTER),
-            window=c.meta.window,
             meta_optimizer=self.meta_opt,
             return_final_states=True,
-            inner_loss=self.learned_inner_loss(model_step),
-            outer_loss=outer_loss,
-            optimizer=self.inner_opt,
-            estimator=c.meta.estimator,
-            options=self.estimator_options,
-            remat=c.meta.remat,
+            problem=bilevel.Problem(
+                self.learned_inner_loss(model_step),
+                outer_loss,
+                self.inner_opt,
+            ),
+            estimator=self.estimator,
         )
         state = state.replace(meta=meta)
         metrics["train/real_final_distance"] = jnp.mean(

@@ -19,7 +19,7 @@ ReacherGoal, AntGoal). The pieces:
 Meta-training is Algorithm 1: each meta iteration trains fresh policies on
 `data.goals_per_step` training goals for `inner.episode_length` inner steps with a meta
 update after each (the truncated estimator, window 1: the episodes each step needs exist
-only once its θ does, so the episode is scanned here, one `bilevel.meta_grad_over_tasks`
+only once its θ does, so the episode is scanned here, one `estimate_tasks`
 of one step per update).
 
 `meta.estimator = "es"` (or "pes") meta-trains on the return itself instead, with no
@@ -146,7 +146,7 @@ class ModelFreeRL(ML3Experiment):
 
     def __init__(self, config: ml_collections.ConfigDict, *, mesh=None):
         c = config
-        bilevel.check_estimator(c.meta.estimator, c.meta.window, c.inner.episode_length)
+        self.estimator = self.config_estimator(c, c.inner.episode_length)
         if c.meta.estimator == "implicit":
             raise ValueError(
                 "ml3_mfrl cannot use meta.estimator='implicit': it needs θ at a fixed point of "
@@ -155,9 +155,9 @@ class ModelFreeRL(ML3Experiment):
                 "differentiable through the simulator. Use 'es' or 'pes' (the return itself, "
                 "forward only) or 'truncated' / 'first_order' (the REINFORCE surrogate)."
             )
-        if c.meta.estimator in ("es", "pes"):
-            self.estimator = c.meta.estimator  # forward only: any window (checked above)
-        elif c.meta.estimator not in ("truncated", "first_order") or c.meta.window != 1:
+        if c.meta.estimator not in ("es", "pes") and (
+            c.meta.estimator not in ("truncated", "first_order") or c.meta.window != 1
+        ):
             raise ValueError(
                 "ml3_mfrl collects fresh episodes at every inner step, so backpropagating its "
                 "REINFORCE surrogate steps φ after each one: use meta.window=1 with "
@@ -166,9 +166,9 @@ class ModelFreeRL(ML3Experiment):
                 "the updated policy and never differentiate. Got "
                 f"{c.meta.estimator!r}, window {c.meta.window}."
             )
-        else:
-            # One inner step per meta-gradient: exact ('unrolled' over it) or first-order.
-            self.estimator = "unrolled" if c.meta.estimator == "truncated" else "first_order"
+        # "es"/"pes": forward only, any window; otherwise Truncated(window=1) (exact through
+        # each inner step) or FirstOrder(window=1), one meta-gradient per step.
+        self.forward_only = c.meta.estimator in ("es", "pes")
         super().__init__(config, mesh=mesh)
         self.env = goal_envs.make_env(c.env)
         self.obs_dim, self.action_dim = self.env.observation_size, self.env.action_size
@@ -297,8 +297,8 @@ class ModelFreeRL(ML3Experiment):
 
         Iteration k = 0 … K collects episodes D_k with θ_k (`inner.rollouts` of them);
         for k ≥ 1 they are the fresh episodes of the task loss: φ steps on the REINFORCE
-        loss of θ_k(φ) = θ_{k−1} − α∇_θ M_φ(D_{k−1}) on D_k (`bilevel.meta_grad_over_tasks`
-        over that one step, θ_{k−1} a constant: the truncated estimator with window 1).
+        loss of θ_k(φ) = θ_{k−1} − α∇_θ M_φ(D_{k−1}) on D_k (`Truncated(window=1)` or
+        `FirstOrder(window=1)`, `estimate_tasks` over that one step, θ_{k−1} a constant).
         Then θ_{k+1} is taken on D_k with the new φ. D_k serves as the task loss's data of
         step k and the inner data of step k + 1 (both are episodes of π_θk), so a meta
         iteration simulates K + 1 batches of episodes and its program one simulator.
@@ -312,9 +312,10 @@ class ModelFreeRL(ML3Experiment):
             jax.random.split(jax.random.fold_in(key, Ml3MfrlStep.POLICY_INIT), num)
         )
         states = jax.vmap(lambda p: init_inner_state(p, self.inner_opt))(thetas)
-        if self.estimator in ("es", "pes"):
+        if self.forward_only:
             return self.es_episode(meta, key, goals, states)
         inner_loss = self.learned_inner_loss(net)
+        problem = bilevel.Problem(inner_loss, self.task_loss, self.inner_opt)
         step_fn = functools.partial(
             bilevel.inner_step, inner_loss=inner_loss, optimizer=self.inner_opt
         )
@@ -325,18 +326,16 @@ class ModelFreeRL(ML3Experiment):
             data = jax.vmap(lambda p, g, kk: self.rollouts(net, p, g, kk, c.inner.rollouts))(
                 states.params, goals, keys
             )
-            loss, grads, _, inner_metrics = bilevel.meta_grad_over_tasks(
+            grads, _, diagnostics = self.estimator.estimate_tasks(
+                problem,
                 meta.params,
-                prev_states,
+                bilevel.EstimatorState(inner=prev_states),
                 jax.tree.map(lambda x: x[:, None], {"goal": goals, "data": prev_data}),
                 keys[:, None],
                 {"data": data},
                 keys,
-                inner_loss=inner_loss,
-                outer_loss=self.task_loss,
-                optimizer=self.inner_opt,
-                estimator=self.estimator,
             )
+            loss = diagnostics["meta/loss"]
             stepped = bilevel.meta_step(meta, grads, meta_optimizer=self.meta_opt)
             meta = jax.tree.map(lambda a, b: jnp.where(k > 0, a, b), stepped, meta)
             new_states = jax.vmap(step_fn, in_axes=(0, None, 0, 0))(
@@ -345,7 +344,7 @@ class ModelFreeRL(ML3Experiment):
             metrics = {
                 "meta/loss": loss,
                 "meta/grad_norm": optax.global_norm(grads),
-                "inner/loss": jnp.mean(inner_metrics["inner/loss"]),
+                "inner/loss": jnp.mean(diagnostics["inner/loss"]),
                 "train/return": jnp.mean(jnp.sum(data["rewards"], -1)),
                 "train/mean_distance": jnp.mean(data["distance"]),
             }
@@ -383,18 +382,16 @@ class ModelFreeRL(ML3Experiment):
             return batch, jax.random.split(jax.random.fold_in(key, stream), (num, n))
 
         # Each meta iteration is a whole episode from fresh θ: PES's particles start afresh.
-        meta, _, metrics, _ = bilevel.windowed_meta_steps(
+        meta, _, metrics = bilevel.windowed_meta_steps(
             meta,
-            states,
+            self.estimator.init_tasks(meta.params, states),
             *per_goal(length, Ml3MfrlEsStep.INNER),
             *per_goal(length // window, Ml3MfrlEsStep.OUTER),
-            window=window,
-            meta_optimizer=self.meta_opt,
-            inner_loss=self.es_inner_loss(self.policy_net),
-            outer_loss=self.return_loss,
-            optimizer=self.inner_opt,
+            problem=bilevel.Problem(
+                self.es_inner_loss(self.policy_net), self.return_loss, self.inner_opt
+            ),
             estimator=self.estimator,
-            options=self.estimator_options,
+            meta_optimizer=self.meta_opt,
         )
         final_return = -metrics["meta/loss"][-1]
         metrics = {k: jnp.mean(v) for k, v in metrics.items()}

@@ -54,7 +54,7 @@ class MnistBinary(ML3Experiment):
     def __init__(self, config: ml_collections.ConfigDict, *, mesh=None):
         super().__init__(config, mesh=mesh)
         c = config
-        bilevel.check_estimator(c.meta.estimator, c.meta.window, c.inner.episode_length)
+        self.estimator = self.config_estimator(c, c.inner.episode_length)
         if tuple(c.data.classes):
             raise ValueError(
                 "data.classes must be (): the digit pairs are drawn from each seed "
@@ -159,14 +159,13 @@ class MnistBinary(ML3Experiment):
             add_task_axis(outer),
             jax.random.fold_in(key, Ml3MnistBinaryStep.INNER),
             jax.random.fold_in(key, Ml3MnistBinaryStep.OUTER),
-            window=window,
             meta_optimizer=self.meta_opt,
-            inner_loss=self._inner_loss(True),
-            outer_loss=self._outer_loss,
-            optimizer=self.inner_opt,
-            estimator=c.meta.estimator,
-            options=self.estimator_options,
-            remat=c.meta.remat,
+            problem=bilevel.Problem(
+                self._inner_loss(True),
+                self._outer_loss,
+                self.inner_opt,
+            ),
+            estimator=self.estimator,
         )
 
     def _fit(self, phi, seed_key, data, task, use_learned):

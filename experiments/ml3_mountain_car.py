@@ -74,7 +74,7 @@ class MountainCar(ML3Experiment):
     def __init__(self, config: ml_collections.ConfigDict, *, mesh=None):
         super().__init__(config, mesh=mesh)
         c = config
-        bilevel.check_estimator(c.meta.estimator, c.meta.window, c.inner.episode_length)
+        self.estimator = self.config_estimator(c, c.inner.episode_length)
         if c.env.extra not in control.INTERMEDIATE_GOAL_TERMS:
             raise ValueError(
                 f"Unknown env.extra {c.env.extra!r}; known: "
@@ -185,14 +185,13 @@ class MountainCar(ML3Experiment):
             {"window": jnp.zeros((num, length // window))},
             jax.random.fold_in(key, Ml3MountainCarStep.INNER),
             jax.random.fold_in(key, Ml3MountainCarStep.OUTER),
-            window=window,
             meta_optimizer=self.meta_opt,
-            inner_loss=self.inner_loss,
-            outer_loss=self._outer_loss(variant),
-            optimizer=self.inner_opt,
-            estimator=c.meta.estimator,
-            options=self.estimator_options,
-            remat=c.meta.remat,
+            problem=bilevel.Problem(
+                self.inner_loss,
+                self._outer_loss(variant),
+                self.inner_opt,
+            ),
+            estimator=self.estimator,
         )
 
     # Meta-test.

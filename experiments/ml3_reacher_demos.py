@@ -83,7 +83,7 @@ class ReacherDemos(ML3Experiment):
     def __init__(self, config: ml_collections.ConfigDict, *, mesh=None):
         super().__init__(config, mesh=mesh)
         c = config
-        bilevel.check_estimator(c.meta.estimator, c.meta.window, c.inner.episode_length)
+        self.estimator = self.config_estimator(c, c.inner.episode_length)
         self.env = dynamics.reacher_env(dt=c.env.dt, substeps=c.env.substeps)
         self.horizon = c.env.horizon
         # The arm's reach (sum of link lengths), the unit of goal space.
@@ -245,14 +245,13 @@ class ReacherDemos(ML3Experiment):
             per_task(length // window)({k: self.demos[k] for k in ("goal", "states", "actions")}),
             jax.random.fold_in(key, Ml3ReacherDemosStep.INNER),
             jax.random.fold_in(key, Ml3ReacherDemosStep.OUTER),
-            window=window,
             meta_optimizer=self.meta_opt,
-            inner_loss=self._meta_train_inner_loss,
-            outer_loss=self._bc_outer,
-            optimizer=self.inner_opt,
-            estimator=c.meta.estimator,
-            options=self.estimator_options,
-            remat=c.meta.remat,
+            problem=bilevel.Problem(
+                self._meta_train_inner_loss,
+                self._bc_outer,
+                self.inner_opt,
+            ),
+            estimator=self.estimator,
         )
 
     # Meta-test.

@@ -102,7 +102,7 @@ class ShapedSine(ML3Experiment):
     def __init__(self, config: ml_collections.ConfigDict, *, mesh=None):
         super().__init__(config, mesh=mesh)
         c = config
-        bilevel.check_estimator(c.meta.estimator, c.meta.window, c.inner.episode_length)
+        self.estimator = self.config_estimator(c, c.inner.episode_length)
         self.model = SineFrequency(c.model.init_freq)
         self.inner_opt = make_optimizer(c.inner.optimizer, differentiated=True)
         self.meta_opt = make_optimizer(c.meta.optimizer)
@@ -158,14 +158,13 @@ class ShapedSine(ML3Experiment):
             per_task(length // window)(tasks),
             jax.random.fold_in(key, Ml3ShapedSineStep.INNER),
             jax.random.fold_in(key, Ml3ShapedSineStep.OUTER),
-            window=window,
             meta_optimizer=self.meta_opt,
-            inner_loss=self.learned_inner,
-            outer_loss=self._outer_loss(variant),
-            optimizer=self.inner_opt,
-            estimator=c.meta.estimator,
-            options=self.estimator_options,
-            remat=c.meta.remat,
+            problem=bilevel.Problem(
+                self.learned_inner,
+                self._outer_loss(variant),
+                self.inner_opt,
+            ),
+            estimator=self.estimator,
         )
 
     def _test_tasks(self, seed_key):

@@ -37,7 +37,7 @@ class SineRegression(ML3Experiment):
     def __init__(self, config: ml_collections.ConfigDict, *, mesh=None):
         super().__init__(config, mesh=mesh)
         c = config
-        bilevel.check_estimator(c.meta.estimator, c.meta.window, c.inner.episode_length)
+        self.estimator = self.config_estimator(c, c.inner.episode_length)
         features = (*c.model.hidden, 1)
         self.model = MLP(features, c.model.activation, initializer=c.model.meta_train_init)
         self.test_model = MLP(features, c.model.activation, initializer=c.model.meta_test_init)
@@ -93,14 +93,13 @@ class SineRegression(ML3Experiment):
             add_task_axis(ml3.repeat(batch, length // window)),
             jax.random.fold_in(key, Ml3SineStep.INNER),
             jax.random.fold_in(key, Ml3SineStep.OUTER),
-            window=window,
             meta_optimizer=self.meta_opt,
-            inner_loss=self.learned_inner,
-            outer_loss=lambda p, ms, b, k: mse(b["y"], self.model.apply(p, b["x"])),
-            optimizer=self.inner_opt,
-            estimator=c.meta.estimator,
-            options=self.estimator_options,
-            remat=c.meta.remat,
+            problem=bilevel.Problem(
+                self.learned_inner,
+                lambda p, ms, b, k: mse(b["y"], self.model.apply(p, b["x"])),
+                self.inner_opt,
+            ),
+            estimator=self.estimator,
         )
 
     def _fit(self, phi, seed_key, task, x, y, use_learned):

@@ -42,9 +42,8 @@ import numpy as np
 import optax
 
 from experiments._text import TextSelfTraining, TextState
-from metalearn import plots
+from metalearn import bilevel, plots
 from metalearn.algorithms import self_loss
-from metalearn.estimators import EstimatorOptions
 from metalearn.models import transformer
 from metalearn.optim import make_optimizer
 from metalearn.runtime.metrics import mean_std
@@ -98,9 +97,17 @@ class SelfLossLM(TextSelfTraining):
         super().__init__(config, mesh=mesh, first_steps=config.meta.steps)
         c = config
         self.spec = make_spec(c)
-        self_loss.check_estimator(c.meta.estimator, c.meta.window, c.meta.inner_steps)
+        # meta.window is the last steps differentiated by 'last_window'; the other
+        # estimators of a Phase 1 step differentiate its whole unroll.
+        self.estimator = bilevel.estimator_from_config(
+            c.meta.estimator,
+            window=c.meta.window if c.meta.estimator == "last_window" else c.meta.inner_steps,
+            episode_length=c.meta.inner_steps,
+            options=c.meta.get("estimator_options"),
+            remat=c.meta.remat,
+        )
+        self_loss.check_estimator(self.estimator, c.meta.inner_steps)
         # σ and pairs of "es"; unknown keys are refused here, before anything compiles.
-        self.estimator_options = EstimatorOptions.from_config(c.meta.get("estimator_options"))
         # The spread of ES's perturbed outer losses, logged (zero in Phase 2) under "es".
         self.es_metrics = ("meta/es_loss_spread",) if c.meta.estimator == "es" else ()
         self.log_actions = True  # its rows have always had the detector's action counts
@@ -157,10 +164,7 @@ class SelfLossLM(TextSelfTraining):
             model=self.model,
             spec=self.spec,
             inner_optimizer=self.self_opt,
-            estimator=c.meta.estimator,
-            window=c.meta.window,
-            remat=c.meta.remat,
-            options=self.estimator_options,
+            estimator=self.estimator,
             noise_key=jax.random.fold_in(key, Phase1Stream.NOISE),
         )
         updates, meta_opt = self.meta_opt.update(grads, state.meta_opt, state.params)

@@ -1,9 +1,7 @@
 """Meta-gradient estimators that do not backpropagate through the unroll.
 
 The mathematics only, on plain functions of φ; `metalearn.bilevel` wires them into
-`meta_grad`, `meta_grad_over_tasks` and `windowed_meta_steps` under the names "es",
-"pes" and "implicit" (see `bilevel.ESTIMATORS`), with their settings in
-`EstimatorOptions`.
+the estimator objects `ES`, `PES` and `Implicit`, which hold their settings.
 
 - Antithetic evolution strategies (`antithetic_es`): for P pairs ε_p ~ N(0, σ²I) in φ's
   flattened space,
@@ -45,9 +43,6 @@ The mathematics only, on plain functions of φ; `metalearn.bilevel` wires them i
   definite: with a non-convex inner loss, use a damping λ > 0.
 """
 
-import dataclasses
-import math
-import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -57,58 +52,6 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from metalearn.types import Array, MetaParams, Params, PRNGKey
-
-
-@dataclasses.dataclass(frozen=True)
-class EstimatorOptions:
-    """Settings of the "es", "pes" and "implicit" estimators (ignored by the others).
-
-    Attributes:
-      sigma: ES/PES: standard deviation σ of the perturbations of φ (per coordinate).
-      pairs: ES/PES: antithetic pairs P per estimate (2P perturbed unrolls).
-      cg_iters: implicit: conjugate-gradient iterations of the linear solve.
-      damping: implicit: λ in (H + λI) u = ∇_θ L_out; > 0 for a non-convex inner loss.
-    """
-
-    sigma: float = 0.01
-    pairs: int = 8
-    cg_iters: int = 20
-    damping: float = 0.0
-
-    def __post_init__(self):
-        def bad(name, why):
-            raise ValueError(f"EstimatorOptions.{name}={getattr(self, name)!r}: {why}")
-
-        if not isinstance(self.sigma, numbers.Real) or not (
-            math.isfinite(self.sigma) and self.sigma > 0
-        ):
-            bad("sigma", "the perturbation scale must be a finite number > 0, e.g. 0.01.")
-        for name in ("pairs", "cg_iters"):
-            value = getattr(self, name)
-            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
-                bad(name, "must be an integer >= 1.")
-        if not isinstance(self.damping, numbers.Real) or not (
-            math.isfinite(self.damping) and self.damping >= 0
-        ):
-            bad("damping", "must be a finite number >= 0.")
-
-    @classmethod
-    def from_config(cls, options: Any) -> "EstimatorOptions":
-        """From a mapping (e.g. a config's `meta.estimator_options`), or None for defaults.
-
-        Raises:
-          ValueError: naming the unknown keys and the known ones.
-        """
-        if options is None:
-            return cls()
-        if isinstance(options, cls):
-            return options
-        options = dict(options)
-        known = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(options) - set(known))
-        if unknown:
-            raise ValueError(f"Unknown estimator options {unknown}; known: {known}.")
-        return cls(**options)
 
 
 def _noise(key: PRNGKey, flat: Array, sigma: float, pairs: int) -> Array:
@@ -149,7 +92,7 @@ def antithetic_es(
         differentiated (aux is discarded).
       meta_params: φ.
       key: PRNG key of the perturbations.
-      sigma, pairs: as in `EstimatorOptions`.
+      sigma, pairs: σ and P, as in `metalearn.bilevel.ES`.
 
     Returns:
       `(grads shaped like φ, losses [2P], stderr)`: the losses at φ + ε_p then at
@@ -197,7 +140,7 @@ def pes_step(
       pes_state: the particles and accumulated perturbations (`init_pes` at the start of
         the unroll).
       key: PRNG key of this window's perturbations.
-      sigma: as in `EstimatorOptions`.
+      sigma: σ, as in `metalearn.bilevel.PES`.
 
     Returns:
       `(grads shaped like φ, next pes_state, losses [2P], stderr)`, stderr as in
@@ -229,6 +172,7 @@ def implicit_hypergradient(
     *,
     cg_iters: int,
     damping: float = 0.0,
+    tol: float = 1e-10,
 ) -> tuple[MetaParams, Array]:
     """∇_φ L_out(θ*(φ)) at a fixed point θ* = `params` of the inner problem.
 
@@ -237,7 +181,8 @@ def implicit_hypergradient(
       params: θ*, where ∇_θ L_in(θ*, φ) ≈ 0 (a constant here).
       meta_params: φ.
       outer_grad: ∇_θ L_out(θ*), shaped like θ.
-      cg_iters, damping: as in `EstimatorOptions`.
+      cg_iters, damping, tol: CG's iterations, damping λ and relative tolerance
+        (`metalearn.bilevel.Implicit`).
 
     Returns:
       `(grads shaped like φ, relative residual ‖(H + λI)u − v‖ / ‖v‖ of the solve)`: a
@@ -250,7 +195,7 @@ def implicit_hypergradient(
         tangent = jax.jvp(lambda p: inner_grad(p, meta_params), (params,), (u,))[1]
         return jax.tree.map(lambda t, x: t + damping * x, tangent, u)
 
-    u, _ = jax.scipy.sparse.linalg.cg(hvp, outer_grad, maxiter=cg_iters, tol=1e-10)
+    u, _ = jax.scipy.sparse.linalg.cg(hvp, outer_grad, maxiter=cg_iters, tol=tol)
     u = jax.lax.stop_gradient(u)
     residual = jax.tree.map(jnp.subtract, hvp(u), outer_grad)
     rel = jnp.sqrt(_vdot(residual, residual) / jnp.maximum(_vdot(outer_grad, outer_grad), 1e-30))

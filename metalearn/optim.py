@@ -110,7 +110,7 @@ def _weight_decay(config: ml_collections.ConfigDict) -> float:
 
 def make_lookahead(name: str, config: ml_collections.ConfigDict):
     """Where a one-step meta-objective measures the task loss after the inner step of
-    the optimizer `config` (for `bilevel.one_step_meta_grad(..., lookahead=...)`).
+    the optimizer `config` (for `bilevel.OneStep(lookahead=...)`).
 
     Args:
       name: "none", at the optimizer's step θ_{t+1} (returns None); or "momentum", at

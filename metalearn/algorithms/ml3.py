@@ -7,7 +7,7 @@ over seeds):
   learned loss L_φ(y, f_θ(x)[, extra]) or a fixed task loss.
 - `meta_train_episode`: Algorithm 1 — from fresh θ, unroll K inner steps on L_φ for
   each of T tasks, stepping φ on the mean task loss at the new θ after every window
-  (`bilevel.windowed_meta_steps`, which validates the estimator against the window).
+  (`bilevel.windowed_meta_steps`).
 - `episode`: `meta_train_episode` with its [T, K] and [T, K // window] keys drawn from
   two keys, the one ML³ meta iteration the experiments call.
 - `fit`: Algorithm 2 (meta-test) — train θ for K full-batch steps with a frozen loss and
@@ -120,46 +120,46 @@ def meta_train_episode(
     outer_batches: Batch,
     outer_keys: PRNGKey,
     *,
-    window: int,
+    problem: bilevel.Problem,
+    estimator: bilevel.Estimator,
     meta_optimizer: optax.GradientTransformation,
     return_final_states: bool = False,
-    **meta_loss_kwargs,
 ) -> tuple[MetaState, dict[str, Array]]:
     """Algorithm 1 for T tasks sharing φ: one episode from freshly initialised θ.
 
-    The episode's K inner steps run in windows of `window`, with a meta update on the mean
-    task loss at the new θ after each window (`bilevel.windowed_meta_steps`): after every
-    inner step (window 1) or after the whole unroll (window K).
+    The episode's K inner steps run in the estimator's windows, with a meta update on the
+    mean task loss at the new θ after each window (`bilevel.windowed_meta_steps`): after
+    every inner step (`Truncated(window=1)`) or after the whole unroll (`Unrolled()`).
 
     Args:
       meta_state: φ and its optimizer state.
       fresh_states: newly initialised θ of each task [T].
       batches, keys: inner data [T, K, ...] and keys [T, K].
-      outer_batches, outer_keys: task-loss data and keys [T, K // window, ...].
-      window: inner steps per meta update.
+      outer_batches, outer_keys: task-loss data and keys [T, K // W, ...], W the
+        estimator's window (K if None).
+      problem: the learned inner loss, the task loss and the inner optimizer.
+      estimator: a `bilevel.Estimator` (from a config: `bilevel.estimator_from_config`).
       meta_optimizer: the outer optax optimizer.
       return_final_states: also return the tasks' inner states at the episode's end.
-      **meta_loss_kwargs: `inner_loss`, `outer_loss`, `optimizer`, `estimator` (required:
-        "unrolled" for window == K, "truncated" for a shorter one, or "first_order") and
-        `remat`, passed to `bilevel.windowed_meta_steps`, which refuses unknown names and
-        an estimator that does not fit the window.
 
     Returns:
       `(meta_state, metrics)`, metrics averaged over the episode's meta updates; with
       `return_final_states`, `(meta_state, final_states [T], metrics)`.
     """
+    bilevel.check_estimator_object(estimator)
     # Each episode is a whole unroll from fresh θ: PES's particles start afresh too.
-    meta_state, final_states, metrics, _ = bilevel.windowed_meta_steps(
+    meta_state, final, metrics = bilevel.windowed_meta_steps(
         meta_state,
-        fresh_states,
+        estimator.init_tasks(meta_state.params, fresh_states),
         batches,
         keys,
         outer_batches,
         outer_keys,
-        window=window,
+        problem=problem,
+        estimator=estimator,
         meta_optimizer=meta_optimizer,
-        **meta_loss_kwargs,
     )
+    final_states = final.inner
     metrics = {k: jnp.mean(v) for k, v in metrics.items()}
     return (meta_state, final_states, metrics) if return_final_states else (meta_state, metrics)
 
@@ -172,10 +172,10 @@ def episode(
     inner_key: PRNGKey,
     outer_key: PRNGKey,
     *,
-    window: int,
+    problem: bilevel.Problem,
+    estimator: bilevel.Estimator,
     meta_optimizer: optax.GradientTransformation,
     return_final_states: bool = False,
-    **meta_loss_kwargs,
 ) -> tuple[MetaState, dict[str, Array]]:
     """One ML³ meta iteration of T tasks: `meta_train_episode` with its keys drawn here.
 
@@ -183,17 +183,19 @@ def episode(
       meta_state: φ and its optimizer state.
       fresh_states: newly initialised θ of each task [T].
       batches: inner data [T, K, ...].
-      outer_batches: task-loss data [T, K // window, ...].
+      outer_batches: task-loss data [T, K // W, ...], W the estimator's window.
       inner_key: split into the [T, K] inner-step keys.
-      outer_key: split into the [T, K // window] task-loss keys.
-      window, meta_optimizer, return_final_states, **meta_loss_kwargs: as in
+      outer_key: split into the [T, K // W] task-loss keys.
+      problem, estimator, meta_optimizer, return_final_states: as in
         `meta_train_episode`.
 
     Returns:
       `(meta_state, metrics)`, metrics averaged over the episode's meta updates; with
       `return_final_states`, `(meta_state, final_states [T], metrics)`.
     """
+    bilevel.check_estimator_object(estimator)
     num_tasks, length = jax.tree.leaves(batches)[0].shape[:2]
+    window = estimator.window or length
     if length % window:
         raise ValueError(
             f"The window ({window}) must divide the episode length ({length} inner steps)."
@@ -205,8 +207,8 @@ def episode(
         jax.random.split(inner_key, (num_tasks, length)),
         outer_batches,
         jax.random.split(outer_key, (num_tasks, length // window)),
-        window=window,
+        problem=problem,
+        estimator=estimator,
         meta_optimizer=meta_optimizer,
         return_final_states=return_final_states,
-        **meta_loss_kwargs,
     )

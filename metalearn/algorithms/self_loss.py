@@ -14,8 +14,8 @@ critic. The self-produced training signal (`Spec.signal`) is either
 
 Phase 1 (`meta_objective`) meta-trains θ: K inner steps on the self-produced loss from
 θ, then the true cross-entropy of another batch at θ', differentiated through the inner
-steps with the heart (`bilevel.meta_loss`) or estimated from forward unrolls alone by
-antithetic ES (`meta_grad`, estimator 'es': on path 'hard', where the token choice has no
+steps with the heart (an estimator's `loss`) or estimated from forward unrolls alone by
+antithetic ES (`meta_grad` with `bilevel.ES`: on path 'hard', where the token choice has no
 gradient); the outer update is followed by θ ← (1 − τ)θ + τθ' (`interpolate`). Phase 2
 updates θ by the self-produced loss (`self_loss`) alone.
 
@@ -35,7 +35,6 @@ import jax.numpy as jnp
 import optax
 
 from metalearn import bilevel, estimators
-from metalearn.estimators import EstimatorOptions
 from metalearn.models.mlp import smooth_leaky_relu
 from metalearn.models.transformer import Transformer, param_groups
 from metalearn.state import init_inner_state
@@ -355,6 +354,18 @@ def routed(
     )
 
 
+# The estimators of a Phase 1 meta step, one unroll from θ.
+PHASE1_ESTIMATORS = (bilevel.Unrolled, bilevel.FirstOrder, bilevel.LastWindow, bilevel.ES)
+
+
+def _problem(model: Transformer, spec: Spec, inner_optimizer) -> bilevel.Problem:
+    return bilevel.Problem(
+        functools.partial(self_loss, model=model, spec=spec),
+        functools.partial(outer_loss, model=model, spec=spec),
+        inner_optimizer,
+    )
+
+
 def meta_objective(
     theta: Params,
     tokens: Array,
@@ -365,9 +376,7 @@ def meta_objective(
     model: Transformer,
     spec: Spec,
     inner_optimizer: optax.GradientTransformation,
-    estimator: str,
-    window: int,
-    remat: bool = False,
+    estimator: bilevel.Estimator,
 ) -> tuple[Array, tuple[Params, dict[str, Array]]]:
     """L_true(θ'(θ)) after K inner steps on the self-produced loss from θ.
 
@@ -378,37 +387,30 @@ def meta_objective(
       theta: the parameters.
       tokens, keys: K inner batches [K, B, T + 1] and keys [K].
       outer_tokens, outer_key: the outer batch.
-      estimator: a name of `bilevel.ESTIMATORS` that fits one meta step (see
-        `bilevel.meta_loss`): 'unrolled' (through all K steps), 'first_order' (the inner
-        gradient at stop_gradient(θ)) or 'last_window' (only the last `window` steps are
+      estimator: how the objective is differentiated (see `check_estimator`):
+        `bilevel.Unrolled` (through all K steps), `FirstOrder` (the inner gradient at
+        stop_gradient(θ)) or `LastWindow(steps=W)` (only the last W steps are
         differentiated; the earlier ones enter the start of the window with an identity
-        Jacobian to θ, since θ is also where the unroll starts). 'es' does not
-        differentiate this function: `meta_grad` estimates its gradient.
-      window: steps differentiated by 'last_window'.
-      remat: rematerialise each differentiated inner step on the backward pass.
+        Jacobian to θ, since θ is also where the unroll starts), each with its `remat`.
+        `ES` does not differentiate this function: `meta_grad` estimates its gradient.
 
     Returns:
       `(outer loss, (θ', inner metrics stacked over K))`.
     """
-    check_estimator(estimator, window, tokens.shape[0])
-    if estimator == "es":
+    check_estimator(estimator, tokens.shape[0])
+    if isinstance(estimator, bilevel.ES):
         raise ValueError(
-            "estimator='es' estimates the meta-gradient from forward unrolls instead of "
-            "differentiating meta_objective: call self_loss.meta_grad(..., estimator='es')."
+            "ES estimates the meta-gradient from forward unrolls instead of "
+            "differentiating meta_objective: call self_loss.meta_grad(..., estimator=ES())."
         )
-    loss, (final, metrics) = bilevel.meta_loss(
+    loss, (final, metrics) = estimator.loss(
+        _problem(model, spec, inner_optimizer),
         theta,
         init_inner_state(theta, inner_optimizer),
         tokens,
         keys,
         outer_tokens,
         outer_key,
-        inner_loss=functools.partial(self_loss, model=model, spec=spec),
-        outer_loss=functools.partial(outer_loss, model=model, spec=spec),
-        optimizer=inner_optimizer,
-        estimator=estimator,
-        window=window if estimator == "last_window" else None,
-        remat=remat,
     )
     return loss, (final.params, metrics)
 
@@ -423,33 +425,30 @@ def meta_grad(
     model: Transformer,
     spec: Spec,
     inner_optimizer: optax.GradientTransformation,
-    estimator: str,
-    window: int,
-    remat: bool = False,
-    options: EstimatorOptions | None = None,
+    estimator: bilevel.Estimator,
     noise_key: PRNGKey | None = None,
 ) -> tuple[Array, Params, tuple[Params, dict[str, Array]]]:
     """Phase 1's meta-gradient: ∇_θ `meta_objective`, backpropagated or estimated.
 
-    'es' (antithetic ES, `estimators.antithetic_es`) perturbs all of θ — the start of
-    the unroll and the critic together — and runs 2P forward unrolls from θ ± ε, so its
-    memory does not grow with K and it sees what backpropagation cannot: on path 'hard'
-    how θ moves the argmax tokens the critic reads, and so the inner steps. It estimates
-    the gradient of the Gaussian-smoothed objective; its variance grows with the number
-    of parameters.
+    `bilevel.ES` (antithetic ES, `estimators.antithetic_es`, its σ and pairs) perturbs
+    all of θ — the start of the unroll and the critic together — and runs 2P forward
+    unrolls from θ ± ε, so its memory does not grow with K and it sees what
+    backpropagation cannot: on path 'hard' how θ moves the argmax tokens the critic
+    reads, and so the inner steps. It estimates the gradient of the Gaussian-smoothed
+    objective; its variance grows with the number of parameters (see `bilevel.ES` on
+    choosing σ and pairs).
 
     Args:
       theta, tokens, keys, outer_tokens, outer_key, model, spec, inner_optimizer,
-        window, remat: as in `meta_objective`.
-      estimator: 'unrolled', 'first_order', 'last_window' (backpropagation through
-        `meta_objective`) or 'es' (see `check_estimator`).
-      options: σ and pairs P of 'es' (`EstimatorOptions`, or a mapping; defaults if None).
-      noise_key: the key of ES's perturbations (required by 'es').
+        estimator: as in `meta_objective`, or `ES`.
+      noise_key: the key of ES's perturbations (required by `ES`).
 
     Returns:
       `(outer loss, grads shaped like θ, (θ', inner metrics stacked over K))`: the loss,
-      θ' and metrics of the unperturbed unroll; 'es' adds `es_loss_spread` [K], the std
-      of the 2P perturbed outer losses.
+      θ' and metrics of the unperturbed unroll; `ES` adds, each broadcast over K,
+      `es_loss_spread` (the std of the 2P perturbed outer losses), `es_stderr` (the norm
+      of the estimate's standard error, from the spread over the pairs) and
+      `es_rel_stderr` (that over the estimate's norm: near or above 1, mostly noise).
     """
     objective = functools.partial(
         meta_objective,
@@ -460,64 +459,68 @@ def meta_grad(
         model=model,
         spec=spec,
         inner_optimizer=inner_optimizer,
-        window=window,
-        remat=remat,
     )
-    if estimator != "es":
+    if not isinstance(estimator, bilevel.ES):
         (loss, aux), grads = jax.value_and_grad(
             functools.partial(objective, estimator=estimator), has_aux=True
         )(theta)
         return loss, grads, aux
-    check_estimator(estimator, window, tokens.shape[0])
+    check_estimator(estimator, tokens.shape[0])
     if noise_key is None:
-        raise ValueError("estimator='es' draws its perturbations from noise_key: pass one.")
-    options = EstimatorOptions.from_config(options)
-    forward = functools.partial(objective, estimator="unrolled")  # never differentiated
+        raise ValueError("ES draws its perturbations from noise_key: pass one.")
+    forward = functools.partial(objective, estimator=bilevel.Unrolled())  # never differentiated
     theta = jax.lax.stop_gradient(theta)
     loss, (theta_prime, metrics) = forward(theta)
-    grads, losses, _ = estimators.antithetic_es(
-        forward, theta, noise_key, sigma=options.sigma, pairs=options.pairs
+    grads, losses, stderr = estimators.antithetic_es(
+        forward, theta, noise_key, sigma=estimator.sigma, pairs=estimator.pairs
     )
-    spread = jnp.broadcast_to(jnp.std(losses), (tokens.shape[0],))
-    return loss, grads, (theta_prime, {**metrics, "es_loss_spread": spread})
+    extra = {"es_loss_spread": jnp.std(losses)}
+    if stderr is not None:
+        extra["es_stderr"] = stderr
+        extra["es_rel_stderr"] = stderr / jnp.maximum(optax.global_norm(grads), 1e-30)
+    extra = {k: jnp.broadcast_to(v, (tokens.shape[0],)) for k, v in extra.items()}
+    return loss, grads, (theta_prime, {**metrics, **extra})
 
 
-def check_estimator(name: str, window: int, inner_steps: int) -> None:
+def check_estimator(estimator: bilevel.Estimator, inner_steps: int) -> None:
     """Validates Phase 1's gradient estimator; raises ValueError saying how to fix it.
 
     Args:
-      name: a name of `bilevel.ESTIMATORS` that fits one meta step from θ: 'unrolled',
-        'first_order', 'last_window' or 'es' (`meta_grad`).
-      window: the inner steps 'last_window' differentiates (ignored by the others).
+      estimator: one that fits one meta step from θ: `bilevel.Unrolled`, `FirstOrder`,
+        `LastWindow` or `ES` (`meta_grad`), over the whole unroll (window None).
       inner_steps: K, the inner steps of a meta step.
     """
-    bilevel.check_estimator_name(name)
-    if name == "pes":
+    bilevel.check_estimator_object(estimator)
+    if isinstance(estimator, bilevel.PES):
         raise ValueError(
-            "estimator='pes' carries perturbed inner states from one window of a long unroll "
-            "to the next; a Phase 1 meta step is one unroll that starts afresh from θ, with "
-            "nothing carried between meta steps, so PES would be plain ES: say "
-            "estimator='es' (forward unrolls only, memory independent of meta.inner_steps)."
+            "PES carries perturbed inner states from one window of a long unroll to the "
+            "next; a Phase 1 meta step is one unroll that starts afresh from θ, with nothing "
+            "carried between meta steps, so PES would be plain ES: use ES (forward unrolls "
+            "only, memory independent of meta.inner_steps)."
         )
-    if name == "implicit":
+    if isinstance(estimator, bilevel.Implicit):
         raise ValueError(
-            "estimator='implicit' differentiates the fixed point of the inner loss, where θ' "
-            "no longer depends on where the unroll started; a Phase 1 unroll is "
+            "Implicit differentiates the fixed point of the inner loss, where θ' no longer "
+            "depends on where the unroll started; a Phase 1 unroll is "
             f"meta.inner_steps ({inner_steps}) steps from θ, not solved to a fixed point, and "
             "its dependence on that start is most of its meta-gradient: choose 'unrolled', "
             "'first_order', 'last_window', or 'es' (forward only, e.g. for path='hard')."
         )
-    if name == "truncated":
+    if isinstance(estimator, bilevel.Truncated) or estimator.window is not None:
         raise ValueError(
-            "estimator='truncated' updates the meta-parameters after every window of a "
-            "longer unroll; a Phase 1 meta step is one unroll from θ: choose 'unrolled', "
+            f"{estimator!r} updates the meta-parameters after every window of a longer "
+            "unroll; a Phase 1 meta step is one unroll from θ: choose 'unrolled', "
             "'first_order', 'last_window' (differentiate the last meta.window inner steps) or "
             "'es'."
         )
-    if name == "last_window" and not 0 < window < inner_steps:
+    if not isinstance(estimator, PHASE1_ESTIMATORS):
+        raise ValueError(
+            f"Phase 1 takes one of {[c.__name__ for c in PHASE1_ESTIMATORS]}; got {estimator!r}."
+        )
+    if isinstance(estimator, bilevel.LastWindow) and not estimator.steps < inner_steps:
         raise ValueError(
             f"estimator='last_window' differentiates the last meta.window steps of "
-            f"meta.inner_steps; the window ({window}) must be in [1, {inner_steps})."
+            f"meta.inner_steps; the window ({estimator.steps}) must be in [1, {inner_steps})."
         )
 
 

@@ -1,252 +1,214 @@
-"""Meta-gradients by backpropagation through one unroll (`meta_loss`, `meta_grad`) and
-over T tasks side by side (`meta_grad_over_tasks`); "es" and "implicit" are handed to
-`forward`."""
+"""The estimators that backpropagate through the unroll: `Unrolled`, `Truncated`,
+`FirstOrder` and `LastWindow`, and their differentiable objective (`loss`)."""
 
-import functools
+import dataclasses
 
 import jax
 import jax.numpy as jnp
-import optax
 
-from metalearn.bilevel.checks import _NOT_BACKPROP, _check_one_unroll
-from metalearn.bilevel.forward import _estimated_grad
 from metalearn.bilevel.probe import check_differentiable_optimizer
-from metalearn.bilevel.unroll import _num_steps, unroll
-from metalearn.estimators import EstimatorOptions
-from metalearn.state import InnerState
-from metalearn.types import (
-    Array,
-    Batch,
-    InnerLossFn,
-    MetaParams,
-    Metrics,
-    OuterLossFn,
-    PRNGKey,
+from metalearn.bilevel.problem import (
+    Estimator,
+    EstimatorState,
+    Problem,
+    check_positive_int,
+    check_tasks,
 )
+from metalearn.bilevel.unroll import _num_steps, unroll
+from metalearn.state import InnerState
+from metalearn.types import Array, Batch, MetaParams, Metrics, PRNGKey
 
 
-def meta_loss(
-    meta_params: MetaParams,
-    state: InnerState,
-    batches: Batch,
-    keys: PRNGKey,
-    outer_batch: Batch,
-    outer_key: PRNGKey,
-    *,
-    inner_loss: InnerLossFn,
-    outer_loss: OuterLossFn,
-    optimizer: optax.GradientTransformation,
-    estimator: str = "unrolled",
-    window: int | None = None,
-    remat: bool = False,
-) -> tuple[Array, tuple[InnerState, Metrics]]:
-    """The outer objective L_outer(θ_K(φ)) after unrolling K inner steps from `state`.
+def _check_remat(owner: str, remat) -> None:
+    if not isinstance(remat, bool):
+        raise ValueError(f"{owner}(remat={remat!r}): remat must be True or False.")
 
-    `state` is an ordinary input: when a caller carries it across meta steps (the
-    truncated estimator) no gradient flows back past it; when the caller builds it from
-    what it differentiates (θ₀ = φ, MAML-like), the gradient flows through it too.
 
-    With ``estimator="last_window"`` the first K − W steps run forward (no remat), and the
-    last W start from their result with the optimizer and model state under
-    `stop_gradient` and the parameters as `θ₀ + stop_gradient(θ_{K−W} − θ₀)`: the value of
-    θ_{K−W}, the Jacobian of the identity with respect to θ₀ (zero when θ₀ is a constant of
-    what is differentiated). Only the last W steps are differentiated.
-
-    Args:
-      meta_params: φ, the argument differentiated.
-      state: the inner state the unroll starts from.
-      batches: the K inner batches, leaves [K, ...].
-      keys: the K inner keys, [K] (typed) or [K, 2].
-      outer_batch, outer_key: what the outer loss is evaluated on at θ_K (no step axis).
-      inner_loss, outer_loss, optimizer: see the module docstring.
-      estimator: "unrolled", "first_order" or "last_window" (see `ESTIMATORS`);
-        "truncated" belongs to `windowed_meta_steps` and is refused here.
-      window: for "last_window" only, the W last steps differentiated, 1 <= W < K.
-      remat: as in `unroll` (the differentiated steps).
-
-    Returns:
-      `(loss, (final_state, inner_metrics))`: a scalar loss, the state after K steps and
-      the metrics stacked over K (leaves [K]).
-
-    Raises:
-      ValueError: for an unknown or inapplicable estimator, a bad `window`, or an
-        optimizer whose update has a NaN derivative (Adam without `eps_root`).
-    """
-    num_steps = _num_steps(keys)
-    _check_one_unroll(estimator, window, num_steps)
-    if estimator in _NOT_BACKPROP:
+def _check_state(owner: str, state) -> None:
+    if not isinstance(state, EstimatorState):
+        raise TypeError(
+            f"{owner} takes the EstimatorState of its `init(meta_params, inner_state)` (or "
+            f"of its last call), not a {type(state).__name__}: wrap a fresh inner state "
+            "with estimator.init (estimator.init_tasks for T tasks)."
+        )
+    if state.particles is not None:
         raise ValueError(
-            f"estimator={estimator!r} computes the meta-gradient itself instead of "
-            "differentiating meta_loss: call meta_grad, meta_grad_over_tasks or "
-            "windowed_meta_steps with it."
+            f"{owner} carries no particles, but the state has some (a PES state?): pass a "
+            "state from this estimator's own init."
         )
-    check_differentiable_optimizer(optimizer, state.params)
-    head_metrics = None
-    if estimator == "last_window":
-        cut = num_steps - window
-        head, head_metrics = unroll(
-            state,
+
+
+class _Backprop(Estimator):
+    """Shared by the backpropagating estimators: `loss` and its gradient."""
+
+    remat: bool = False
+    _first_order = False
+
+    def _tail(self, num_steps: int) -> int | None:
+        """How many of the last steps are differentiated (None: all)."""
+        del num_steps
+        return None
+
+    def loss(
+        self,
+        problem: Problem,
+        meta_params: MetaParams,
+        inner_state: InnerState,
+        batches: Batch,
+        keys: PRNGKey,
+        outer_batch: Batch,
+        outer_key: PRNGKey,
+    ) -> tuple[Array, tuple[InnerState, Metrics]]:
+        """L_outer(θ_K(φ)) after the K inner steps from `inner_state`, differentiable in φ
+        the way this estimator differentiates it: `(loss, (final_state, metrics [K]))`.
+
+        `inner_state` is an ordinary input: carried across calls, no gradient flows back
+        past it; built from what is differentiated (θ₀ = φ, MAML-like), it flows through.
+        """
+        num_steps = _num_steps(keys)
+        self._check_window(num_steps)
+        tail = self._tail(num_steps)
+        check_differentiable_optimizer(problem.optimizer, inner_state.params)
+        head_metrics = None
+        if tail is not None:
+            cut = num_steps - tail
+            head, head_metrics = unroll(
+                inner_state,
+                meta_params,
+                jax.tree.map(lambda x: x[:cut], batches),
+                keys[:cut],
+                inner_loss=problem.inner_loss,
+                optimizer=problem.optimizer,
+            )
+            # Straight-through: the value of the head's θ, the identity Jacobian to θ₀.
+            start = jax.tree.map(
+                lambda p, q: p + jax.lax.stop_gradient(q - p), inner_state.params, head.params
+            )
+            inner_state = head.replace(
+                params=start,
+                opt_state=jax.lax.stop_gradient(head.opt_state),
+                model_state=jax.lax.stop_gradient(head.model_state),
+            )
+            batches, keys = jax.tree.map(lambda x: x[cut:], batches), keys[cut:]
+        final, metrics = unroll(
+            inner_state,
             meta_params,
-            jax.tree.map(lambda x: x[:cut], batches),
-            keys[:cut],
-            inner_loss=inner_loss,
-            optimizer=optimizer,
-        )
-        # Straight-through: the value of the head's θ, the identity Jacobian to the input θ.
-        start = jax.tree.map(
-            lambda p, q: p + jax.lax.stop_gradient(q - p), state.params, head.params
-        )
-        state = head.replace(
-            params=start,
-            opt_state=jax.lax.stop_gradient(head.opt_state),
-            model_state=jax.lax.stop_gradient(head.model_state),
-        )
-        batches, keys = jax.tree.map(lambda x: x[cut:], batches), keys[cut:]
-    final, metrics = unroll(
-        state,
-        meta_params,
-        batches,
-        keys,
-        inner_loss=inner_loss,
-        optimizer=optimizer,
-        first_order=estimator == "first_order",
-        remat=remat,
-    )
-    loss = outer_loss(final.params, final.model_state, outer_batch, outer_key)
-    if head_metrics is not None:
-        metrics = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), head_metrics, metrics)
-    return loss, (final, metrics)
-
-
-def meta_grad(
-    meta_params: MetaParams,
-    state: InnerState,
-    batches: Batch,
-    keys: PRNGKey,
-    outer_batch: Batch,
-    outer_key: PRNGKey,
-    *,
-    inner_loss: InnerLossFn,
-    outer_loss: OuterLossFn,
-    optimizer: optax.GradientTransformation,
-    estimator: str = "unrolled",
-    window: int | None = None,
-    remat: bool = False,
-    options: EstimatorOptions | None = None,
-    noise_key: PRNGKey | None = None,
-) -> tuple[Array, MetaParams, InnerState, Metrics]:
-    """∇_φ of `meta_loss`, with its value: the meta-gradient of one K-step unroll.
-
-    Args:
-      As `meta_loss`: `meta_params` φ; `state` the starting inner state; `batches` leaves
-      [K, ...] and `keys` [K]; `outer_batch`, `outer_key` for the outer loss at θ_K; the
-      losses, inner optimizer, `estimator` ("unrolled", "first_order", "last_window",
-      or "es" and "implicit", which do not backpropagate through the unroll), `window`
-      (for "last_window") and `remat`.
-      options: σ and pairs of "es", CG iterations and damping of "implicit"
-        (`EstimatorOptions`; defaults if None).
-      noise_key: the key of ES's perturbations; by default derived from `outer_key`.
-
-    Returns:
-      `(loss, grads, final_state, inner_metrics)`: scalar loss, grads shaped like φ, the
-      state after K steps and metrics stacked over K ("es" adds `meta/es_loss_spread`,
-      the std of the perturbed losses; "implicit" `meta/cg_residual`, the relative
-      residual of its linear solve, each broadcast over K).
-    """
-    _check_one_unroll(estimator, window, _num_steps(keys))
-    if estimator in _NOT_BACKPROP:
-        return _estimated_grad(
-            meta_params,
-            state,
             batches,
             keys,
-            outer_batch,
-            outer_key,
-            noise_key,
-            inner_loss=inner_loss,
-            outer_loss=outer_loss,
-            optimizer=optimizer,
-            estimator=estimator,
-            options=EstimatorOptions.from_config(options),
+            inner_loss=problem.inner_loss,
+            optimizer=problem.optimizer,
+            first_order=self._first_order,
+            remat=self.remat,
         )
-    fn = functools.partial(
-        meta_loss,
-        inner_loss=inner_loss,
-        outer_loss=outer_loss,
-        optimizer=optimizer,
-        estimator=estimator,
-        window=window,
-        remat=remat,
-    )
-    (loss, (final, metrics)), grads = jax.value_and_grad(fn, has_aux=True)(
-        meta_params, state, batches, keys, outer_batch, outer_key
-    )
-    return loss, grads, final, metrics
+        loss = problem.outer_loss(final.params, final.model_state, outer_batch, outer_key)
+        if head_metrics is not None:
+            metrics = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), head_metrics, metrics)
+        return loss, (final, metrics)
+
+    def estimate(self, problem, meta_params, state, batches, keys, outer_batch, outer_key):
+        _check_state(type(self).__name__, state)
+        fn = lambda phi: self.loss(problem, phi, state.inner, batches, keys, outer_batch, outer_key)  # noqa: E731
+        (loss, (final, metrics)), grads = jax.value_and_grad(fn, has_aux=True)(meta_params)
+        return grads, EstimatorState(inner=final), {"meta/loss": loss, **metrics}
+
+    def estimate_tasks(self, problem, meta_params, state, batches, keys, outer_batches, outer_keys):
+        _check_state(type(self).__name__, state)
+        check_tasks(state, keys)
+        per_task = lambda phi, *xs: self.loss(problem, phi, *xs)  # noqa: E731
+
+        def mean_loss(phi):
+            losses, aux = jax.vmap(per_task, in_axes=(None, 0, 0, 0, 0, 0))(
+                phi, state.inner, batches, keys, outer_batches, outer_keys
+            )
+            return losses.mean(), aux
+
+        (loss, (finals, metrics)), grads = jax.value_and_grad(mean_loss, has_aux=True)(meta_params)
+        return grads, EstimatorState(inner=finals), {"meta/loss": loss, **metrics}
 
 
-def meta_grad_over_tasks(
-    meta_params: MetaParams,
-    states: InnerState,
-    batches: Batch,
-    keys: PRNGKey,
-    outer_batches: Batch,
-    outer_keys: PRNGKey,
-    *,
-    inner_loss: InnerLossFn,
-    outer_loss: OuterLossFn,
-    optimizer: optax.GradientTransformation,
-    estimator: str = "unrolled",
-    window: int | None = None,
-    remat: bool = False,
-    options: EstimatorOptions | None = None,
-) -> tuple[Array, MetaParams, InnerState, Metrics]:
-    """Meta-gradient of the mean outer loss over T independent tasks sharing one φ.
+@dataclasses.dataclass(frozen=True)
+class Unrolled(_Backprop):
+    """Exact backpropagation through every inner step a call is given.
 
-    Each task has its own inner state, batches and outer batch; the tasks run side by
-    side under `jax.vmap` of `meta_loss`.
-
-    Args:
-      meta_params: φ, shared by the tasks (no task axis).
-      states: the T inner states, leaves [T, ...].
-      batches: inner batches, leaves [T, K, ...]; keys: [T, K].
-      outer_batches: one outer batch per task, leaves [T, ...]; outer_keys: [T].
-      inner_loss, outer_loss, optimizer, estimator, window, remat, options: as in
-        `meta_grad`; ES draws each task's perturbations from a key derived from its
-        outer key.
-
-    Returns:
-      `(mean_loss, grads, final_states, inner_metrics)`: the scalar mean over tasks, grads
-      shaped like φ, final states with leaves [T, ...], metrics [T, K].
+    Attributes:
+      remat: rematerialise each inner step on the backward pass (`jax.checkpoint`):
+        memory O(1) in K instead of O(K) activations, for about one more forward pass.
     """
-    if estimator in _NOT_BACKPROP:
-        _check_one_unroll(estimator, window, jax.tree.leaves(keys)[0].shape[1])
-        one = functools.partial(
-            meta_grad,
-            inner_loss=inner_loss,
-            outer_loss=outer_loss,
-            optimizer=optimizer,
-            estimator=estimator,
-            options=EstimatorOptions.from_config(options),
-        )
-        losses, grads, finals, metrics = jax.vmap(one, in_axes=(None, 0, 0, 0, 0, 0))(
-            meta_params, states, batches, keys, outer_batches, outer_keys
-        )
-        return losses.mean(), jax.tree.map(lambda g: g.mean(0), grads), finals, metrics
-    per_task = functools.partial(
-        meta_loss,
-        inner_loss=inner_loss,
-        outer_loss=outer_loss,
-        optimizer=optimizer,
-        estimator=estimator,
-        window=window,
-        remat=remat,
-    )
 
-    def mean_loss(phi: MetaParams) -> tuple[Array, tuple[InnerState, Metrics]]:
-        losses, aux = jax.vmap(per_task, in_axes=(None, 0, 0, 0, 0, 0))(
-            phi, states, batches, keys, outer_batches, outer_keys
-        )
-        return losses.mean(), aux
+    name = "unrolled"
+    remat: bool = False
 
-    (loss, (finals, metrics)), grads = jax.value_and_grad(mean_loss, has_aux=True)(meta_params)
-    return loss, grads, finals, metrics
+    def __post_init__(self):
+        _check_remat("Unrolled", self.remat)
+
+
+@dataclasses.dataclass(frozen=True)
+class Truncated(_Backprop):
+    """Truncated backpropagation: exact through each window of `window` inner steps, one
+    estimate per window, the inner state carried to the next window as a constant (no
+    gradient crosses a window boundary): biased towards short horizons.
+
+    Attributes:
+      window: W, the inner steps of one estimate (`windowed_meta_steps` updates φ after
+        each); a call of `estimate` is one window.
+      remat: as in `Unrolled`.
+    """
+
+    name = "truncated"
+    window: int = 1
+    remat: bool = False
+
+    def __post_init__(self):
+        check_positive_int("Truncated", "window", self.window)
+        _check_remat("Truncated", self.remat)
+
+
+@dataclasses.dataclass(frozen=True)
+class FirstOrder(_Backprop):
+    """The inner gradient at stop_gradient(θ): every second-order term in θ (∂²L/∂θ²)
+    dropped, the mixed ∂²L/∂θ∂φ through which φ moves θ kept.
+
+    Attributes:
+      window: None for one estimate over all the steps of a call, W for one per W steps
+        (truncated first-order, see `Truncated`).
+      remat: as in `Unrolled`.
+    """
+
+    name = "first_order"
+    window: int | None = None
+    remat: bool = False
+    _first_order = True
+
+    def __post_init__(self):
+        check_positive_int("FirstOrder", "window", self.window, allow_none=True)
+        _check_remat("FirstOrder", self.remat)
+
+
+@dataclasses.dataclass(frozen=True)
+class LastWindow(_Backprop):
+    """One estimate over the K steps of a call that differentiates only the last `steps`:
+    the first K − steps run forward, and the state entering the last ones is cut from
+    them (its parameters by a straight-through identity: the value of θ_{K−steps}, the
+    Jacobian of θ₀), so the backward pass costs `steps` steps' memory and time.
+
+    Attributes:
+      steps: the last inner steps differentiated, 1 <= steps < K.
+      remat: as in `Unrolled`, for the differentiated steps.
+    """
+
+    name = "last_window"
+    steps: int = 1
+    remat: bool = False
+
+    def __post_init__(self):
+        check_positive_int("LastWindow", "steps", self.steps)
+        _check_remat("LastWindow", self.remat)
+
+    def _tail(self, num_steps: int) -> int:
+        if self.steps >= num_steps:
+            raise ValueError(
+                f"LastWindow(steps={self.steps}) differentiates the last steps of an unroll, "
+                f"so it needs more than {self.steps} inner steps; this one has {num_steps}. "
+                "For all of them use Unrolled()."
+            )
+        return self.steps

@@ -1,41 +1,47 @@
-"""The estimators that do not backpropagate through the unroll ("es", "implicit"): the
-unperturbed unroll runs forward only, and the meta-gradient comes from
-`metalearn.estimators`."""
+"""The estimators that do not backpropagate through the unroll: `ES` (antithetic
+evolution strategies) and `Implicit` (implicit differentiation at a fixed point). The
+unperturbed unroll runs forward only; the mathematics is in `metalearn.estimators`."""
 
-import functools
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from metalearn import estimators
-from metalearn.bilevel.unroll import _num_steps, unroll
-from metalearn.estimators import EstimatorOptions
-from metalearn.state import InnerState
-from metalearn.streams import OuterKey
-from metalearn.types import (
-    Array,
-    Batch,
-    InnerLossFn,
-    MetaParams,
-    Metrics,
-    OuterLossFn,
-    PRNGKey,
+from metalearn.bilevel.backprop import _check_state
+from metalearn.bilevel.problem import (
+    Estimator,
+    EstimatorState,
+    Problem,
+    broadcast_steps,
+    check_positive_int,
+    check_positive_real,
 )
+from metalearn.bilevel.unroll import _num_steps, unroll
+from metalearn.streams import OuterKey
+from metalearn.types import Array, MetaParams, PRNGKey
 
 
-def _noise_key(noise_key: PRNGKey | None, outer_key: PRNGKey) -> PRNGKey:
-    return jax.random.fold_in(outer_key, OuterKey.ES_NOISE) if noise_key is None else noise_key
+def noise_key(outer_key: PRNGKey) -> PRNGKey:
+    """The key of ES's and PES's perturbations, derived from the outer key."""
+    return jax.random.fold_in(outer_key, OuterKey.ES_NOISE)
 
 
-def _window_loss(
-    meta_params, state, batches, keys, outer_batch, outer_key, *, inner_loss, outer_loss, optimizer
-):
+def window_loss(problem: Problem, meta_params, state, batches, keys, outer_batch, outer_key):
     """A forward unroll and its outer loss: `(loss, (final_state, metrics))`."""
     final, metrics = unroll(
-        state, meta_params, batches, keys, inner_loss=inner_loss, optimizer=optimizer
+        state,
+        meta_params,
+        batches,
+        keys,
+        inner_loss=problem.inner_loss,
+        optimizer=problem.optimizer,
     )
-    return outer_loss(final.params, final.model_state, outer_batch, outer_key), (final, metrics)
+    return problem.outer_loss(final.params, final.model_state, outer_batch, outer_key), (
+        final,
+        metrics,
+    )
 
 
 def es_diagnostics(losses: Array, stderr: Array | None, grads: MetaParams) -> dict[str, Array]:
@@ -49,62 +55,128 @@ def es_diagnostics(losses: Array, stderr: Array | None, grads: MetaParams) -> di
     return out
 
 
-def _estimated_grad(
-    meta_params: MetaParams,
-    state: InnerState,
-    batches: Batch,
-    keys: PRNGKey,
-    outer_batch: Batch,
-    outer_key: PRNGKey,
-    noise_key: PRNGKey | None,
-    *,
-    inner_loss: InnerLossFn,
-    outer_loss: OuterLossFn,
-    optimizer: optax.GradientTransformation,
-    estimator: str,
-    options: EstimatorOptions,
-) -> tuple[Array, MetaParams, InnerState, Metrics]:
-    """`meta_grad` for "es" and "implicit": the unperturbed unroll runs forward only."""
-    window_loss = functools.partial(
-        _window_loss, inner_loss=inner_loss, outer_loss=outer_loss, optimizer=optimizer
+def check_es_settings(owner: str, sigma, pairs) -> None:
+    check_positive_real(owner, "sigma", sigma)
+    check_positive_int(owner, "pairs", pairs)
+
+
+_CHOOSING = """
+    Choosing σ and pairs for n = dim(φ): the estimate's relative standard error is about
+    √(n/P), its cosine with the true gradient about 1/√(1 + n/P), so P of the order of n
+    for a usable direction (the default 1,801-parameter loss network: 8 pairs give a
+    cosine near 0.05, 512 near 0.5), fewer when many meta steps average the noise out;
+    σ small enough that the loss is near-linear within ±σ, large enough that
+    L(φ + ε) − L(φ − ε) stays well above float rounding (see `metalearn.estimators`).
+    Each estimate reports `meta/es_stderr` and `meta/es_rel_stderr` (near or above 1:
+    mostly noise, raise `pairs`)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ES(Estimator):
+    __doc__ = (
+        """Antithetic evolution strategies on φ: 2P forward unrolls under φ ± ε, no
+    backward pass, so memory does not grow with K and the inner loop need not be
+    differentiable. The perturbations come from a key derived from the outer key.
+
+    Attributes:
+      sigma: σ, the per-coordinate standard deviation of the perturbations.
+      pairs: P, antithetic pairs per estimate.
+      window: None for one estimate over all the steps of a call; W for one per W
+        steps, each window restarting its perturbations from the unperturbed state
+        (truncated ES, biased like `Truncated`; `PES` removes the bias).
+"""
+        + _CHOOSING
     )
-    phi = jax.lax.stop_gradient(meta_params)
-    loss, (final, metrics) = window_loss(phi, state, batches, keys, outer_batch, outer_key)
-    final = jax.lax.stop_gradient(final)
-    if estimator == "es":
+
+    name = "es"
+    sigma: float = 0.01
+    pairs: int = 8
+    window: int | None = None
+
+    def __post_init__(self):
+        check_es_settings("ES", self.sigma, self.pairs)
+        check_positive_int("ES", "window", self.window, allow_none=True)
+
+    def estimate(self, problem, meta_params, state, batches, keys, outer_batch, outer_key):
+        _check_state("ES", state)
+        self._check_window(_num_steps(keys))
+        phi = jax.lax.stop_gradient(meta_params)
+        args = (state.inner, batches, keys, outer_batch, outer_key)
+        loss, (final, metrics) = window_loss(problem, phi, *args)
         grads, losses, stderr = estimators.antithetic_es(
-            lambda f: window_loss(f, state, batches, keys, outer_batch, outer_key),
+            lambda f: window_loss(problem, f, *args),
             phi,
-            _noise_key(noise_key, outer_key),
-            sigma=options.sigma,
-            pairs=options.pairs,
+            noise_key(outer_key),
+            sigma=self.sigma,
+            pairs=self.pairs,
         )
         extra = es_diagnostics(losses, stderr, grads)
-    else:  # implicit, at the Hessian of the last inner batch
+        metrics = {"meta/loss": loss, **metrics, **broadcast_steps(extra, _num_steps(keys))}
+        return grads, EstimatorState(inner=jax.lax.stop_gradient(final)), metrics
+
+
+@dataclasses.dataclass(frozen=True)
+class Implicit(Estimator):
+    """Implicit differentiation at the end of the unroll, taken to be a fixed point of the
+    inner loss (at the last inner batch): a conjugate-gradient solve with Hessian-vector
+    products; memory of one inner gradient, exact at convergence.
+
+    Besides the CG residual (`meta/cg_residual`) it reports whether θ_K is a fixed point
+    at all, which the hypergradient assumes and the CG residual cannot tell:
+    `meta/fixed_point_grad_norm` (‖∇_θ L_inner‖ at θ_K) and `meta/fixed_point_rel` (that
+    over the same at θ_0; far from 0, the hypergradient is off: unroll longer).
+
+    Attributes:
+      cg_iters: conjugate-gradient iterations of the solve.
+      damping: λ in (H + λI) u = ∇_θ L_outer; > 0 for a non-convex inner loss.
+      tol: CG's relative tolerance.
+      window: None for one estimate over all the steps of a call, W for one per W steps.
+    """
+
+    name = "implicit"
+    cg_iters: int = 20
+    damping: float = 0.0
+    tol: float = 1e-10
+    window: int | None = None
+
+    def __post_init__(self):
+        check_positive_int("Implicit", "cg_iters", self.cg_iters)
+        check_positive_real("Implicit", "damping", self.damping, zero=True)
+        check_positive_real("Implicit", "tol", self.tol)
+        check_positive_int("Implicit", "window", self.window, allow_none=True)
+
+    def estimate(self, problem, meta_params, state, batches, keys, outer_batch, outer_key):
+        _check_state("Implicit", state)
+        self._check_window(_num_steps(keys))
+        phi = jax.lax.stop_gradient(meta_params)
+        loss, (final, metrics) = window_loss(
+            problem, phi, state.inner, batches, keys, outer_batch, outer_key
+        )
+        final = jax.lax.stop_gradient(final)
         last_batch = jax.tree.map(lambda x: x[-1], batches)
 
         def inner_grad(params, mp):
-            fn = lambda p: inner_loss(p, final.model_state, mp, last_batch, keys[-1])[0]  # noqa: E731
+            fn = lambda p: problem.inner_loss(p, final.model_state, mp, last_batch, keys[-1])[0]  # noqa: E731
             return jax.grad(fn)(params)
 
-        outer_grad = jax.grad(outer_loss)(final.params, final.model_state, outer_batch, outer_key)
+        outer_grad = jax.grad(problem.outer_loss)(
+            final.params, final.model_state, outer_batch, outer_key
+        )
         grads, residual = estimators.implicit_hypergradient(
             inner_grad,
             final.params,
             meta_params,
             outer_grad,
-            cg_iters=options.cg_iters,
-            damping=options.damping,
+            cg_iters=self.cg_iters,
+            damping=self.damping,
+            tol=self.tol,
         )
-        # Whether θ_K is a fixed point at all, which the hypergradient assumes and the CG
-        # residual cannot tell: the inner gradient at θ_K, and relative to that at θ_0.
         at_end = optax.global_norm(inner_grad(final.params, phi))
-        at_start = optax.global_norm(inner_grad(jax.lax.stop_gradient(state.params), phi))
+        at_start = optax.global_norm(inner_grad(jax.lax.stop_gradient(state.inner.params), phi))
         extra = {
             "meta/cg_residual": residual,
             "meta/fixed_point_grad_norm": at_end,
             "meta/fixed_point_rel": at_end / jnp.maximum(at_start, 1e-30),
         }
-    num_steps = _num_steps(keys)
-    metrics = {**metrics, **{k: jnp.broadcast_to(v, (num_steps,)) for k, v in extra.items()}}
-    return loss, grads, final, metrics
+        metrics = {"meta/loss": loss, **metrics, **broadcast_steps(extra, _num_steps(keys))}
+        return grads, EstimatorState(inner=final), metrics

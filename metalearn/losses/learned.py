@@ -194,7 +194,9 @@ def init_learned_loss(
 def learned_loss_fn(
     config: ml_collections.ConfigDict,
 ) -> Callable[..., Array]:
-    """`loss(params, y, y_hat, extra=None) -> scalar` for a `loss_net` config."""
+    """`loss(params, y, y_hat, extra=None) -> scalar` for a `loss_net` config: targets
+    before predictions, the order of every metalearn loss (`metalearn.losses.task`).
+    y and y_hat of different shapes are refused."""
     config = _with_defaults(config)
     anchor = config.anchor
     if anchor not in ANCHORS:

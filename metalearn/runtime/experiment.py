@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from metalearn.estimators import EstimatorOptions
+from metalearn import bilevel
 from metalearn.losses import learned as learned_losses
 from metalearn.runtime import sharding
 from metalearn.types import MetaParams, PRNGKey
@@ -143,6 +143,19 @@ class Experiment(abc.ABC):
         name = meta.get("estimator")
         return (name,) if name else ()
 
+    @staticmethod
+    def config_estimator(config: ml_collections.ConfigDict, episode_length: int):
+        """The `bilevel.Estimator` of `config.meta` (`estimator`, `window`,
+        `estimator_options`, `remat`) for episodes of `episode_length` inner steps."""
+        meta = config.meta
+        return bilevel.estimator_from_config(
+            meta.estimator,
+            window=meta.window,
+            episode_length=episode_length,
+            options=meta.get("estimator_options"),
+            remat=meta.get("remat", False),
+        )
+
     def phase(self, step: int) -> str:
         """What step `step` does, in a few words, for progress lines ("" by default).
 
@@ -178,8 +191,6 @@ class ML3Experiment(Experiment):
     def __init__(self, config: ml_collections.ConfigDict, *, mesh: jax.sharding.Mesh | None = None):
         super().__init__(config, mesh=mesh)
         self.num_steps = config.meta.steps
-        # σ and pairs of "es"/"pes", CG iterations and damping of "implicit".
-        self.estimator_options = EstimatorOptions.from_config(config.meta.get("estimator_options"))
         # The seeds are independent: each device of the mesh meta-trains its share of them.
         # Every program of the experiment takes the seed keys, so XLA keeps what it
         # computes per seed on the seed's device (the state, the meta-test's fits).

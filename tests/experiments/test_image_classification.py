@@ -254,7 +254,7 @@ def test_bad_settings_fail_with_a_message_saying_what_to_change():
         experiments.make(config)
     config = tiny()
     config.meta.estimator = "first_order"
-    with pytest.raises(ValueError, match="identical to 'unrolled'"):
+    with pytest.raises(ValueError, match="identical to Unrolled"):
         experiments.make(config)
     config = tiny()
     config.data.data_dir = "/nonexistent/tfds"
@@ -574,5 +574,5 @@ def test_offline_estimator_settings_are_checked_when_the_experiment_is_built():
     # The loop's non-finite hints cover the offline phase's estimator too.
     assert experiments.make(config).estimators() == ("unrolled", "implicit")
     config.meta.estimator_options.sigmaa = 0.1
-    with pytest.raises(ValueError, match="Unknown estimator options"):
+    with pytest.raises(ValueError, match="Unknown estimator option 'sigmaa'"):
         experiments.make(config)

@@ -131,18 +131,20 @@ def test_the_two_task_losses_read_what_they_should_and_give_finite_meta_gradient
     @jax.vmap
     def meta_grad(shaped):  # both task losses in one compiled program
         # Two inner steps so that Adam's update depends on the gradient's size, not its sign.
-        return bilevel.meta_grad(
+        task = bilevel.Problem(
+            experiment.inner_loss(problem),
+            experiment.outer_loss(problem, shaped),
+            experiment.inner_opt,
+        )
+        return bilevel.Unrolled().estimate(
+            task,
             phi,
-            init_inner_state(params, experiment.inner_opt),
+            bilevel.EstimatorState(init_inner_state(params, experiment.inner_opt)),
             ml3.repeat(train, 2),
             jax.random.split(key, 2),
             heldout,
             key,
-            inner_loss=experiment.inner_loss(problem),
-            outer_loss=experiment.outer_loss(problem, shaped),
-            optimizer=experiment.inner_opt,
-            estimator="unrolled",
-        )[1]
+        )[0]
 
     both = meta_grad(jnp.asarray([False, True]))
     grads = {

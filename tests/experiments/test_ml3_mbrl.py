@@ -110,19 +110,19 @@ def test_meta_gradient_through_the_model_is_finite_and_nonzero(experiment, inits
     def meta_grad(phi, key):
         thetas = jax.vmap(experiment.init_policy)(jax.random.split(key, 2))
         states = jax.vmap(lambda p: init_inner_state(p, experiment.inner_opt))(thetas)
-        return bilevel.meta_grad_over_tasks(
+        problem = bilevel.Problem(experiment.learned_inner_loss(step), outer, experiment.inner_opt)
+        grads, _, metrics = bilevel.Unrolled().estimate_tasks(
+            problem,
             phi,
-            states,
+            bilevel.EstimatorState(states),
             batches,
             keys,
             {"goal": goals},
             keys[:, 0],
-            inner_loss=experiment.learned_inner_loss(step),
-            outer_loss=outer,
-            optimizer=experiment.inner_opt,
         )
+        return metrics["meta/loss"], grads
 
-    loss, grads, _, _ = meta_grad(phi, jax.random.key(5))
+    loss, grads = meta_grad(phi, jax.random.key(5))
     leaves = jax.tree.leaves(grads)
     assert np.isfinite(float(loss)) and all(np.isfinite(x).all() for x in leaves)
     assert _norm(grads) > 1e-6

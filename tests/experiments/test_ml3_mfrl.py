@@ -22,7 +22,6 @@ import experiments
 from configs._mfrl import mfrl_config
 from experiments.ml3_mfrl import reward_to_go, samples_to_fraction
 from metalearn import bilevel
-from metalearn.estimators import EstimatorOptions
 from metalearn.losses.task import reinforce
 from metalearn.runtime.loop import NonFiniteError, train_and_evaluate
 from metalearn.state import init_inner_state
@@ -88,18 +87,18 @@ def test_meta_gradient_of_reinforce_through_one_inner_step_matches_finite_differ
     state = init_inner_state(theta, e.inner_opt)
     inner_loss = e.learned_inner_loss(e.policy_net)
 
+    problem = bilevel.Problem(inner_loss, e.task_loss, e.inner_opt)
+
     @jax.jit
     def meta_loss(p):
-        return bilevel.meta_loss(
+        return bilevel.Unrolled().loss(
+            problem,
             p,
             state,
             jax.tree.map(lambda x: x[None], inner),
             jax.random.split(jax.random.key(5), 1),
             outer,
             jax.random.key(6),
-            inner_loss=inner_loss,
-            outer_loss=e.task_loss,
-            optimizer=e.inner_opt,
         )[0]
 
     grads = jax.jit(jax.grad(meta_loss))(phi)
@@ -200,21 +199,25 @@ def to64(tree):
 
 
 def return_after_inner_steps(e, num_steps):
-    """`bilevel.meta_grad`'s arguments but φ and the estimator, for one goal: θ₀ takes
-    `num_steps` inner steps of the ES objective (fresh episodes each), then −(mean return)
-    of `meta.rollouts` episodes; every key fixed."""
+    """The problem and the arguments of `estimate` but φ and the outer key, for one goal:
+    θ₀ takes `num_steps` inner steps of the ES objective (fresh episodes each), then
+    −(mean return) of `meta.rollouts` episodes; every key fixed (the outer loss ignores
+    the outer key it is given, from which ES draws its perturbations)."""
     goal = jnp.asarray([0.1, -0.05], jnp.float64)
     theta = to64(jax.jit(e.init_policy, static_argnums=0)(e.policy_net, jax.random.key(1)))
-    return dict(
-        state=init_inner_state(theta, e.inner_opt),
-        batches={"goal": jnp.broadcast_to(goal, (num_steps, 2))},
-        keys=jax.random.split(jax.random.key(3), num_steps),
-        outer_batch={"goal": goal},
-        outer_key=jax.random.key(4),
-        inner_loss=e.es_inner_loss(e.policy_net),
-        outer_loss=e.return_loss,
-        optimizer=e.inner_opt,
+    episodes_key = jax.random.key(4)
+    problem = bilevel.Problem(
+        e.es_inner_loss(e.policy_net),
+        lambda p, ms, b, k: e.return_loss(p, ms, b, episodes_key),
+        e.inner_opt,
     )
+    args = (
+        bilevel.EstimatorState(init_inner_state(theta, e.inner_opt)),
+        {"goal": jnp.broadcast_to(goal, (num_steps, 2))},
+        jax.random.split(jax.random.key(3), num_steps),
+        {"goal": goal},
+    )
+    return problem, args
 
 
 def tree_vdot(a, b):
@@ -277,24 +280,27 @@ def test_es_estimate_of_the_return_matches_finite_differences(float64, fast_comp
     """ES's mean over many draws against the directional derivatives of −(mean return)
     after two inner steps, with the same episode keys in both (common random numbers)."""
     e = point_experiment(point_config())
-    args = return_after_inner_steps(e, 2)
+    assert isinstance(e.estimator, bilevel.ES)
+    problem, (state, batches, keys, outer_batch) = return_after_inner_steps(e, 2)
     phi = to64(jax.jit(e.init_one)(jax.random.key(2)).params)
 
-    def estimate(noise_key):
-        options = dict(estimator="es", options=e.estimator_options, noise_key=noise_key)
-        return bilevel.meta_grad(phi, **args, **options)[1]
+    def estimate(noise_key):  # the outer key: only ES's perturbations depend on it
+        return e.estimator.estimate(problem, phi, state, batches, keys, outer_batch, noise_key)[0]
 
-    assert_matches_finite_differences(
-        estimate, lambda p: bilevel.meta_loss(p, **args)[0], phi, num_draws=1000
-    )
+    def objective(p):
+        args = (p, state.inner, batches, keys, outer_batch, jax.random.key(0))
+        return bilevel.Unrolled().loss(problem, *args)[0]
+
+    assert_matches_finite_differences(estimate, objective, phi, num_draws=1000)
 
 
 def test_the_config_chooses_the_estimator_and_unusable_ones_are_refused():
     c = point_config("es", window=4)
     c.meta.estimator_options = {"sigma": 0.05, "pairs": 3}
     e = point_experiment(c)
-    assert (e.estimator, e.estimator_options) == ("es", EstimatorOptions(sigma=0.05, pairs=3))
-    assert point_experiment(point_config("truncated", window=1)).estimator == "unrolled"
+    assert e.estimator == bilevel.ES(sigma=0.05, pairs=3) and e.forward_only
+    truncated = point_experiment(point_config("truncated", window=1))
+    assert truncated.estimator == bilevel.Truncated(window=1) and not truncated.forward_only
     for estimator, window, match in [
         ("implicit", 1, r"cannot use meta.estimator='implicit': .* \(no fixed point\)"),
         ("truncated", 2, r"use meta.window=1 .* For windows of several inner steps use 'es'"),

@@ -73,7 +73,7 @@ def test_bad_input_fails_with_a_message_saying_what_to_change(tmp_path):
         experiments.make(_config("frozen,prefix"))
     config = _config()
     config.meta.estimator = "truncated"  # the heart's windowed estimator: not one meta step
-    with pytest.raises(ValueError, match="last_window"):
+    with pytest.raises(ValueError, match="is the full unroll; say estimator='unrolled'"):
         experiments.make(config)
     config = _config("truncated")
     config.meta.window = config.meta.inner_steps

@@ -7,7 +7,9 @@ to train a fresh model on a task it has not seen.
 
 import os
 
+import jax
 import jax.numpy as jnp
+import optax
 
 EXAMPLE = """
 import flax.linen as nn
@@ -49,6 +51,8 @@ def sine_task(key, n=64):  # y = a·sin(x + b), a new task for every key
 K = 10  # inner steps from a fresh θ, differentiated through
 inner_opt, meta_opt = optax.sgd(0.01), optax.adam(1e-3)
 meta = ml.init_meta_state(ml.init_learned_loss(loss_config, jax.random.key(0)), meta_opt)
+problem = ml.Problem(inner_loss, outer_loss, inner_opt)
+estimator = ml.Unrolled()  # or ml.Truncated(window=5), ml.ES(sigma=0.01, pairs=64), ...
 
 
 @jax.jit
@@ -57,12 +61,11 @@ def meta_train_step(meta, key):
     task = sine_task(k_task)
     state = ml.init_inner_state(net.init(k_init, task["x"]), inner_opt)
     batches = jax.tree.map(lambda v: jnp.stack([v] * K), task)  # [K, ...]: one per step
-    loss, grads, _, _ = ml.meta_grad(
-        meta.params, state, batches, jax.random.split(k_steps, K), task, k_steps,
-        inner_loss=inner_loss, outer_loss=outer_loss, optimizer=inner_opt,
-        estimator="unrolled",
+    grads, _, metrics = estimator.estimate(  # a gradient estimate, never an update
+        problem, meta.params, estimator.init(meta.params, state),
+        batches, jax.random.split(k_steps, K), task, k_steps,
     )
-    return ml.meta_step(meta, grads, meta_optimizer=meta_opt), loss
+    return ml.meta_step(meta, grads, meta_optimizer=meta_opt), metrics["meta/loss"]
 
 
 meta_losses = []
@@ -105,6 +108,23 @@ print(loaded.description)  # how it is fed ('y', 'y_hat', 'extra') and what it w
 value = loaded(task["y"], net.apply(params, task["x"]))  # y, ŷ: [batch, outputs] -> scalar
 """
 
+# The README's AdaLFL block: φ adapted online, one meta step per model step, in your loop.
+ONLINE = """
+# AdaLFL: adapt the learned loss online while a fresh model trains on it, one meta step
+# (exact, through the model's step) per model step; θ and φ are yours to carry.
+from metalearn.algorithms import adalfl
+
+learner = adalfl.OnlineLearner(problem, meta_optimizer=optax.adam(1e-3))  # ml.OneStep(): a JVP
+online = learner.init(meta.params)  # φ from the offline phase above (ML³ initialisation)
+state = ml.init_inner_state(net.init(jax.random.key(8), task["x"]), inner_opt)
+step = jax.jit(learner.step)
+mse_start = outer_loss(state.params, {}, task, None)
+for t in range(100):  # batch and meta batch: here the task's data, in practice two draws
+    key = jax.random.fold_in(jax.random.key(2), t)
+    state, online, metrics = step(online, state, task, task, key)
+print(f"online: MSE {mse_start:.3f} -> {metrics['meta/loss']:.3f} ({metrics['meta/finite']=})")
+"""
+
 
 def test_readme_example_meta_trains_a_loss_that_trains_a_fresh_model(
     tmp_path, monkeypatch, fast_compile
@@ -124,6 +144,13 @@ def test_readme_example_meta_trains_a_loss_that_trains_a_fresh_model(
     assert {"y", "y_hat", "extra"} <= set(namespace["loaded"].description)
     value = namespace["value"]
     assert value.shape == () and bool(jnp.isfinite(value))
+    # The AdaLFL block trains a fresh model while it adapts φ, every step finite.
+    exec(compile(ONLINE, "README AdaLFL snippet", "exec"), namespace)
+    metrics = namespace["metrics"]
+    assert float(metrics["meta/finite"]) == 1.0
+    assert float(metrics["meta/loss"]) < 0.5 * float(namespace["mse_start"])
+    moved = jax.tree.map(jnp.subtract, namespace["online"].params, namespace["meta"].params)
+    assert float(optax.global_norm(moved)) > 0  # φ was adapted
 
 
 def test_the_readme_shows_this_example_verbatim():
@@ -132,3 +159,4 @@ def test_the_readme_shows_this_example_verbatim():
         text = f.read()
     assert EXAMPLE.strip() in text
     assert LOADING.strip() in text
+    assert ONLINE.strip() in text

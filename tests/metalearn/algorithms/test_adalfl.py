@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.flatten_util import ravel_pytree
 
 from metalearn import bilevel
 from metalearn.algorithms import adalfl
@@ -42,25 +43,32 @@ def _problem():
     return inner_loss, outer_loss, phi, batch, meta_batch
 
 
+# The two exact estimators of AdaLFL's one-step meta-gradient (the old methods "jvp" and
+# "backprop").
+ONLINE = {"one_step": bilevel.OneStep(), "unrolled": bilevel.Unrolled()}
+
+
 @pytest.fixture(scope="module")
 def lockstep_run():
-    """One compiled program: the lock-step by either method, the offline step from the
-    same (fresh) θ, and what they should equal, computed by hand."""
+    """One compiled program: the online step by either estimator, the offline step from
+    the same (fresh) θ, and what they should equal, computed by hand; run on the meta
+    batch and on one whose task loss is NaN."""
     inner_loss, outer_loss, phi, batch, meta_batch = _problem()
     opt = optax.sgd(0.1, momentum=0.9, nesterov=True)
     meta_opt = optax.adam(1e-2)
+    problem = bilevel.Problem(inner_loss, outer_loss, opt)
+    learners = {name: adalfl.OnlineLearner(problem, meta_opt, e) for name, e in ONLINE.items()}
     state = init_inner_state(jnp.zeros((3, 1)) + 0.1, opt)
-    meta = init_meta_state(phi, meta_opt)
+    meta = learners["one_step"].init(phi)
     key = jax.random.key(2)
-    kw = dict(inner_loss=inner_loss, outer_loss=outer_loss, optimizer=opt, meta_optimizer=meta_opt)
 
     @functools.partial(jax.jit, compiler_options=FAST_COMPILE_OPTIONS)  # a module fixture: set here
-    def run(state, meta):
+    def run(state, meta, meta_batch):
         steps = {
-            m: adalfl.lockstep(state, meta, batch, meta_batch, key, method=m, **kw)
-            for m in adalfl.METHODS
+            name: learner.step(meta, state, batch, meta_batch, key)
+            for name, learner in learners.items()
         }
-        offline = adalfl.offline_init_step(meta, state, batch, meta_batch, key, **kw)
+        offline = learners["one_step"].offline_step(meta, state, batch, meta_batch, key)
         # θ_{t+1} is the plain inner step taken with φ_t...
         expected, _ = bilevel.inner_step(
             state, phi, batch, jax.random.split(key)[0], inner_loss=inner_loss, optimizer=opt
@@ -73,52 +81,107 @@ def lockstep_run():
 
         return steps, offline, expected, jax.value_and_grad(task_after_step)(phi)
 
-    steps, offline, expected, (loss, grads) = run(state, meta)
+    steps, offline, expected, (loss, grads) = run(state, meta, meta_batch)
+    # The same program on a meta batch whose task loss is NaN.
+    nan_batch = jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), meta_batch)
+    nan_steps, *_ = run(state, meta, nan_batch)
     updates, _ = meta_opt.update(grads, meta.opt_state, phi)
     return dict(
         steps=steps,
+        nan_steps=nan_steps,
         offline=offline,
         theta=expected.params,
         loss=loss,
         grads=grads,
+        phi0=phi,
         phi=optax.apply_updates(phi, updates),
     )
 
 
 def test_lockstep_theta_is_the_plain_inner_step(lockstep_run):
-    for method in adalfl.METHODS:
-        new_state, new_meta, _ = lockstep_run["steps"][method]
+    for name in ONLINE:
+        new_state, new_meta, _ = lockstep_run["steps"][name]
         chex.assert_trees_all_close(new_state.params, lockstep_run["theta"], rtol=1e-6)
         assert int(new_meta.step) == 1 and int(new_state.step) == 1
 
 
-@pytest.mark.parametrize("method", adalfl.METHODS)
-def test_lockstep_phi_is_one_meta_step_through_the_inner_step(lockstep_run, method):
-    _, new_meta, metrics = lockstep_run["steps"][method]
+@pytest.mark.parametrize("name", ONLINE)
+def test_lockstep_phi_is_one_meta_step_through_the_inner_step(lockstep_run, name):
+    _, new_meta, metrics = lockstep_run["steps"][name]
     np.testing.assert_allclose(metrics["meta/loss"], lockstep_run["loss"], rtol=1e-6)
     chex.assert_trees_all_close(new_meta.params, lockstep_run["phi"], rtol=1e-5)
     assert float(optax.global_norm(lockstep_run["grads"])) > 0
 
 
+def test_one_step_and_unrolled_give_the_same_phi_update(lockstep_run):
+    """The JVP (`OneStep`) and backpropagation (`Unrolled`) through the one inner step are
+    two exact ways to the same meta-gradient: the same φ update, θ_{t+1} and loss."""
+    (s_jvp, m_jvp, x_jvp), (s_bp, m_bp, x_bp) = (lockstep_run["steps"][n] for n in ONLINE)
+    phi = lockstep_run["phi0"]
+    delta_jvp, delta_bp = (jax.tree.map(jnp.subtract, m.params, phi) for m in (m_jvp, m_bp))
+    assert float(optax.global_norm(delta_jvp)) > 0  # φ moved
+    chex.assert_trees_all_close(delta_jvp, delta_bp, rtol=1e-5, atol=1e-8)
+    chex.assert_trees_all_close(s_jvp.params, s_bp.params, rtol=1e-6)
+    np.testing.assert_allclose(x_jvp["meta/loss"], x_bp["meta/loss"], rtol=1e-6)
+    np.testing.assert_allclose(x_jvp["meta/grad_norm"], x_bp["meta/grad_norm"], rtol=1e-5)
+
+
+def test_step_metrics_say_whether_the_meta_step_was_finite(lockstep_run):
+    for name in ONLINE:
+        _, _, metrics = lockstep_run["steps"][name]
+        assert float(metrics["meta/finite"]) == 1.0, name
+        _, new_meta, nan_metrics = lockstep_run["nan_steps"][name]
+        assert np.isnan(float(nan_metrics["meta/loss"])), name
+        assert float(nan_metrics["meta/finite"]) == 0.0, name
+        flat, _ = ravel_pytree(new_meta.params)
+        assert not np.all(np.isfinite(flat)), name  # what meta/finite warns of
+
+
+@pytest.mark.parametrize(
+    "estimator, match",
+    [
+        (
+            bilevel.FirstOrder(),
+            r"OneStep\(\) \(JVP\) or bilevel\.Unrolled\(\).*identical to Unrolled",
+        ),
+        (
+            bilevel.Truncated(window=1),
+            r"single inner step, so its estimator must be bilevel\.OneStep",
+        ),
+    ],
+)
+def test_online_learner_refuses_an_estimator_of_more_than_one_step(estimator, match):
+    def inner_loss(params, model_state, phi, b, key):
+        return jnp.sum(params * phi), (model_state, {})
+
+    def outer_loss(params, model_state, b, key):
+        return jnp.sum(params**2)
+
+    problem = bilevel.Problem(inner_loss, outer_loss, optax.sgd(0.1))
+    with pytest.raises(ValueError, match=match):
+        adalfl.OnlineLearner(problem, optax.adam(1e-2), estimator)
+
+
 def test_offline_init_step_discards_theta_and_equals_lockstep_on_phi(lockstep_run):
     new_meta, metrics = lockstep_run["offline"]
-    chex.assert_trees_all_close(new_meta.params, lockstep_run["steps"]["jvp"][1].params)
+    chex.assert_trees_all_close(new_meta.params, lockstep_run["steps"]["one_step"][1].params)
     assert "meta/loss" in metrics
 
 
 def test_first_order_equals_exact_for_one_step_from_a_carried_state():
-    """Why AdaLFL accepts only 'unrolled': θ_t is a constant of φ_t, so dθ_{t+1}/dφ =
-    −α ∂²L/∂θ∂φ has no θθ term to drop, and 'first_order' would be the same gradient
-    (over more steps the two differ: tests/metalearn/test_bilevel.py)."""
+    """Why AdaLFL refuses `FirstOrder`: θ_t is a constant of φ_t, so dθ_{t+1}/dφ =
+    −α ∂²L/∂θ∂φ has no θθ term to drop, and `FirstOrder` would be the same gradient as
+    `Unrolled` (over more steps the two differ: tests/metalearn/test_bilevel.py)."""
     inner_loss, outer_loss, phi, batch, meta_batch = _problem()
     opt = optax.sgd(0.1)
     state = init_inner_state(jnp.full((3, 1), 0.3), opt)
-    kw = dict(inner_loss=inner_loss, outer_loss=outer_loss, optimizer=opt)
+    problem = bilevel.Problem(inner_loss, outer_loss, opt)
     key = jax.random.key(0)
-    args = (state, jax.tree.map(lambda x: x[None], batch), key[None], meta_batch, key)
+    args = (jax.tree.map(lambda x: x[None], batch), key[None], meta_batch, key)
     grads = jax.jit(
         lambda p: [
-            bilevel.meta_grad(p, *args, estimator=e, **kw)[1] for e in ("unrolled", "first_order")
+            e.estimate(problem, p, e.init(p, state), *args)[0]
+            for e in (bilevel.Unrolled(), bilevel.FirstOrder())
         ]
     )(phi)
     assert float(optax.global_norm(grads[0])) > 1e-3
@@ -169,7 +232,7 @@ def test_jvp_and_backprop_meta_gradients_agree_through_batch_norm(float64):
         logits, _ = net.apply({"params": p, **ms}, b["x"], train=True, mutable=["batch_stats"])
         return optax.softmax_cross_entropy_with_integer_labels(logits, b["y"]).mean()
 
-    kw = dict(inner_loss=inner_loss, outer_loss=outer_loss, optimizer=optimizer)
+    problem = bilevel.Problem(inner_loss, outer_loss, optimizer)
     key = jax.random.key(3)
 
     @jax.jit
@@ -178,11 +241,13 @@ def test_jvp_and_backprop_meta_gradients_agree_through_batch_norm(float64):
         state, _ = bilevel.inner_step(
             state, phi, batch, None, inner_loss=inner_loss, optimizer=optimizer
         )
-        by_jvp = bilevel.one_step_meta_grad(phi, state, batch, key, meta_batch, key, **kw)
-        by_backprop = bilevel.meta_grad(
-            phi, state, jax.tree.map(lambda v: v[None], batch), key[None], meta_batch, key, **kw
-        )
-        return by_jvp, by_backprop
+        args = (jax.tree.map(lambda v: v[None], batch), key[None], meta_batch, key)
+
+        def by(estimator):  # (loss, grads, final inner state)
+            grads, final, diag = estimator.estimate(problem, phi, estimator.init(phi, state), *args)
+            return diag["meta/loss"], grads, final.inner
+
+        return by(bilevel.OneStep()), by(bilevel.Unrolled())
 
     by_jvp, by_backprop = both(phi, state)
     assert jax.tree.leaves(by_jvp[1])[0].dtype == jnp.float64
@@ -251,15 +316,16 @@ def test_offline_unroll_step_implicit_equals_the_unroll_at_a_fixed_point(inner_s
     state = init_inner_state(jnp.zeros((3, 1)), opt)
     meta = init_meta_state(phi, meta_opt)
     batches = jax.tree.map(lambda x: jnp.stack([x] * inner_steps), batch)
-    kw = dict(inner_loss=inner_loss, outer_loss=outer_loss, optimizer=opt, meta_optimizer=meta_opt)
+    problem = bilevel.Problem(inner_loss, outer_loss, opt)
     step = jax.jit(
-        functools.partial(adalfl.offline_unroll_step, **kw),
+        functools.partial(adalfl.offline_unroll_step, problem=problem, meta_optimizer=meta_opt),
         static_argnames="estimator",
         compiler_options=FAST_COMPILE_OPTIONS,
     )
+    estimators = {"implicit": bilevel.Implicit(), "unrolled": bilevel.Unrolled()}
     new = {
-        e: step(meta, state, batches, meta_batch, jax.random.key(4), estimator=e)
-        for e in ("implicit", "unrolled")
+        name: step(meta, state, batches, meta_batch, jax.random.key(4), estimator=e)
+        for name, e in estimators.items()
     }
     delta = {e: jax.tree.map(jnp.subtract, phi, m.params) for e, (m, _) in new.items()}
     assert float(optax.global_norm(delta["unrolled"])) > 1e-3  # φ moved
@@ -275,14 +341,22 @@ def test_offline_unroll_step_implicit_equals_the_unroll_at_a_fixed_point(inner_s
 @pytest.mark.parametrize(
     "estimator, inner_steps, match",
     [
-        ("implicit", 1, "raise meta.init_inner_steps"),
-        ("es", 1, "must be 'unrolled'"),
-        ("truncated", 5, "needs\nwindows|needs windows"),
-        ("pes", 5, "needs windows"),
-        ("implicit", 0, "integer ≥ 1"),
-        ("implict", 5, "implicit"),
+        (bilevel.Implicit(), 1, "raise meta.init_inner_steps"),
+        (bilevel.ES(), 1, "must be Unrolled"),
+        (bilevel.Truncated(window=5), 5, "needs windows"),
+        (bilevel.PES(window=1), 5, "needs windows"),
+        (bilevel.LastWindow(steps=2), 5, "needs windows"),
+        (bilevel.ES(window=1), 5, r"over the whole unroll \(window None\)"),
+        (bilevel.Implicit(), 0, "integer ≥ 1"),
     ],
 )
 def test_check_offline_estimator_says_what_to_choose(estimator, inner_steps, match):
     with pytest.raises(ValueError, match=match):
         adalfl.check_offline_estimator(estimator, inner_steps)
+
+
+def test_a_misspelt_offline_estimator_name_is_refused_where_names_become_objects():
+    """The name check (formerly `check_offline_estimator`'s) lives in
+    `bilevel.estimator_from_config`, which the experiments call."""
+    with pytest.raises(ValueError, match="Did you mean 'implicit'"):
+        bilevel.estimator_from_config("implict", window=5, episode_length=5)

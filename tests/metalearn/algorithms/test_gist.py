@@ -11,9 +11,10 @@ import numpy as np
 import optax
 import pytest
 
+from metalearn import bilevel
 from metalearn.algorithms import adalfl, gist, self_loss
 from metalearn.models import transformer
-from metalearn.state import init_inner_state, init_meta_state
+from metalearn.state import init_inner_state
 from metalearn.tasks import text
 
 
@@ -285,7 +286,8 @@ def test_score_function_value_and_gradient(float64, fast_compile):
 def test_plan3_meta_gradient_matches_finite_differences(float64, fast_compile):
     """The one-step meta-gradient of plan 3 (the encoder φ, through one SGD step of θ on
     the gist distance between E(x̂) and E(x̂ ⊕ x), to the cross-entropy of another batch),
-    as `adalfl.lockstep` takes it, against central differences of that function of φ."""
+    as `adalfl.OnlineLearner.step` takes it, against central differences of that function
+    of φ."""
     model, theta = _model(dtype="float64")
     phi = jax.tree.map(lambda x: x * 0.9, theta)
     spec = gist.Spec(k=2, chunk=4, target="output_and_observed")
@@ -302,18 +304,16 @@ def test_plan3_meta_gradient_matches_finite_differences(float64, fast_compile):
     assert abs(analytic) > 1e-8
     np.testing.assert_allclose(analytic, numeric, rtol=1e-5)
 
+    learner = adalfl.OnlineLearner(bilevel.Problem(inner_loss, outer_loss, sgd), optax.sgd(1.0))
+
     @jax.jit
-    def step(phi):  # lockstep's gradient is that gradient: its φ step with SGD(1) is −∇φ
-        _, meta, metrics = adalfl.lockstep(
+    def step(phi):  # the step's gradient is that gradient: its φ step with SGD(1) is −∇φ
+        _, meta, metrics = learner.step(
+            learner.init(phi),
             init_inner_state(theta, sgd),
-            init_meta_state(phi, optax.sgd(1.0)),
             batch,
             meta_batch,
             jax.random.key(0),
-            inner_loss=inner_loss,
-            outer_loss=outer_loss,
-            optimizer=sgd,
-            meta_optimizer=optax.sgd(1.0),
         )
         return meta.params, metrics, jax.grad(f)(phi), f(phi)
 

@@ -107,7 +107,8 @@ def _outer(params, model_state, batch, key):
 
 def test_episode_draws_the_documented_keys_and_returns_the_final_states():
     """`episode` is `meta_train_episode` with inner keys split(inner_key, (T, K)) and outer
-    keys split(outer_key, (T, K // window)): the numbering every experiment relies on."""
+    keys split(outer_key, (T, K // W)), W the estimator's window: the numbering every
+    experiment relies on."""
     t, k, window = 2, 4, 2
     opt, meta_opt = optax.sgd(0.3), optax.adam(1e-2)
     meta = init_meta_state(PHI, meta_opt)
@@ -115,13 +116,11 @@ def test_episode_draws_the_documented_keys_and_returns_the_final_states():
     batches = jax.tree.map(lambda v: jnp.broadcast_to(v, (t, k, *v.shape)), BATCH)
     outer = jax.tree.map(lambda v: jnp.broadcast_to(v, (t, k // window, *v.shape)), BATCH)
     inner_key, outer_key = jax.random.key(1), jax.random.key(2)
+    estimator = bilevel.Truncated(window=window)
     kw = dict(
-        window=window,
+        problem=bilevel.Problem(_noisy_inner, _outer, opt),
+        estimator=estimator,
         meta_optimizer=meta_opt,
-        inner_loss=_noisy_inner,
-        outer_loss=_outer,
-        optimizer=opt,
-        estimator="truncated",
     )
 
     @jax.jit
@@ -131,11 +130,20 @@ def test_episode_draws_the_documented_keys_and_returns_the_final_states():
         )
         keys = jax.random.split(inner_key, (t, k))
         outer_keys = jax.random.split(outer_key, (t, k // window))
-        expected = bilevel.windowed_meta_steps(meta, fresh, batches, keys, outer, outer_keys, **kw)
+        expected = bilevel.windowed_meta_steps(
+            meta,
+            estimator.init_tasks(meta.params, fresh),
+            batches,
+            keys,
+            outer,
+            outer_keys,
+            **kw,
+        )
         other = ml3.episode(meta, fresh, batches, outer, outer_key, inner_key, **kw)
         return got, expected, other
 
-    (got_meta, finals, metrics), (meta_expected, finals_expected, m, _), (other, _) = run(meta)
+    (got_meta, finals, metrics), (meta_expected, est_state, m), (other, _) = run(meta)
+    finals_expected = est_state.inner
     chex.assert_trees_all_close(got_meta.params, meta_expected.params, rtol=1e-6)
     chex.assert_trees_all_close(finals.params, finals_expected.params, rtol=1e-6)
     assert jax.tree.leaves(finals.params)[0].shape == (t,)

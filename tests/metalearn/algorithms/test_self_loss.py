@@ -243,8 +243,7 @@ def test_phase1_meta_gradient_matches_finite_differences(
         model=model,
         spec=spec,
         inner_optimizer=optax.sgd(0.3),
-        estimator="unrolled",
-        window=1,
+        estimator=bilevel.Unrolled(),
     )
     f = lambda p: fn(p, tokens, jax.random.split(jax.random.key(0), steps), outer, None)[0]  # noqa: E731
     eps = 1e-6
@@ -270,7 +269,6 @@ def _estimator_objective(model):
         model=model,
         spec=self_loss.Spec(path="soft"),
         inner_optimizer=optax.sgd(0.3),
-        window=1,
     )
 
 
@@ -287,7 +285,9 @@ def test_last_window_keeps_the_forward_pass_and_its_gradient_is_that_of_the_last
     spec, sgd = self_loss.Spec(path="soft"), optax.sgd(0.3)
 
     def by_hand(p):
-        _, (theta_1, _) = objective(p, tokens[:1], keys[:1], tokens[0], None, estimator="unrolled")
+        _, (theta_1, _) = objective(
+            p, tokens[:1], keys[:1], tokens[0], None, estimator=bilevel.Unrolled()
+        )
         start = jax.tree.map(lambda a, b: a + jax.lax.stop_gradient(b - a), p, theta_1)
         final, _ = bilevel.unroll(
             init_inner_state(start, sgd),
@@ -304,7 +304,11 @@ def test_last_window_keeps_the_forward_pass_and_its_gradient_is_that_of_the_last
         value_and_grad = lambda est: jax.value_and_grad(  # noqa: E731
             lambda p: objective(p, tokens, keys, tokens[0], None, estimator=est), has_aux=True
         )(p)
-        return value_and_grad("unrolled"), value_and_grad("last_window"), jax.grad(by_hand)(p)
+        return (
+            value_and_grad(bilevel.Unrolled()),
+            value_and_grad(bilevel.LastWindow(steps=1)),
+            jax.grad(by_hand)(p),
+        )
 
     ((exact, (exact_theta, _)), exact_grad), ((loss, (theta, _)), grad), expected = run(params)
     np.testing.assert_allclose(loss, exact, rtol=1e-6)
@@ -312,8 +316,8 @@ def test_last_window_keeps_the_forward_pass_and_its_gradient_is_that_of_the_last
     chex.assert_trees_all_close(grad, expected, rtol=1e-5, atol=1e-7)
     diff = optax.global_norm(jax.tree.map(jnp.subtract, grad, exact_grad))
     assert diff > 1e-4 * optax.global_norm(exact_grad)
-    with pytest.raises(ValueError, match="window"):
-        objective(params, tokens, keys, tokens[0], None, estimator="last_window", window=2)
+    with pytest.raises(ValueError, match=r"the window \(2\) must be in \[1, 2\)"):
+        objective(params, tokens, keys, tokens[0], None, estimator=bilevel.LastWindow(steps=2))
 
 
 @pytest.mark.slow
@@ -330,7 +334,7 @@ def test_first_order_keeps_the_forward_pass_and_drops_second_order_terms(fast_co
                 lambda p, est=est: objective(p, tokens, keys, tokens[0], None, estimator=est),
                 has_aux=True,
             )(p)
-            for est in ("unrolled", "first_order")
+            for est in (bilevel.Unrolled(), bilevel.FirstOrder())
         ]
 
     ((exact, (exact_theta, _)), exact_grad), ((loss, (theta, _)), grad) = run(params)
@@ -343,15 +347,24 @@ def test_first_order_keeps_the_forward_pass_and_drops_second_order_terms(fast_co
 @pytest.mark.parametrize(
     "estimator, message",
     [
-        ("truncated", "last_window"),
-        ("ES", "Unknown"),
-        ("pes", "PES would be plain ES: say estimator='es'"),
-        ("implicit", "not solved to a fixed point"),
+        (bilevel.Truncated(window=1), "last_window"),
+        (bilevel.ES(window=1), "updates the meta-parameters after every window"),
+        (bilevel.OneStep(), r"Phase 1 takes one of \['Unrolled', 'FirstOrder'"),
+        (bilevel.PES(window=1), "PES would be plain ES: use ES"),
+        (bilevel.Implicit(), "not solved to a fixed point"),
+        (bilevel.LastWindow(steps=3), r"the window \(3\) must be in \[1, 3\)"),
     ],
 )
 def test_an_estimator_phase1_cannot_use_fails_with_a_message(estimator, message):
     with pytest.raises(ValueError, match=message):
-        self_loss.check_estimator(estimator, 1, 3)
+        self_loss.check_estimator(estimator, 3)
+
+
+def test_an_unknown_estimator_name_is_refused_where_names_become_objects():
+    """The name check (formerly `self_loss.check_estimator`'s) lives in
+    `bilevel.estimator_from_config`, which the experiments call."""
+    with pytest.raises(ValueError, match="Unknown gradient estimator 'ES'. Did you mean 'es'"):
+        bilevel.estimator_from_config("ES", window=1, episode_length=3)
 
 
 def test_stop_gradient_critic_gets_no_inner_gradient_and_the_live_one_does():

@@ -19,6 +19,7 @@ import optax
 import pytest
 from jax.flatten_util import ravel_pytree
 
+from metalearn import bilevel
 from metalearn.algorithms import self_loss
 from metalearn.tasks import text
 
@@ -83,7 +84,6 @@ def _problem():
             spec=self_loss.Spec(path="hard"),
             inner_optimizer=optax.sgd(1.0),
             estimator=estimator,
-            window=1,
             **kw,
         )
 
@@ -104,8 +104,7 @@ def test_es_sees_the_token_choice_that_backpropagation_misses():
     @jax.jit
     def es(noise_keys):
         def one(noise_key):
-            options = {"sigma": SIGMA, "pairs": PAIRS}
-            g = grad(theta, "es", options=options, noise_key=noise_key)[1]
+            g = grad(theta, bilevel.ES(sigma=SIGMA, pairs=PAIRS), noise_key=noise_key)[1]
             return directions @ ravel_pytree(g)[0]
 
         return jax.vmap(one)(noise_keys)
@@ -114,9 +113,9 @@ def test_es_sees_the_token_choice_that_backpropagation_misses():
     def reference(keys):
         def one(key):
             point = flat + SIGMA * jax.random.normal(key, flat.shape)
-            loss = lambda x: grad(unravel(x), "unrolled")[0]  # noqa: E731
+            loss = lambda x: grad(unravel(x), bilevel.Unrolled())[0]  # noqa: E731
             diff = jax.vmap(lambda d: (loss(point + H * d) - loss(point - H * d)) / (2 * H))
-            backprop = ravel_pytree(grad(unravel(point), "unrolled")[1])[0]
+            backprop = ravel_pytree(grad(unravel(point), bilevel.Unrolled())[1])[0]
             return diff(directions), directions @ backprop
 
         return jax.vmap(one)(keys)
@@ -140,10 +139,14 @@ def test_es_sees_the_token_choice_that_backpropagation_misses():
 def test_es_needs_its_noise_key_and_refuses_unknown_options():
     theta, grad = _problem()
     with pytest.raises(ValueError, match="noise_key"):
-        grad(theta, "es")
-    with pytest.raises(ValueError, match=r"Unknown estimator options \['sigmma'\]; known"):
-        grad(theta, "es", options={"sigmma": 0.1}, noise_key=jax.random.key(0))
-    with pytest.raises(ValueError, match=r"call self_loss.meta_grad\(\.\.\., estimator='es'\)"):
+        grad(theta, bilevel.ES())
+    # ES's settings are the object's fields: a misspelt one is refused where it is built
+    # (by the dataclass) or where a config's options become an estimator.
+    with pytest.raises(TypeError, match="sigmma"):
+        bilevel.ES(sigmma=0.1)
+    with pytest.raises(ValueError, match="Unknown estimator option 'sigmma'. Did you mean 'sigma'"):
+        bilevel.estimator_from_config("es", window=1, episode_length=1, options={"sigmma": 0.1})
+    with pytest.raises(ValueError, match=r"call self_loss.meta_grad\(\.\.\., estimator=ES\(\)\)"):
         self_loss.meta_objective(
             theta,
             jnp.zeros((1, 2, T + 1), jnp.int32),
@@ -153,6 +156,5 @@ def test_es_needs_its_noise_key_and_refuses_unknown_options():
             model=HardToy(),
             spec=self_loss.Spec(path="hard"),
             inner_optimizer=optax.sgd(1.0),
-            estimator="es",
-            window=1,
+            estimator=bilevel.ES(),
         )
