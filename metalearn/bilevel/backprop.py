@@ -12,6 +12,7 @@ from metalearn.bilevel.problem import (
     EstimatorState,
     Problem,
     check_positive_int,
+    check_problem,
     check_tasks,
 )
 from metalearn.bilevel.unroll import _num_steps, unroll
@@ -24,7 +25,8 @@ def _check_remat(owner: str, remat) -> None:
         raise ValueError(f"{owner}(remat={remat!r}): remat must be True or False.")
 
 
-def _check_state(owner: str, state) -> None:
+def _check_state(owner: str, state, problem) -> None:
+    check_problem(problem)
     if not isinstance(state, EstimatorState):
         raise TypeError(
             f"{owner} takes the EstimatorState of its `init(meta_params, inner_state)` (or "
@@ -106,13 +108,13 @@ class _Backprop(Estimator):
         return loss, (final, metrics)
 
     def estimate(self, problem, meta_params, state, batches, keys, outer_batch, outer_key):
-        _check_state(type(self).__name__, state)
+        _check_state(type(self).__name__, state, problem)
         fn = lambda phi: self.loss(problem, phi, state.inner, batches, keys, outer_batch, outer_key)  # noqa: E731
         (loss, (final, metrics)), grads = jax.value_and_grad(fn, has_aux=True)(meta_params)
         return grads, EstimatorState(inner=final), {"meta/loss": loss, **metrics}
 
     def estimate_tasks(self, problem, meta_params, state, batches, keys, outer_batches, outer_keys):
-        _check_state(type(self).__name__, state)
+        _check_state(type(self).__name__, state, problem)
         check_tasks(state, keys)
         per_task = lambda phi, *xs: self.loss(problem, phi, *xs)  # noqa: E731
 

@@ -98,7 +98,7 @@ class ES(Estimator):
         check_positive_int("ES", "window", self.window, allow_none=True)
 
     def estimate(self, problem, meta_params, state, batches, keys, outer_batch, outer_key):
-        _check_state("ES", state)
+        _check_state("ES", state, problem)
         self._check_window(_num_steps(keys))
         phi = jax.lax.stop_gradient(meta_params)
         args = (state.inner, batches, keys, outer_batch, outer_key)
@@ -146,7 +146,7 @@ class Implicit(Estimator):
         check_positive_int("Implicit", "window", self.window, allow_none=True)
 
     def estimate(self, problem, meta_params, state, batches, keys, outer_batch, outer_key):
-        _check_state("Implicit", state)
+        _check_state("Implicit", state, problem)
         self._check_window(_num_steps(keys))
         phi = jax.lax.stop_gradient(meta_params)
         loss, (final, metrics) = window_loss(

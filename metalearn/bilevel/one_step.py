@@ -11,7 +11,7 @@ import optax
 from metalearn.bilevel.backprop import _check_state
 from metalearn.bilevel.probe import check_differentiable_optimizer
 from metalearn.bilevel.problem import Estimator, EstimatorState
-from metalearn.bilevel.unroll import _check_steps, _num_steps
+from metalearn.bilevel.unroll import _check_steps, _num_steps, inner_value_and_grad
 from metalearn.state import InnerState
 from metalearn.types import Array
 
@@ -73,7 +73,7 @@ class OneStep(Estimator):
             )
 
     def estimate(self, problem, meta_params, state, batches, keys, outer_batch, outer_key):
-        _check_state("OneStep", state)
+        _check_state("OneStep", state, problem)
         _check_steps(batches, keys)
         if _num_steps(keys) != 1:
             raise ValueError(
@@ -85,8 +85,8 @@ class OneStep(Estimator):
         inner_loss, optimizer = problem.inner_loss, problem.optimizer
         check_differentiable_optimizer(optimizer, state.params)
         params = state.params
-        (loss, (model_state, metrics)), grads = jax.value_and_grad(inner_loss, has_aux=True)(
-            params, state.model_state, meta_params, batch, key
+        (loss, (model_state, metrics)), grads = inner_value_and_grad(
+            inner_loss, params, state.model_state, meta_params, batch, key
         )
 
         def apply(g):

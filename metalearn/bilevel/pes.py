@@ -13,7 +13,13 @@ from metalearn.bilevel.forward import (
     noise_key,
     window_loss,
 )
-from metalearn.bilevel.problem import Estimator, EstimatorState, broadcast_steps, check_positive_int
+from metalearn.bilevel.problem import (
+    Estimator,
+    EstimatorState,
+    broadcast_steps,
+    check_positive_int,
+    check_problem,
+)
 from metalearn.bilevel.unroll import _num_steps
 
 
@@ -50,6 +56,7 @@ class PES(Estimator):
         return EstimatorState(inner=inner_state, particles=particles)
 
     def estimate(self, problem, meta_params, state, batches, keys, outer_batch, outer_key):
+        check_problem(problem)
         particles = _checked_particles(state, self.pairs)
         self._check_window(_num_steps(keys))
         phi = jax.lax.stop_gradient(meta_params)

@@ -77,6 +77,15 @@ def broadcast_steps(extra: dict[str, Array], num_steps: int) -> dict[str, Array]
     return {k: jnp.broadcast_to(v, (num_steps,)) for k, v in extra.items()}
 
 
+def check_problem(problem: Any) -> None:
+    """Refuses anything but a `Problem` where an estimator takes one."""
+    if not isinstance(problem, Problem):
+        raise TypeError(
+            "An estimator takes the inner problem as bilevel.Problem(inner_loss, outer_loss, "
+            f"optimizer); got {type(problem).__name__}."
+        )
+
+
 def check_estimator_object(estimator: Any) -> None:
     """Refuses anything but an `Estimator` object (a config name, say)."""
     if not isinstance(estimator, Estimator):

@@ -2,6 +2,7 @@
 
 import functools
 
+import flax
 import jax
 import jax.numpy as jnp
 import optax
@@ -13,6 +14,14 @@ from metalearn.types import (
     MetaParams,
     Metrics,
     PRNGKey,
+)
+
+# What Flax raises when a module is applied to a tree that is not its variables.
+_FLAX_SCOPE_ERRORS = (
+    flax.errors.ScopeCollectionNotFound,
+    flax.errors.ScopeParamNotFoundError,
+    flax.errors.ScopeParamShapeError,
+    flax.errors.ApplyScopeInvalidVariablesStructureError,
 )
 
 
@@ -43,17 +52,9 @@ def inner_step(
       loss reports.
     """
     params = jax.lax.stop_gradient(state.params) if first_order else state.params
-    try:
-        (loss, (model_state, metrics)), grads = jax.value_and_grad(inner_loss, has_aux=True)(
-            params, state.model_state, meta_params, batch, key
-        )
-    except TypeError as e:
-        if "scalar-output" not in str(e):
-            raise
-        raise ValueError(
-            "inner_loss must return (loss, (model_state, metrics)) with a scalar loss, but "
-            f"its loss is not a scalar ({e}): reduce it over the batch, e.g. with jnp.mean."
-        ) from None
+    (loss, (model_state, metrics)), grads = inner_value_and_grad(
+        inner_loss, params, state.model_state, meta_params, batch, key
+    )
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     new_state = InnerState(
         params=optax.apply_updates(state.params, updates),
@@ -62,6 +63,30 @@ def inner_step(
         step=state.step + 1,
     )
     return new_state, {"inner/loss": loss, **metrics}
+
+
+def inner_value_and_grad(inner_loss: InnerLossFn, params, model_state, meta_params, batch, key):
+    """`((loss, (model_state, metrics)), ∇_θ loss)` of the inner loss, with a clear error
+    for a loss that is not a scalar and for one whose arguments are in another order."""
+    try:
+        return jax.value_and_grad(inner_loss, has_aux=True)(
+            params, model_state, meta_params, batch, key
+        )
+    except TypeError as e:
+        if "scalar-output" not in str(e):
+            raise
+        raise ValueError(
+            "inner_loss must return (loss, (model_state, metrics)) with a scalar loss, but "
+            f"its loss is not a scalar ({e}): reduce it over the batch, e.g. with jnp.mean."
+        ) from None
+    except _FLAX_SCOPE_ERRORS as e:
+        raise ValueError(
+            "inner_loss raised Flax's "
+            f"{type(e).__name__} ({str(e).splitlines()[0]}): a model applied to the wrong "
+            "tree, most often arguments in another order than the heart passes them, "
+            "inner_loss(params, model_state, meta_params, batch, key): θ first, then the "
+            "model state, then φ."
+        ) from e
 
 
 def unroll(

@@ -10,6 +10,7 @@ from metalearn.bilevel.problem import (
     EstimatorState,
     Problem,
     check_estimator_object,
+    check_problem,
 )
 from metalearn.bilevel.unroll import meta_step
 from metalearn.state import MetaState
@@ -61,10 +62,7 @@ def windowed_meta_steps(
       inner and estimator metrics averaged over tasks and steps.
     """
     check_estimator_object(estimator)
-    if not isinstance(problem, Problem):
-        raise TypeError(
-            f"problem must be a Problem(inner_loss, outer_loss, optimizer); got {problem!r}."
-        )
+    check_problem(problem)
     num_steps = jax.tree.leaves(keys)[0].shape[1]
     window = estimator.window or num_steps
     if num_steps % window:

@@ -443,7 +443,7 @@ def test_problem_refuses_what_is_not_a_loss_or_an_optimizer():
     with pytest.raises(dataclasses.FrozenInstanceError):
         PROBLEM.optimizer = optax.adam(1e-3)
     # Where a Problem is expected, something else is refused.
-    with pytest.raises(TypeError, match=r"problem must be a Problem\(inner_loss, outer_loss"):
+    with pytest.raises(TypeError, match=r"takes the inner problem as bilevel.Problem\(inner_loss"):
         windowed(bilevel.Unrolled(), problem=(inner_loss, outer_loss, SGD))
     with pytest.raises(TypeError, match="OnlineLearner.problem must be a bilevel.Problem"):
         adalfl.OnlineLearner((inner_loss, outer_loss, SGD), SGD)
