@@ -195,12 +195,8 @@ class OnlineLearner:
         )
         loss = metrics.pop("meta/loss")
         meta_state = bilevel.meta_step(meta_state, grads, meta_optimizer=self.meta_optimizer)
-        leaves_finite = [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]
-        finite = jnp.isfinite(loss) & jnp.all(jnp.stack(leaves_finite))
         metrics = {
-            "meta/loss": loss,
-            "meta/grad_norm": optax.global_norm(grads),
-            "meta/finite": finite.astype(loss.dtype),
+            **bilevel.meta_step_metrics(loss, grads),
             **{k: v[0] for k, v in metrics.items()},
         }
         return state.inner, meta_state, metrics

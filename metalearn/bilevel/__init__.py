@@ -65,7 +65,7 @@ from metalearn.bilevel.problem import (
     Problem,
     check_estimator_object,
 )
-from metalearn.bilevel.unroll import inner_step, meta_step, unroll
+from metalearn.bilevel.unroll import inner_step, meta_step, meta_step_metrics, unroll
 from metalearn.bilevel.windowed import windowed_meta_steps
 
 __all__ = [
@@ -87,6 +87,7 @@ __all__ = [
     "estimator_from_config",
     "inner_step",
     "meta_step",
+    "meta_step_metrics",
     "momentum_lookahead",
     "unprobed",
     "unroll",

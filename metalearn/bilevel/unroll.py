@@ -9,6 +9,7 @@ import optax
 
 from metalearn.state import InnerState, MetaState
 from metalearn.types import (
+    Array,
     Batch,
     InnerLossFn,
     MetaParams,
@@ -174,3 +175,16 @@ def meta_step(
         opt_state=opt_state,
         step=meta_state.step + 1,
     )
+
+
+def meta_step_metrics(loss: Array, grads: MetaParams) -> dict[str, Array]:
+    """What every meta step reports of its estimate: `meta/loss`, `meta/grad_norm` and
+    `meta/finite` (1 where the estimate and the loss are finite, 0 where not: the
+    update then made φ non-finite)."""
+    leaves_finite = [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]
+    finite = jnp.isfinite(loss) & jnp.all(jnp.stack(leaves_finite))
+    return {
+        "meta/loss": loss,
+        "meta/grad_norm": optax.global_norm(grads),
+        "meta/finite": finite.astype(loss.dtype),
+    }

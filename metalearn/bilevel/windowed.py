@@ -12,7 +12,7 @@ from metalearn.bilevel.problem import (
     check_estimator_object,
     check_problem,
 )
-from metalearn.bilevel.unroll import meta_step
+from metalearn.bilevel.unroll import meta_step, meta_step_metrics
 from metalearn.state import MetaState
 from metalearn.types import Batch, Metrics, PRNGKey
 
@@ -88,12 +88,8 @@ def windowed_meta_steps(
         grads, state, metrics = estimator.estimate_tasks(problem, meta_state.params, state, *xs)
         loss = metrics.pop("meta/loss")
         meta_state = meta_step(meta_state, grads, meta_optimizer=meta_optimizer)
-        leaves_finite = [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]
-        finite = jnp.isfinite(loss) & jnp.all(jnp.stack(leaves_finite))
         metrics = {
-            "meta/loss": loss,
-            "meta/grad_norm": optax.global_norm(grads),
-            "meta/finite": finite.astype(loss.dtype),
+            **meta_step_metrics(loss, grads),
             **{k: jnp.mean(v) for k, v in metrics.items()},
             **({"meta/estimate": grads} if keep_estimates else {}),
         }
