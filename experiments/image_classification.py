@@ -261,7 +261,10 @@ class ImageClassification(Experiment):
         self.problem = bilevel.Problem(self.learned_inner, self.outer, self.optimizer)
         if self.learned:
             if self.lookahead is not None and c.meta.method != "jvp":
-                raise ValueError("meta.lookahead is taken by meta.method='jvp' only; set it.")
+                raise ValueError(
+                    "meta.lookahead is taken by meta.method='jvp' only: set that, or "
+                    "meta.lookahead='none'."
+                )
             self.learner = adalfl.OnlineLearner(
                 self.problem,
                 self.meta_optimizer,

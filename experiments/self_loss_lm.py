@@ -107,7 +107,6 @@ class SelfLossLM(TextSelfTraining):
             remat=c.meta.remat,
         )
         self_loss.check_estimator(self.estimator, c.meta.inner_steps)
-        # σ and pairs of "es"; unknown keys are refused here, before anything compiles.
         # The spread of ES's perturbed outer losses, logged (zero in Phase 2) under "es".
         self.es_metrics = ("meta/es_loss_spread",) if c.meta.estimator == "es" else ()
         self.log_actions = True  # its rows have always had the detector's action counts

@@ -4,6 +4,7 @@ name that is unknown or does not fit the window, saying what to use."""
 
 import dataclasses
 import difflib
+import numbers
 from collections.abc import Mapping
 from typing import Any
 
@@ -128,7 +129,10 @@ def estimator_from_config(
 
 
 def _check_window(name: str, window: int, episode_length: int) -> None:
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (window, episode_length)):
+    if not all(
+        isinstance(v, numbers.Integral) and not isinstance(v, bool)
+        for v in (window, episode_length)
+    ):
         raise ValueError(
             f"window ({window!r}) and episode length ({episode_length!r}) must be integers."
         )
