@@ -6,10 +6,12 @@
 For each environment and batch size: one jitted program that resets `batch` episodes to
 random goals and steps them `steps` times under `lax.scan` with random actions in [-1, 1]
 (what an ML³ or PPO rollout costs without the policy). Reports the compile + first call
-time and the steady env steps/s over `repeats` later calls.
+time and the steady env steps/s over `repeats` later calls. `--json=FILE` appends each
+row to FILE as a JSON line as soon as it is measured.
 """
 
 import argparse
+import json
 import time
 
 
@@ -48,6 +50,7 @@ def main() -> None:
     parser.add_argument("--batch", default="16,64,256")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", help="append each row to this file as a JSON line")
     args = parser.parse_args()
 
     import jax
@@ -59,6 +62,10 @@ def main() -> None:
         for batch in (int(b) for b in args.batch.split(",")):
             r = measure(name, batch, args.steps, args.repeats)
             print(f"| {name} | {batch} | {r['first']:.1f} | {r['steps_per_s']:,.0f} |", flush=True)
+            if args.json:
+                row = {"env": name, "batch": batch, "steps": args.steps, **r}
+                with open(args.json, "a") as f:
+                    f.write(json.dumps(row) + "\n")
 
 
 if __name__ == "__main__":

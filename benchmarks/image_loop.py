@@ -18,10 +18,12 @@ offline phase's), `ImageClassification.train_chunk` runs on each path:
 One chunk of `--chunk` steps is run first (compilation), then `--chunks` chunks are timed,
 the paths taking turns, each chunk ending as `runtime.loop`'s do with the metrics fetched
 to the host; the table gives each path's median. The images are random pixels at the
-dataset's shapes (`data.source=synthetic`), `--examples` of them.
+dataset's shapes (`data.source=synthetic`), `--examples` of them. `--json=FILE` appends
+each (model, algorithm)'s row to FILE as a JSON line as soon as it is measured.
 """
 
 import argparse
+import json
 import time
 
 import jax
@@ -82,6 +84,22 @@ def measure(model: str, algorithm: str, paths: list[str], args) -> dict[str, dic
     }
 
 
+def _json_row(model: str, algorithm: str, row: dict[str, dict], args) -> dict:
+    device = jax.devices()[0]
+    return {
+        "model": model,
+        "algorithm": algorithm,
+        "batch": args.batch_size,
+        "chunk": args.chunk,
+        "chunks": args.chunks,
+        "device": f"{device.platform} ({device.device_kind})",
+        "paths": {
+            p: {"steps_per_s": r["steps_per_s"], "first_chunk_s": r["first_chunk_s"]}
+            for p, r in row.items()
+        },
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="lenet5,resnet20")
@@ -91,6 +109,7 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=10, help="steps per train_chunk call")
     parser.add_argument("--chunks", type=int, default=5, help="timed chunks per path")
     parser.add_argument("--examples", type=int, default=2048, help="synthetic training images")
+    parser.add_argument("--json", help="append each row to this file as a JSON line")
     args = parser.parse_args()
     paths = args.paths.split(",")
     print(f"| model | algorithm | {' | '.join(f'{p} steps/s' for p in paths)} | speed-up |")
@@ -104,6 +123,9 @@ def main() -> None:
             speedup = f"{rates[-1] / rates[0]:.2f}x" if len(rates) > 1 else "-"
             cells = " | ".join(f"{r:.1f}" for r in rates)
             print(f"| {model} | {algorithm} | {cells} | {speedup} |", flush=True)
+            if args.json:
+                with open(args.json, "a") as f:
+                    f.write(json.dumps(_json_row(model, algorithm, row, args)) + "\n")
     device = jax.devices()[0]
     print(
         f"\n{device.platform} ({device.device_kind}), batch {args.batch_size}: the median "

@@ -13,11 +13,26 @@ its meta-gradient taken by backpropagating through the backward pass (`meta.meth
 (`metalearn.bilevel.OneStep`) needs two plain steps plus one forward-mode pass.
 
 Each model runs in a fresh subprocess, so its peak device memory (GPU: the allocator's
-peak; CPU: the process's peak RSS) is its own.
+peak; CPU: the process's peak RSS) is its own. `--json=FILE` appends each model's row to
+FILE as a JSON line as soon as it is measured.
+
+`--profile=DIR` then profiles the model with the highest AdaLFL / baseline ratio (of those
+measured, or of an earlier run's rows with `--rows_from=FILE`), at its batch size, in one
+more subprocess: XLA's cost analysis of its compiled baseline and AdaLFL steps (FLOPs,
+bytes accessed, the convolutions, matmuls and library calls in the optimised program)
+and a `jax.profiler` trace of `--profile_steps` steps of each under DIR/<model>/<step>/
+(open `perfetto_trace.json.gz` in ui.perfetto.dev), whose device operations are summed
+into the step's device time and its most expensive operations. A CPU's trace holds no
+device operations, so there the cost analysis alone is printed.
 """
 
 import argparse
+import collections
+import glob
+import gzip
 import json
+import os
+import re
 import resource
 import subprocess
 import sys
@@ -58,16 +73,15 @@ def _peak_memory(device) -> tuple[float, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "process peak RSS"
 
 
-def measure(
-    model: str, batch_size: int, steps: int, dataset: str, dtype: str, skip_backprop: bool
-) -> dict:
-    """Times one model in this process; returns a row of the table."""
+def _setup(model: str, batch_size: int, dataset: str, dtype: str, backprop: bool) -> dict:
+    """The baseline and AdaLFL experiments of `model` (and the AdaLFL one taking its
+    meta-gradient by backprop, if `backprop`) on synthetic images, with one batch, one
+    meta batch and the step index of the online phase."""
     import jax
     import numpy as np
 
     from configs._image import image_config
-    from experiments.image_classification import ImageClassification, forward
-    from metalearn.losses.task import softmax_cross_entropy
+    from experiments.image_classification import ImageClassification
     from metalearn.tasks import images
 
     def config_for(algorithm, method="jvp"):
@@ -82,10 +96,30 @@ def measure(
 
     data = images.load_images(config_for("adalfl").data)
     ada = ImageClassification(config_for("adalfl"), data=data)
-    base = ImageClassification(config_for("baseline"), data=data)
-    backprop = ImageClassification(config_for("adalfl", "backprop"), data=data)
-    batch, meta_batch = ada.batch_at("train", 0), ada.batch_at("meta", 0)
-    step = jax.device_put(np.int32(ada.init_steps), ada.replicated)
+    return {
+        "adalfl": ada,
+        "baseline": ImageClassification(config_for("baseline"), data=data),
+        "backprop": (
+            ImageClassification(config_for("adalfl", "backprop"), data=data) if backprop else None
+        ),
+        "batch": ada.batch_at("train", 0),
+        "meta_batch": ada.batch_at("meta", 0),
+        "step": jax.device_put(np.int32(ada.init_steps), ada.replicated),
+    }
+
+
+def measure(
+    model: str, batch_size: int, steps: int, dataset: str, dtype: str, skip_backprop: bool
+) -> dict:
+    """Times one model in this process; returns a row of the table."""
+    import jax
+
+    from experiments.image_classification import forward
+    from metalearn.losses.task import softmax_cross_entropy
+
+    e = _setup(model, batch_size, dataset, dtype, backprop=not skip_backprop)
+    ada, base, backprop = e["adalfl"], e["baseline"], e["backprop"]
+    batch, meta_batch, step = e["batch"], e["meta_batch"], e["step"]
     row = {"model": model, "batch": batch_size, "devices": jax.device_count()}
 
     def loss(params, s):
@@ -114,6 +148,124 @@ def measure(
     return row
 
 
+_CONV = re.compile(r"conv|xmma|cudnn|dgrad|wgrad|implicit_gemm", re.I)
+_MATMUL = re.compile(r"gemm|matmul|cublas|cutlass|\bdot", re.I)
+
+
+def _cost(compiled) -> dict:
+    """XLA's cost analysis of a compiled step: GFLOP, GB accessed, and how many
+    convolutions, dots and library calls (cuDNN, cuBLAS, ...) its optimised HLO holds."""
+    cost = compiled.cost_analysis()
+    if isinstance(cost, list | tuple):  # one dict per computation in older JAX versions
+        cost = cost[0] if cost else None
+    cost = cost or {}
+    hlo = compiled.as_text()
+    ops = collections.Counter(re.findall(r"\b(convolution|dot)\(", hlo))
+    ops.update(re.findall(r'custom_call_target="([^"]+)"', hlo))
+    return {
+        "gflop": float(cost.get("flops", 0.0)) / 1e9,
+        "gbytes": float(cost.get("bytes accessed", 0.0)) / 1e9,
+        "ops": dict(ops.most_common()),
+    }
+
+
+def device_time(trace_dir: str, steps: int, top: int = 6) -> dict:
+    """The device time per step in a `jax.profiler` trace of `steps` steps, by operation.
+
+    Reads the trace's `perfetto_trace.json.gz`: the spans of its device processes
+    ('/device:...'), from the profiler's one-span-per-HLO-op line ('XLA Ops') where the
+    trace has one, else the kernels on the device's streams.
+
+    Returns:
+      {"device_ms": per step, "top": [(name, ms per step, share)] of the `top` costliest,
+      "kinds": {"convolution" | "matmul" | "other": share}}, or {"note": why not}.
+    """
+    pattern = os.path.join(trace_dir, "**", "perfetto_trace.json.gz")
+    paths = sorted(glob.glob(pattern, recursive=True))
+    if not paths:
+        return {"note": f"no perfetto trace under {trace_dir}"}
+    with gzip.open(paths[-1]) as f:
+        events = json.load(f)["traceEvents"]
+    meta = [e for e in events if e.get("ph") == "M"]
+    process = {e["pid"]: e["args"]["name"] for e in meta if e.get("name") == "process_name"}
+    thread = {
+        (e["pid"], e["tid"]): e["args"]["name"] for e in meta if e.get("name") == "thread_name"
+    }
+    on_device = lambda e: process.get(e.get("pid"), "").startswith("/device:")
+    spans = [e for e in events if e.get("ph") == "X" and on_device(e)]
+    line = lambda e: thread.get((e["pid"], e.get("tid")), "")
+    ops = [e for e in spans if "XLA Ops" in line(e)]
+    skipped = re.compile("XLA Modules|Steps|TraceMe|Framework")
+    spans = ops or [e for e in spans if not skipped.search(line(e))]
+    if not spans:
+        return {"note": "no device operations in the trace (a CPU's has none)"}
+    by_name = collections.Counter()
+    for e in spans:
+        by_name[e["name"]] += e.get("dur", 0.0)
+    total = sum(by_name.values())
+    kinds = collections.Counter()
+    for name, us in by_name.items():
+        kind = "matmul" if _MATMUL.search(name) else "other"
+        kinds["convolution" if _CONV.search(name) else kind] += us / total
+    return {
+        "device_ms": total / 1e3 / steps,
+        "top": [(name, us / 1e3 / steps, us / total) for name, us in by_name.most_common(top)],
+        "kinds": dict(kinds),
+    }
+
+
+def profile(model: str, batch_size: int, steps: int, dataset: str, dtype: str, log_dir: str):
+    """Profiles one model's baseline and AdaLFL steps in this process: XLA's cost analysis
+    of each compiled step and the device time of `steps` traced steps (`device_time`),
+    the traces under `log_dir/<model>/<step>`."""
+    import jax
+
+    e = _setup(model, batch_size, dataset, dtype, backprop=False)
+    out = {"model": model, "batch": batch_size, "steps": steps}
+    for name in ("baseline", "adalfl"):
+        experiment = e[name]
+        inputs = (e["batch"], e["meta_batch"] if name == "adalfl" else None, e["step"])
+        step = jax.jit(lambda s, b, m, t, x=experiment: x.train_step(s, b, m, t)[0])
+        state = experiment.init()
+        compiled = step.lower(state, *inputs).compile()
+        state = jax.block_until_ready(compiled(state, *inputs))  # off the trace: first call
+        trace_dir = os.path.join(log_dir, model, name)
+        with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+            for _ in range(steps):
+                state = compiled(state, *inputs)
+            jax.block_until_ready(state)
+        out[name] = {**_cost(compiled), "trace": trace_dir}
+        try:
+            out[name].update(device_time(trace_dir, steps))
+        except Exception as err:  # a trace format not foreseen: keep the cost analysis
+            out[name]["note"] = f"trace not summarised: {err!r}"
+    return out
+
+
+def _child(args, model: str, profile_dir: str | None = None) -> dict:
+    """Runs `model` in a fresh subprocess; its row, or {"model", "failed": stderr tail}."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.image_step",
+        "--child",
+        f"--models={model}",
+        f"--batch_size={args.batch_size}",
+        f"--steps={args.steps}",
+        f"--dataset={args.dataset}",
+        f"--dtype={args.dtype}",
+        f"--profile_steps={args.profile_steps}",
+    ] + (["--skip_backprop"] if args.skip_backprop else [])
+    if profile_dir:
+        cmd.append(f"--profile={profile_dir}")
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("ROW ")), None)
+    if line is None:
+        print(f"{model}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
+        return {"model": model, "failed": proc.stderr[-2000:]}
+    return json.loads(line[4:])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(MODELS))
@@ -126,35 +278,51 @@ def main() -> None:
         action="store_true",
         help="skip the AdaLFL step by backprop through backprop (slow to compile on CPU)",
     )
+    parser.add_argument("--json", help="append each row to this file as a JSON line")
+    parser.add_argument("--profile", help="then profile the worst model, traces under this dir")
+    parser.add_argument("--profile_steps", type=int, default=5, help="traced steps per step")
+    parser.add_argument(
+        "--rows_from",
+        help="take the rows of an earlier --json run from this file instead of measuring "
+        "(to --profile its worst model alone)",
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
+        if args.profile:
+            row = profile(
+                args.models,
+                args.batch_size,
+                args.profile_steps,
+                args.dataset,
+                args.dtype,
+                args.profile,
+            )
+            print("ROW " + json.dumps({"profile": row}))
+            return
         row = measure(
             args.models, args.batch_size, args.steps, args.dataset, args.dtype, args.skip_backprop
         )
         print("ROW " + json.dumps(row))
         return
+
+    def keep(row):
+        if args.json:
+            with open(args.json, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
     rows = []
-    for model in args.models.split(","):
-        cmd = [
-            sys.executable,
-            "-m",
-            "benchmarks.image_step",
-            "--child",
-            f"--models={model}",
-            f"--batch_size={args.batch_size}",
-            f"--steps={args.steps}",
-            f"--dataset={args.dataset}",
-            f"--dtype={args.dtype}",
-        ] + (["--skip_backprop"] if args.skip_backprop else [])
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        line = next((x for x in proc.stdout.splitlines() if x.startswith("ROW ")), None)
-        if line is None:
-            print(f"{model}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
-            continue
-        rows.append(json.loads(line[4:]))
-        _print_rows(rows[-1:], header=len(rows) == 1)
-    if rows:
+    if args.rows_from:
+        with open(args.rows_from) as f:
+            lines = [x for x in f if x.startswith("{") and x.endswith("}\n")]  # not torn
+        rows = [r for r in map(json.loads, lines) if "ratio" in r]
+    for model in [] if args.rows_from else args.models.split(","):
+        row = _child(args, model)
+        keep(row)
+        if "failed" not in row:
+            rows.append(row)
+            _print_rows(rows[-1:], header=len(rows) == 1)
+    if rows and not args.rows_from:
         print(
             f"\n{rows[0]['platform']}, {rows[0]['devices']} device(s), batch {args.batch_size}, "
             f"{args.dataset} shapes, {args.dtype}; memory: {rows[0]['mem_kind']}."
@@ -165,6 +333,30 @@ def main() -> None:
             "backward pass instead. Peak memory accumulates within a model's process and is "
             "read after each column; compile s includes the first call."
         )
+    if args.profile and rows:
+        worst_row = max(rows, key=lambda r: r["ratio"])
+        worst, args.batch_size = worst_row["model"], worst_row["batch"]
+        row = _child(args, worst, args.profile)
+        keep(row if "profile" in row else {**row, "profile": None})
+        if "profile" in row:
+            print(f"\nProfile of {worst} (the highest ratio):\n" + format_profile(row["profile"]))
+
+
+def format_profile(p: dict) -> str:
+    """The profile of `profile` as lines: cost analysis, device time and top operations."""
+    lines = []
+    for name in ("baseline", "adalfl"):
+        r = p[name]
+        ops = ", ".join(f"{k} {v}" for k, v in r["ops"].items()) or "none"
+        line = f"- {name}: {r['gflop']:.3g} GFLOP, {r['gbytes']:.3g} GB accessed; ops: {ops}"
+        if "device_ms" in r:
+            kinds = ", ".join(f"{k} {100 * v:.0f} %" for k, v in r["kinds"].items())
+            top = "; ".join(f"{n[:60]} {ms:.3f} ms ({100 * f:.0f} %)" for n, ms, f in r["top"])
+            line += f"; device {r['device_ms']:.3f} ms/step ({kinds}); top: {top}"
+        if "note" in r:
+            line += f"; {r['note']}"
+        lines.append(line + f"; trace: {r['trace']}")
+    return "\n".join(lines)
 
 
 COLUMNS = (  # (header, row -> text)

@@ -37,7 +37,8 @@ plain float32 peak when `jax_default_matmul_precision` asks for full float32).
 
 Every (size, step) runs in a fresh subprocess, so its peak memory is its own: on a GPU the
 allocator's peak (`memory_stats()["peak_bytes_in_use"]`), elsewhere the process's peak RSS
-(which includes the Python and XLA runtime and the compiler's own memory).
+(which includes the Python and XLA runtime and the compiler's own memory). `--json=FILE`
+appends each row to FILE as a JSON line as soon as it is measured.
 """
 
 import dataclasses
@@ -62,6 +63,7 @@ _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
 _DTYPE = flags.DEFINE_enum(
     "dtype", "float32", ["float32", "bfloat16"], "Computation dtype (bfloat16 on a GPU)."
 )
+_JSON = flags.DEFINE_string("json", None, "Append each row to this file as a JSON line.")
 _CHILD = flags.DEFINE_string("child", None, "Internal: measure one 'size:kind' and print a row.")
 
 
@@ -110,6 +112,7 @@ def build(size: Size, kind: str, dtype: str) -> tuple[Step, Any, dict, int]:
     import optax
 
     from configs import self_loss_lm as config_lib
+    from metalearn import bilevel
     from metalearn.algorithms import self_loss
     from metalearn.models import transformer
     from metalearn.optim import make_optimizer
@@ -170,13 +173,20 @@ def build(size: Size, kind: str, dtype: str) -> tuple[Step, Any, dict, int]:
         raise app.UsageError(f"Unknown step kind {kind!r}; choose from {list(KINDS)}.")
     m = c.meta
     adam = make_optimizer(m.optimizer)  # Adam, lr 1e-3
+    # The estimator as experiments.self_loss_lm builds it from the config.
+    estimator = bilevel.estimator_from_config(
+        m.estimator,
+        window=m.window if m.estimator == "last_window" else m.inner_steps,
+        episode_length=m.inner_steps,
+        options=m.get("estimator_options"),
+        remat=m.remat,
+    )
     objective = functools.partial(
         self_loss.meta_objective,
         model=model,
         spec=spec,
         inner_optimizer=sgd,
-        estimator=m.estimator,
-        window=m.window,
+        estimator=estimator,
     )
 
     def phase1(state, batch):
@@ -340,8 +350,15 @@ def main(argv: list[str]) -> None:
             line = next((x for x in proc.stdout.splitlines() if x.startswith("ROW ")), None)
             if line is None:
                 print(f"{size} / {kind}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
+                row = {"size": size, "kind": kind, "failed": proc.stderr[-2000:]}
+            else:
+                row = json.loads(line[4:])
+            if _JSON.value:
+                with open(_JSON.value, "a") as f:
+                    f.write(json.dumps({**row, "dtype": _DTYPE.value}) + "\n")
+            if "failed" in row:
                 continue
-            rows.append(json.loads(line[4:]))
+            rows.append(row)
             if len(rows) == 1:
                 _print_header(rows[0], _DTYPE.value)
             _print_row(rows[-1])

@@ -30,7 +30,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.fast_compile = False  # most XLA optimisations off (smoke runs: compile-bound)
     # LLVM at O2 for every program instead of XLA's default O3: each of the two large
     # programs compiles in about half the time, and they run as fast
-    # (`python -m benchmarks.ml3_sine` compares the whole protocol at both).
+    # (`python -m benchmarks.ml3_sine --compare_level=3` compares the whole protocol cold).
     c.compiler_options = {"xla_backend_optimization_level": 2}
     c.seeds = (0, 1, 2, 3, 4)
 

@@ -583,7 +583,7 @@ class ImageClassification(Experiment):
     def _at(self, value: int | bool) -> jax.Array:
         """A step number (int32) or a phase flag (bool), replicated over the mesh."""
         dtype = np.bool_ if isinstance(value, bool) else np.int32
-        return jax.device_put(np.asarray(value, dtype), self.replicated)
+        return sharding.put(np.asarray(value, dtype), self.replicated)
 
     def host_split(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         """(images, labels) of split 'train' or 'validation' on the host."""
@@ -661,7 +661,7 @@ class ImageClassification(Experiment):
             batch = self.batch_at("train", t)
             meta_batch = self.batch_at("meta", t) if self.uses_meta(offline) else None
             state, metrics = step_fn(
-                state, batch, meta_batch, jax.device_put(np.int32(t), self.replicated)
+                state, batch, meta_batch, sharding.put(np.int32(t), self.replicated)
             )
             rows.append(metrics)
         return state, jax.tree.map(lambda *xs: jnp.stack(xs), *rows)
@@ -684,10 +684,10 @@ class ImageClassification(Experiment):
             for i in range(c.meta.select_steps):
                 batch = self.batch_at("select", i)
                 inner = self._select_step(
-                    inner, state.meta.params, batch, jax.device_put(np.int32(i), self.replicated)
+                    inner, state.meta.params, batch, sharding.put(np.int32(i), self.replicated)
                 )
         error = self.error_rate(inner, self.data.val_images, self.data.val_labels)[0]
-        state = self._keep_best(state, jax.device_put(np.float32(error), self.replicated))
+        state = self._keep_best(state, sharding.put(np.float32(error), self.replicated))
         if step == self.init_steps:
             meta = state.meta.replace(params=state.best_meta_params)
             state = state.replace(meta=meta)

@@ -24,6 +24,7 @@ from metalearn.losses import learned as learned_losses
 from metalearn.losses.task import mse
 from metalearn.models.mlp import MLP
 from metalearn.optim import make_optimizer
+from metalearn.runtime import sharding
 from metalearn.runtime.experiment import ML3Experiment
 from metalearn.runtime.metrics import mean_std
 from metalearn.state import init_inner_state, init_meta_state
@@ -45,7 +46,7 @@ class SineRegression(ML3Experiment):
         self.meta_opt = make_optimizer(c.meta.optimizer)
         self.loss_fn = learned_losses.learned_loss_fn(c.loss_net)
         self.learned_inner = self._inner_loss(True)
-        self._fit_task_jit = self.jit(self._fit_task)
+        self._fit_task_program = self.jit(self._fit_task)
 
     # Tasks are functions of the seed key, so the state needs not carry them.
     def _tasks(self, key):
@@ -126,7 +127,7 @@ class SineRegression(ML3Experiment):
 
         return ml3.regression_inner_loss(self.model.apply, loss)
 
-    def _fit_task(self, meta_state, task, use_learned):
+    def _fit_task(self, meta_state, seed_keys, task, use_learned):
         """Traces [S, K + 1] of every seed on task number `task` (0: the training task,
         1…T: the test tasks). One compiled program serves evaluation and meta-test."""
 
@@ -136,12 +137,18 @@ class SineRegression(ML3Experiment):
             y = jnp.concatenate([train["y"], test["y"]])[task]
             return self._fit(phi, seed_key, task, x, y, use_learned)
 
-        return jax.vmap(one)(meta_state.params, self.seed_keys)
+        return jax.vmap(one)(meta_state.params, seed_keys)
+
+    def _fit_task_jit(self, meta_state, task, use_learned):
+        """`_fit_task` compiled, with the seed keys passed in (a program cannot close over
+        an array spread over several processes' devices)."""
+        return self._fit_task_program(meta_state, self.seed_keys, task, use_learned)
 
     def evaluate(self, state, step):
         """Fig. 2c: train-task MSE after `eval.test_steps` steps with the current φ."""
         del step
-        return {"eval/train_task_mse/learned_loss": self._fit_task_jit(state, 0, True)[:, -1]}
+        final = self._fit_task_jit(state, 0, True)[:, -1]
+        return {"eval/train_task_mse/learned_loss": sharding.host_get(final)}
 
     def _meta_test(self, state):
         """Traces [S, 2 (learned, MSE), 1 + T (train task, test tasks), K + 1]."""
@@ -155,7 +162,7 @@ class SineRegression(ML3Experiment):
         )
 
     def finalize(self, state, history, workdir):
-        traces = jax.device_get(self._meta_test(state))  # [S, 2, 1 + T, K+1]
+        traces = sharding.host_get(self._meta_test(state))  # [S, 2, 1 + T, K+1]
         curves = traces[:, :, 1:].mean(axis=2)  # [S, 2, K+1]: mean over the test tasks
         train_task_mse = traces[:, 1, 0, -1]  # [S]: the MSE baseline does not depend on φ
         self.save_learned_losses(workdir, state.params, y="targets", y_hat="raw outputs")

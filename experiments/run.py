@@ -9,8 +9,11 @@ Re-running the same command on the same workdir resumes from the last checkpoint
 Errors that are the user's to fix (an unknown config key or variant, a bad value, a
 missing dataset, a non-finite loss) are printed as their message alone, with exit status
 2 for flags and 1 otherwise; set METALEARN_TRACEBACK=1 to see the traceback instead.
-Ctrl-C (SIGINT) or SIGTERM stops the run with a message saying where its last checkpoint
-is (the step under way is not saved), exit status 130 or 143.
+SIGTERM (what TPU VMs, SLURM and Kubernetes send before preempting a job) or Ctrl-C
+(SIGINT) stops the run after the step under way, with a checkpoint of that step and a
+message saying where it is, exit status 75 (`PREEMPTED_STATUS`, EX_TEMPFAIL: re-run to
+resume, to the result of an uninterrupted run). A second signal stops it at once, the
+step under way not saved, exit status 130 (SIGINT) or 143 (SIGTERM).
 """
 
 import importlib.util
@@ -24,6 +27,9 @@ from ml_collections import config_flags
 
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run directory; defaults to runs/<config name>[_<variant>]."
+)
+_COMPILATION_CACHE = flags.DEFINE_string(
+    "compilation_cache", "auto", "JAX's compilation cache: auto, none or a directory."
 )
 _CONFIG_ARG = None  # the --config value, configs/<name>.py[:variant]
 _CONFIG = None  # its ConfigDict, with the --config.<key> overrides applied by absl
@@ -52,6 +58,9 @@ def load_config(config_arg: str) -> ml_collections.ConfigDict:
     return module.get_config(variant or None)
 
 
+PREEMPTED_STATUS = 75  # stopped on a signal with a checkpoint of the step reached
+
+
 class _Terminated(KeyboardInterrupt):
     """SIGTERM, raised where the main thread is, as Ctrl-C's KeyboardInterrupt is."""
 
@@ -60,8 +69,19 @@ _SIGNALS: list[int] = []  # the stopping signals received, first first
 
 
 def _on_signal(signum, frame) -> None:
+    """The first signal asks the loop to stop after the call under way (`should_stop`);
+    a second stops the run at once."""
     del frame
     _SIGNALS.append(signum)
+    if len(_SIGNALS) == 1:
+        name = signal.Signals(signum).name
+        print(
+            f"\n{name}: stopping after the step under way, with a checkpoint of it "
+            "(send it again to stop now, without).",
+            file=sys.stderr,
+            flush=True,
+        )
+        return
     # Python prints and drops an exception raised inside a garbage-collection callback:
     # the loop then stops at its next call (`should_stop`).
     raise _Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
@@ -88,8 +108,10 @@ def main(argv: list[str]) -> None:
     except KeyboardInterrupt as e:
         if os.environ.get("METALEARN_TRACEBACK"):
             raise
-        signum = _SIGNALS[0] if _SIGNALS else signal.SIGINT
         print(f"\n{_interrupted_message(e, workdir)}", file=sys.stderr, flush=True)
+        if type(e).__name__ == "Preempted":  # loop.Preempted, without importing the loop
+            sys.exit(PREEMPTED_STATUS)
+        signum = _SIGNALS[-1] if _SIGNALS else signal.SIGINT
         sys.exit(128 + signum)
 
 
@@ -97,9 +119,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> None:
     print(f"Workdir: {os.path.abspath(workdir)}", flush=True)
     print("Loading the data and building the experiment ...", flush=True)
     import experiments
+    from metalearn.runtime.cache import enable_compilation_cache
     from metalearn.runtime.loop import DivergenceError, train_and_evaluate
     from metalearn.runtime.sharding import initialize_distributed
 
+    enable_compilation_cache(_COMPILATION_CACHE.value)  # before anything compiles
     try:
         initialize_distributed()  # on a multi-host launch; a no-op on one machine
         summary = train_and_evaluate(

@@ -36,9 +36,13 @@ def _band(ax, x, rows, label, color):
 
 
 def _save(fig, path: str) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    """Writes the figure (on process 0 only, where several share a workdir) and closes it."""
+    from metalearn.runtime.sharding import is_main_process
+
+    if is_main_process():
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
     pyplot().close(fig)
 
 

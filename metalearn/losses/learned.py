@@ -294,8 +294,14 @@ def save_learned_loss(
         ) from None
     path = os.path.abspath(path)
     os.makedirs(path, exist_ok=True)
+    # On several processes every one takes part in orbax's save (it writes from process 0
+    # between barriers of all), and process 0 alone writes the json.
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(os.path.join(path, PARAMS_DIR), jax.device_get(params), force=True)
+    from metalearn.runtime.sharding import is_main_process  # runtime imports this module
+
+    if not is_main_process():
+        return
     tmp = os.path.join(path, LOSS_NET_FILE + ".tmp")
     with open(tmp, "w") as f:
         f.write(text)

@@ -30,6 +30,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+from jax.sharding import NamedSharding, PartitionSpec
 
 from metalearn import bilevel
 from metalearn.losses import learned as learned_losses
@@ -195,11 +196,17 @@ class ML3Experiment(Experiment):
         # Every program of the experiment takes the seed keys, so XLA keeps what it
         # computes per seed on the seed's device (the state, the meta-test's fits).
         self.mesh = sharding.seed_mesh(len(config.seeds), mesh)
-        self.seed_keys = jax.device_put(
-            jax.vmap(jax.random.key)(jnp.asarray(config.seeds)), sharding.data_sharded(self.mesh)
+        key_data = jax.random.key_data(jax.vmap(jax.random.key)(jnp.asarray(config.seeds)))
+        self.seed_keys = jax.random.wrap_key_data(
+            sharding.put(jax.device_get(key_data), sharding.data_sharded(self.mesh))
         )
         self._chunk = self.jit(self._train_chunk, static_argnums=2)
-        self._init = self.jit(self._init_all)
+        # Every leaf of the state seed-sharded, as the chunks return it: left to XLA,
+        # the optimizer state came out replicated, so the second chunk compiled again.
+        seeds = (None, sharding.DATA_AXIS) if self.VARIANTS else (sharding.DATA_AXIS,)
+        self._init = self.jit(
+            self._init_all, out_shardings=NamedSharding(self.mesh, PartitionSpec(*seeds))
+        )
 
     # --- what a subclass provides -----------------------------------------------------
 
@@ -250,20 +257,27 @@ class ML3Experiment(Experiment):
     def init(self):
         return self._init(self.seed_keys)
 
-    def _train_chunk(self, state, start, num, inputs):
+    def _train_chunk(self, state, start, num, inputs, seed_keys):
         seed_axis = 0 if self.CHUNK_INPUTS_PER_SEED else None
         per_seed = jax.vmap(self.episode, in_axes=(0, 0, None, None, seed_axis))
         if self.VARIANTS:
             per_variant = jax.vmap(per_seed, in_axes=(0, None, None, 0, None))
             variants = self.variant_inputs()
-            body = lambda s, t: per_variant(s, self.seed_keys, t, variants, inputs)  # noqa: E731
+            body = lambda s, t: per_variant(s, seed_keys, t, variants, inputs)  # noqa: E731
         else:
-            body = lambda s, t: per_seed(s, self.seed_keys, t, None, inputs)  # noqa: E731
+            body = lambda s, t: per_seed(s, seed_keys, t, None, inputs)  # noqa: E731
         state, metrics = scan_steps(body, state, start, num)
-        return state, self.chunk_metrics(metrics)
+        metrics = self.chunk_metrics(metrics)
+        if jax.process_count() > 1:
+            # The loop reads the metrics on every process: whole there, not a share of
+            # the seeds (on one process every shard is this process's).
+            metrics = jax.lax.with_sharding_constraint(metrics, sharding.replicated(self.mesh))
+        return state, metrics
 
     def train_chunk(self, state, start, num):
-        return self._chunk(state, start, num, self.chunk_inputs())
+        # The seed keys go in as an argument: a program cannot close over an array that
+        # spans several processes' devices.
+        return self._chunk(state, start, num, self.chunk_inputs(), self.seed_keys)
 
     def save_learned_losses(
         self,
@@ -284,7 +298,7 @@ class ML3Experiment(Experiment):
           **description: recorded in each artifact (see `losses.learned.save_learned_loss`).
         """
         variants = self.VARIANTS if variants is None else tuple(variants)
-        params = jax.device_get(params)
+        params = sharding.host_get(params)  # every process's seeds
         root = os.path.join(workdir, "learned_loss", *subdir)
         folders = (
             {

@@ -11,8 +11,11 @@ Progress shows from the start: a note before the first compilations, then steps,
 and ETA (`runtime.progress`). Where an experiment promises that cutting a chunk changes
 no number (`Experiment.piece_steps`), a chunk runs as several calls of about
 `PIECE_SECONDS` each, so that a long chunk (a CPU's offline phase) shows progress too.
-Ctrl-C (KeyboardInterrupt) ends a run with `Interrupted`, whose message says at which step
-and where the last checkpoint is; the step under way is not saved.
+A stop asked for between calls (`should_stop`: SIGTERM or the first Ctrl-C under
+`experiments.run`) finishes the call under way, writes a checkpoint of that step and
+ends with `Preempted`; a KeyboardInterrupt raised inside a call ends it with
+`Interrupted`, the step under way not saved. Either message says where to resume from.
+A checkpoint that cannot be read is moved aside and the newest readable one used.
 """
 
 import json
@@ -22,13 +25,15 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from metalearn.runtime.checkpoint import Checkpointer
 from metalearn.runtime.experiment import Experiment
-from metalearn.runtime.metrics import MetricWriter, read_metrics, truncate_metrics
+from metalearn.runtime.metrics import MetricWriter, read_metrics, truncate_metrics, write_json
 from metalearn.runtime.progress import Progress
+from metalearn.runtime.sharding import barrier, host_get
 
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.json"
@@ -65,8 +70,9 @@ def first_non_finite(metrics: dict[str, Any]) -> tuple[int, str] | None:
 
 
 def _state_is_finite(state: Any) -> bool:
-    leaves = [x for x in jax.tree.leaves(state) if np.issubdtype(np.asarray(x).dtype, np.floating)]
-    return all(bool(np.isfinite(np.asarray(x)).all()) for x in leaves)
+    leaves = [x for x in jax.tree.leaves(state) if jnp.issubdtype(jnp.result_type(x), jnp.floating)]
+    # host_get: a state spread over several processes (an ML³ run's seeds) is gathered.
+    return all(bool(np.isfinite(x).all()) for x in host_get(leaves))
 
 
 def _check_config(workdir: str, config: ml_collections.ConfigDict) -> None:
@@ -88,9 +94,7 @@ def _check_config(workdir: str, config: ml_collections.ConfigDict) -> None:
                 "old one."
             )
         return
-    with open(path + ".tmp", "w") as f:
-        json.dump(current, f, indent=2)
-    os.replace(path + ".tmp", path)
+    write_json(path, current)  # by process 0, where several share the workdir
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -119,15 +123,21 @@ def train_and_evaluate(
       workdir: the run directory.
       stop_at: stop after this step as if preempted (for tests of resumption).
       should_stop: polled before every `train_chunk` call and before `finalize`; when
-        it returns True the run stops as on Ctrl-C (`Interrupted`). For a signal handler
-        whose KeyboardInterrupt Python may drop (one raised inside a garbage-collection
-        callback is only printed), so that the run still stops within a call.
+        it returns True (on any process of a multi-process run: all stop at the same
+        step) the run writes a checkpoint of the step it has reached and stops with
+        `Preempted`: what a signal handler asks for on SIGTERM (a preemption) or Ctrl-C.
 
     Returns:
       The summary (also written to `summary.json`), or None when stopped early.
 
+    `config.checkpoint_every_minutes` (0 or absent: off) also writes a checkpoint
+    between two calls once that many minutes have passed since the last one, so a long
+    chunk loses at most that much work to a crash.
+
     Raises:
-      Interrupted: on Ctrl-C (KeyboardInterrupt), with where to resume from.
+      Preempted: `should_stop` asked to stop; a checkpoint of the step reached is written.
+      Interrupted: on a KeyboardInterrupt raised inside a call, with where to resume from
+        (the step under way is not saved).
       DivergenceError: the run diverged (`NonFiniteError`: a non-finite value).
     """
     if experiment.checkpoint_every % experiment.eval_every:
@@ -143,27 +153,32 @@ def train_and_evaluate(
                 f"keep_checkpoints step {kept} must be a multiple of eval_every "
                 f"({experiment.eval_every}) within the run's {experiment.num_steps} steps."
             )
+    minutes = config.get("checkpoint_every_minutes", 0) or 0
+    if not isinstance(minutes, (int, float)) or isinstance(minutes, bool) or minutes < 0:
+        raise ValueError(
+            f"checkpoint_every_minutes must be a number of minutes >= 0 (0: off); got {minutes!r}."
+        )
     ckpt = Checkpointer(workdir, keep_steps=experiment.keep_checkpoints)
     start = ckpt.latest_step()
-    if start is not None:
-        print(
-            f"Resuming from the checkpoint at step {start} of {experiment.num_steps} in {workdir}.",
-            flush=True,
-        )
     progress = Progress(experiment.num_steps, initial=start or 0)
     try:
         progress.note("compiling the initial state" + (" and evaluation" if start is None else ""))
         # Committed where it lives, as a state restored from a checkpoint is: otherwise a
         # resumed run would miss the compiled programs and compile them again.
         state = jax.tree.map(lambda x: jax.device_put(x, x.sharding), experiment.init())
+        start, state = ckpt.restore_latest(state, say=lambda line: print(line, flush=True))
         if start is None:
             start = 0
             truncate_metrics(workdir, -1)
         else:
-            state = ckpt.restore(start, state)
+            print(
+                f"Resuming from the checkpoint at step {start} of {experiment.num_steps} in "
+                f"{workdir}.",
+                flush=True,
+            )
             truncate_metrics(workdir, start)
         summary = _run(
-            experiment, config, workdir, state, start, ckpt, progress, stop_at, should_stop
+            experiment, config, workdir, state, start, ckpt, progress, stop_at, should_stop, minutes
         )
     except KeyboardInterrupt as e:
         if isinstance(e, Interrupted):
@@ -175,10 +190,7 @@ def train_and_evaluate(
         ckpt.close()
     if summary is None:
         return None
-    path = os.path.join(workdir, SUMMARY_FILE)
-    with open(path + ".tmp", "w") as f:
-        json.dump(summary, f, indent=2)
-    os.replace(path + ".tmp", path)
+    write_json(os.path.join(workdir, SUMMARY_FILE), summary)
     return summary
 
 
@@ -213,13 +225,45 @@ def interrupted_message(
     )
 
 
-def _run(experiment, config, workdir, state, start, ckpt, progress, stop_at, should_stop):
+class Preempted(Interrupted):
+    """The run stopped on request (`should_stop`: SIGTERM or Ctrl-C under
+    `experiments.run`) after the step under way, with a checkpoint of that step: a
+    re-run resumes from it to the result of an uninterrupted run."""
+
+
+class _StopRequested(Exception):
+    """Internal: `should_stop` said stop; the loop checkpoints, then raises `Preempted`."""
+
+
+def agreed(flag: bool) -> bool:
+    """`flag` on one process; on several, True where any process's is (every process
+    then takes the same branch: the same programs, the same checkpoints)."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(bool(flag)))))
+
+
+def _run(experiment, config, workdir, state, start, ckpt, progress, stop_at, should_stop, minutes):
     """The loop of `train_and_evaluate` from step `start`: its summary, or None when
     stopped at `stop_at`."""
 
     def poll():
-        if should_stop is not None and should_stop():
-            raise KeyboardInterrupt
+        if should_stop is not None and agreed(should_stop()):
+            raise _StopRequested
+
+    def due():  # `checkpoint_every_minutes` since the last checkpoint
+        return bool(minutes) and agreed(time.monotonic() - saved[0] >= 60 * minutes)
+
+    def save(step, state):
+        if not _state_is_finite(state):
+            raise NonFiniteError(f"The state became non-finite by step {step}; not saved.")
+        writer.flush()
+        ckpt.save(step, state)
+        saved[0] = time.monotonic()
+
+    saved = [time.monotonic()]  # when the last checkpoint was written
 
     writer = MetricWriter(workdir)
     log_every = config.get("log_every", 1)
@@ -262,6 +306,8 @@ def _run(experiment, config, workdir, state, start, ckpt, progress, stop_at, sho
                 _raise_if_diverged(experiment.check_divergence(metrics, step))
                 progress.update(num, experiment.phase(step))
                 step += num
+                if step < end and due():  # between the calls of a chunk too
+                    save(step, state)
             if step % experiment.eval_every == 0 or step == experiment.num_steps:
                 evaluation = jax.device_get(experiment.evaluate(state, step))
                 _write_checked(writer, step, evaluation, "evaluation")
@@ -270,22 +316,34 @@ def _run(experiment, config, workdir, state, start, ckpt, progress, stop_at, sho
                 step % experiment.checkpoint_every == 0
                 or step == experiment.num_steps
                 or step in experiment.keep_checkpoints
+                or due()
             ):
-                if not _state_is_finite(state):
-                    raise NonFiniteError(f"The state became non-finite by step {step}; not saved.")
-                writer.flush()
-                ckpt.save(step, state)
+                save(step, state)
         progress.close()
         if step < experiment.num_steps:
             return None
         writer.flush()
         poll()
+        barrier("metrics written")  # process 0's metrics.jsonl, complete, for every process
         return experiment.finalize(state, read_metrics(workdir), workdir)
     except DivergenceError as e:
         writer.flush()
-        with open(os.path.join(workdir, DIVERGED_FILE), "w") as f:
-            json.dump({"step": getattr(e, "step", None), "message": str(e)}, f, indent=2)
+        write_json(
+            os.path.join(workdir, DIVERGED_FILE),
+            {"step": getattr(e, "step", None), "message": str(e)},
+        )
         raise
+    except _StopRequested:
+        # Between two calls: the state is that of `step`, which a checkpoint now holds.
+        if ckpt.latest_step() != step:
+            save(step, state)
+        progress.close()
+        folder = os.path.join(os.path.abspath(workdir), "checkpoints")
+        raise Preempted(
+            f"Stopped at step {step} of {experiment.num_steps} on request, after the step "
+            f"under way; checkpoint written at step {step} in {folder}. Re-run the same "
+            "command to resume from it."
+        ) from None
     except KeyboardInterrupt as e:
         # The step under way is dropped: the last checkpoint is where a re-run resumes.
         # (`train_and_evaluate` closes the progress bar before the message is shown.)

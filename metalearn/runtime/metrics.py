@@ -3,7 +3,9 @@
 Values may be scalars or small per-seed vectors. JSONL keeps them as numbers or lists;
 TensorBoard gets the scalar, or for a vector its mean under the plain name and each
 entry under `<name>/seed_<i>`. Names under `curve/` (a function sampled on a grid, e.g.
-a learned loss's shape) go to JSONL only. Only process 0 writes.
+a learned loss's shape) go to JSONL only. Only process 0 writes: the processes of a
+multi-host run share the workdir, so this module's writers (`MetricWriter`,
+`truncate_metrics`, `write_json`) do nothing on the others.
 """
 
 import json
@@ -11,9 +13,10 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-import jax
 import numpy as np
 from tensorboardX import SummaryWriter
+
+from metalearn.runtime.sharding import is_main_process
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -40,8 +43,21 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def write_json(path: str, obj: Any) -> None:
+    """Writes `obj` as indented JSON to `path` atomically (a temporary file renamed into
+    place), on process 0 only."""
+    if not is_main_process():
+        return
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
 def truncate_metrics(workdir: str, last_step: int) -> None:
-    """Drops rows logged after `last_step`: a resumed run recomputes them."""
+    """Drops rows logged after `last_step`: a resumed run recomputes them (process 0)."""
+    if not is_main_process():
+        return
     rows = [r for r in read_metrics(workdir) if r["step"] <= last_step]
     path = os.path.join(workdir, METRICS_FILE)
     tmp = path + ".tmp"
@@ -54,7 +70,7 @@ class MetricWriter:
     """Appends metrics to `metrics.jsonl` and to TensorBoard event files."""
 
     def __init__(self, workdir: str):
-        self._active = jax.process_index() == 0
+        self._active = is_main_process()
         if not self._active:
             return
         self._jsonl = open(os.path.join(workdir, METRICS_FILE), "a")  # noqa: SIM115

@@ -555,34 +555,47 @@ def _to_global(sharding: jax.sharding.Sharding):
 
 
 def eval_batches(
-    images: np.ndarray, labels: np.ndarray, batch_size: int
+    images: np.ndarray,
+    labels: np.ndarray,
+    batch_size: int,
+    *,
+    process_index: int | None = None,
+    process_count: int | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """The whole split in order, in fixed-size batches with a padding mask.
+    """This host's part of the whole split in order, in fixed-size batches with a mask.
 
     Args:
       images: uint8 [N, H, W, C].
       labels: int [N].
-      batch_size: examples per batch.
+      batch_size: examples per global batch, divisible by `process_count`.
+      process_index, process_count: this host and the number of hosts (default: jax's).
 
     Returns:
-      An iterator of {'image': [B, H, W, C], 'label': int32 [B], 'mask': float32 [B]},
-      ceil(N / B) batches; the last is padded with zero images and label 0, and `mask` is
-      1 for real examples and 0 for padding.
+      An iterator of {'image': [B_local, H, W, C], 'label': int32 [B_local], 'mask':
+      float32 [B_local]}, ceil(N / B) batches, B_local = batch_size // process_count:
+      host i's contiguous slice i of each global batch. The last global batch is padded
+      with zero images and label 0, and `mask` is 1 for real examples and 0 for padding.
     """
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be at least 1.")
+    if batch_size % process_count:
+        raise ValueError(f"batch_size={batch_size} is not divisible by {process_count} hosts.")
     if len(images) != len(labels):
         raise ValueError(f"{len(images)} images but {len(labels)} labels.")
+    local = batch_size // process_count
 
     def generate() -> Iterator[dict[str, np.ndarray]]:
         for start in range(0, len(labels), batch_size):
-            image = images[start : start + batch_size]
-            label = labels[start : start + batch_size].astype(np.int32)
-            real, pad = len(label), batch_size - len(label)
+            first = start + process_index * local  # this host's slice of the global batch
+            image = images[first : min(first + local, start + batch_size)]
+            label = labels[first : min(first + local, start + batch_size)].astype(np.int32)
+            real, pad = len(label), local - len(label)
             if pad:
-                image = np.concatenate([image, np.zeros((pad, *image.shape[1:]), image.dtype)])
+                image = np.concatenate([image, np.zeros((pad, *images.shape[1:]), images.dtype)])
                 label = np.concatenate([label, np.zeros((pad,), np.int32)])
-            mask = (np.arange(batch_size) < real).astype(np.float32)
+            mask = (np.arange(local) < real).astype(np.float32)
             yield {"image": image, "label": label, "mask": mask}
 
     return generate()

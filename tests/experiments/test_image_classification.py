@@ -469,6 +469,11 @@ def step_leaves(algorithm: str, num_devices: int) -> list[np.ndarray]:
     state = exp.init()
     batch, meta_batch = exp.batch_at("train", 0), exp.batch_at("meta", 0)
     assert len(batch["image"].sharding.device_set) == num_devices
+    # Split, not replicated: each device holds its own 16 / n examples, together all 16.
+    for x in (batch["image"], batch["label"], meta_batch["image"]):
+        shards = sorted(x.addressable_shards, key=lambda sh: sh.index[0].start or 0)
+        assert [sh.data.shape[0] for sh in shards] == [16 // num_devices] * num_devices
+        np.testing.assert_array_equal(np.concatenate([sh.data for sh in shards]), x)
     step = np.int32(0)
     results = [exp.train_step(state, batch, meta_batch, step)]
     if algorithm == "adalfl":

@@ -27,7 +27,7 @@ import experiments
 from configs import ml3_sine
 from metalearn import load_learned_loss
 from metalearn.runtime.experiment import FAST_COMPILE_OPTIONS, compiler_options
-from metalearn.runtime.loop import NonFiniteError, train_and_evaluate
+from metalearn.runtime.loop import NonFiniteError, Preempted, train_and_evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIGS = sorted(
@@ -388,16 +388,26 @@ def test_the_configs_compiler_options_reach_every_program_and_smoke_runs_overrid
         compiler_options(ml_collections.ConfigDict({"compiler_options": "O1"}))
 
 
-def _interrupt_when(proc, ready, timeout=120):
-    """Sends SIGINT to `proc` once `ready()` holds; returns (stdout, stderr) at its end."""
+def _interrupt_when(proc, ready, timeout=120, signum=signal.SIGINT):
+    """Sends `signum` to `proc` once `ready()` holds; returns (stdout, stderr) at its end."""
     deadline = time.monotonic() + timeout
     while not ready() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     return proc.communicate(timeout=60)
 
 
-def test_ctrl_c_says_where_the_last_checkpoint_is_and_a_rerun_resumes(tmp_path, request):
+STOPPED = (
+    r"Stopped at step (\d+) of 100000 on request, after the step under way; checkpoint "
+    r"written at step (\d+) in (\S+)\. Re-run the same command to resume from it\."
+)
+
+
+def test_sigterm_and_ctrl_c_checkpoint_the_step_reached_and_a_rerun_resumes(tmp_path, request):
+    """A preemption's SIGTERM (and Ctrl-C): the step under way finishes, a checkpoint of
+    it is written, the exit status is 75; re-running resumes from that very step."""
+    from experiments.run import PREEMPTED_STATUS
+
     workdir = tmp_path / "run"
     # A long run (100,000 steps): it is still running whenever the signal comes.
     args = [
@@ -415,19 +425,17 @@ def test_ctrl_c_says_where_the_last_checkpoint_is_and_a_rerun_resumes(tmp_path, 
         signal.signal(signal.SIGINT, signal.default_int_handler)
         request.addfinalizer(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     first = subprocess.Popen(args, **start)
-    out, err = _interrupt_when(first, lambda: (workdir / "checkpoints" / "10").is_dir())
-    assert first.returncode == 130, err[-3000:]
+    ready = lambda: (workdir / "checkpoints" / "10").is_dir()  # noqa: E731
+    out, err = _interrupt_when(first, ready, signum=signal.SIGTERM)
+    assert first.returncode == PREEMPTED_STATUS == 75, err[-3000:]
     assert "Traceback" not in err, err[-3000:]
+    assert "SIGTERM: stopping after the step under way" in err, err[-3000:]
     checkpoints = os.path.join(str(workdir), "checkpoints")
-    message = re.search(
-        r"Interrupted at step (\d+) of 100000\. The last checkpoint is at step "
-        r"(\d+) in (\S+); re-run the same command to resume from it\.",
-        err,
-    )
+    message = re.search(STOPPED, err)
     assert message, err[-3000:]
-    at, last = int(message[1]), int(message[2])
-    assert message[3] == checkpoints and 10 <= last <= at
-    assert ocp.CheckpointManager(checkpoints).latest_step() == last
+    at = int(message[1])
+    assert int(message[2]) == at > 10 and message[3] == checkpoints
+    assert ocp.CheckpointManager(checkpoints).latest_step() == at  # not only the cadence's
 
     second = subprocess.Popen(args, **start)
     lines = []
@@ -438,5 +446,44 @@ def test_ctrl_c_says_where_the_last_checkpoint_is_and_a_rerun_resumes(tmp_path, 
 
     out, err = _interrupt_when(second, resumed)
     out = "".join(lines) + out
-    assert f"Resuming from the checkpoint at step {last} of 100000" in out, (out, err[-2000:])
-    assert second.returncode == 130 and "Traceback" not in err, err[-3000:]
+    assert f"Resuming from the checkpoint at step {at} of 100000" in out, (out, err[-2000:])
+    assert second.returncode == 75 and "Traceback" not in err, err[-3000:]
+    assert re.search(STOPPED, err) and "SIGINT: stopping" in err, err[-3000:]
+
+
+def test_a_second_signal_stops_at_once(monkeypatch):
+    """The first signal asks the loop to stop after the step under way; a second, when a
+    user will not wait, raises where the main thread is (the step is then not saved)."""
+    from experiments import run
+
+    monkeypatch.setattr(run, "_SIGNALS", [])
+    run._on_signal(signal.SIGTERM, None)  # returns: the loop's `should_stop` sees it
+    assert run._SIGNALS == [signal.SIGTERM]
+    with pytest.raises(KeyboardInterrupt):
+        run._on_signal(signal.SIGINT, None)
+
+
+@pytest.mark.slow  # three smoke runs; the loop's own tests check the same on a toy experiment
+def test_a_preempted_run_resumes_from_the_step_it_reached_to_the_uninterrupted_result(tmp_path):
+    """Stopped on request after the chunk of steps 1-5, between checkpoints (every 20):
+    the checkpoint of step 5 is written, and the resumed run ends bit-identical."""
+    config = ml3_sine.get_config("smoke")
+    config.eval.every, config.checkpoint_every = 5, 20
+    polls = []
+    with pytest.raises(Preempted, match="Stopped at step 5 of 20 on request"):
+        train_and_evaluate(
+            experiments.make(config),
+            config,
+            str(tmp_path / "cut"),
+            should_stop=lambda: polls.append(1) or len(polls) == 2,  # before the 2nd chunk
+        )
+    assert ocp.CheckpointManager(str(tmp_path / "cut" / "checkpoints")).latest_step() == 5
+    resumed = train_and_evaluate(experiments.make(config), config, str(tmp_path / "cut"))
+    full = train_and_evaluate(experiments.make(config), config, str(tmp_path / "full"))
+    assert resumed == full
+    jax.tree.map(
+        np.testing.assert_array_equal, _final_phi(tmp_path / "full"), _final_phi(tmp_path / "cut")
+    )
+    assert (tmp_path / "cut" / "metrics.jsonl").read_text() == (
+        tmp_path / "full" / "metrics.jsonl"
+    ).read_text().replace(str(tmp_path / "full"), str(tmp_path / "cut"))

@@ -39,7 +39,7 @@ def test_experiments_override_no_private_method_of_the_protocol():
         assert not defined & private, f"{file}: {cls} overrides {sorted(defined & private)}"
 
 
-def test_the_loop_reads_no_config_key_but_log_every():
+def test_the_loop_reads_no_config_key_but_its_own_two():
     tree = ast.parse(open(os.path.join(ROOT, "metalearn", "runtime", "loop.py")).read())
     keys = set()
     for node in ast.walk(tree):
@@ -54,4 +54,4 @@ def test_the_loop_reads_no_config_key_but_log_every():
             and isinstance(node.args[0], ast.Constant)
         ):
             keys.add(node.args[0].value)
-    assert keys - {"get", "to_json_best_effort"} == {"log_every"}
+    assert keys - {"get", "to_json_best_effort"} == {"log_every", "checkpoint_every_minutes"}

@@ -1,6 +1,7 @@
 """The loop (metalearn/runtime/loop.py) on a data-free toy experiment: what it reports,
 how it cuts chunks for progress, and what an interrupted run says."""
 
+import glob
 import json
 import os
 import time
@@ -12,7 +13,7 @@ import pytest
 
 from metalearn.runtime import checkpoint, loop
 from metalearn.runtime.experiment import Experiment
-from metalearn.runtime.loop import Interrupted, NonFiniteError, train_and_evaluate
+from metalearn.runtime.loop import Interrupted, NonFiniteError, Preempted, train_and_evaluate
 
 
 class Counter(Experiment):
@@ -56,12 +57,13 @@ class Counter(Experiment):
         return "warm-up" if step < 4 else "main"
 
 
-def counter_config(steps=8, every=4, piece_steps=None):
+def counter_config(steps=8, every=4, piece_steps=None, checkpoint_every=None, minutes=0):
     return ml_collections.ConfigDict(
         {
             "steps": steps,
             "eval": {"every": every},
-            "checkpoint_every": every,
+            "checkpoint_every": checkpoint_every or every,
+            "checkpoint_every_minutes": minutes,
             "log_every": 1,
             "piece_steps": piece_steps,
         }
@@ -147,3 +149,87 @@ def test_an_interrupted_run_without_a_checkpoint_says_so(tmp_path):
     assert checkpoint.latest_checkpoint(str(tmp_path / "run")) is None
     rows = [json.loads(r) for r in _rows(tmp_path / "run").splitlines()]
     assert [r["step"] for r in rows] == [0]  # the step-0 evaluation, nothing else
+
+
+def test_resuming_between_checkpoints_drops_the_rows_logged_after_the_checkpoint(tmp_path):
+    """Stopped at 15 with checkpoints every 10: the re-run resumes at 10 and must not
+    keep the rows of steps 11-15 that the stopped run logged (they are logged again)."""
+    config = counter_config(steps=20, every=5, checkpoint_every=10)
+    workdir = str(tmp_path / "run")
+    assert train_and_evaluate(Counter(config), config, workdir, stop_at=15) is None
+    assert checkpoint.latest_checkpoint(workdir) == 10
+    train_and_evaluate(Counter(config), config, workdir)
+    train_and_evaluate(Counter(config), config, str(tmp_path / "full"))
+    rows = _rows(workdir).splitlines()
+    assert len(rows) == 25  # steps 1-20, and 5 evaluations (0, 5, 10, 15, 20)
+    assert _rows(workdir) == _rows(tmp_path / "full")
+
+
+def test_a_stop_request_checkpoints_the_step_reached_and_a_rerun_ends_as_an_uninterrupted_run(
+    tmp_path, monkeypatch
+):
+    """`should_stop` (a signal under experiments.run) between two calls of a chunk: the
+    call under way finishes, its step is checkpointed, `Preempted` says where."""
+    monkeypatch.setattr(loop, "PIECE_SECONDS", 0.0)  # one step a call
+    config = counter_config(steps=12, piece_steps=1)
+    workdir = str(tmp_path / "run")
+    stopping = Counter(config)
+    with pytest.raises(Preempted) as err:
+        train_and_evaluate(stopping, config, workdir, should_stop=lambda: len(stopping.calls) == 6)
+    assert stopping.calls[-1] == (5, 1)  # steps 0-5 ran: the state is that of step 6
+    folder = os.path.join(os.path.abspath(workdir), "checkpoints")
+    assert str(err.value) == (
+        "Stopped at step 6 of 12 on request, after the step under way; checkpoint written "
+        f"at step 6 in {folder}. Re-run the same command to resume from it."
+    )
+    assert isinstance(err.value, Interrupted)  # what callers catch already
+    assert checkpoint.latest_checkpoint(workdir) == 6  # mid-chunk: 4 and 8 are the cadence
+    resumed = Counter(config)
+    assert train_and_evaluate(resumed, config, workdir) == {"x": {"mean": 12.0, "std": 0.0}}
+    assert resumed.calls[0] == (6, 1)
+    train_and_evaluate(Counter(config), config, str(tmp_path / "full"))
+    assert _rows(workdir) == _rows(tmp_path / "full")
+
+
+def test_checkpoint_every_minutes_also_checkpoints_between_the_calls_of_a_chunk(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr(loop, "PIECE_SECONDS", 0.0)
+    steps = dict(steps=12, every=12, piece_steps=1)
+    config = counter_config(**steps)
+    with pytest.raises(Interrupted):  # a crash in the call of step 7
+        train_and_evaluate(Counter(config, interrupt_at=7), config, str(tmp_path / "steps"))
+    assert checkpoint.latest_checkpoint(str(tmp_path / "steps")) is None  # the cadence is 12
+    timed = counter_config(**steps, minutes=1e-9)  # due after every call
+    with pytest.raises(Interrupted):
+        train_and_evaluate(Counter(timed, interrupt_at=7), timed, str(tmp_path / "timed"))
+    assert checkpoint.latest_checkpoint(str(tmp_path / "timed")) == 7
+    with pytest.raises(ValueError, match="checkpoint_every_minutes must be a number"):
+        bad = counter_config(minutes=-1)
+        train_and_evaluate(Counter(bad), bad, str(tmp_path / "bad"))
+
+
+def test_a_checkpoint_that_cannot_be_read_is_moved_aside_and_the_previous_one_used(
+    tmp_path, capsys
+):
+    config = counter_config(steps=12)
+    workdir = str(tmp_path / "run")
+    train_and_evaluate(Counter(config), config, workdir)
+    os.remove(os.path.join(workdir, loop.SUMMARY_FILE))
+    for path in glob.glob(
+        os.path.join(workdir, "checkpoints", "12", "**", "d", "*"), recursive=True
+    ):
+        with open(path, "r+b") as f:  # the newest checkpoint's data files, half gone
+            f.truncate(os.path.getsize(path) // 2)
+    capsys.readouterr()
+    resumed = Counter(config)
+    assert train_and_evaluate(resumed, config, workdir) == {"x": {"mean": 12.0, "std": 0.0}}
+    assert resumed.calls == [(8, 4)]
+    out = capsys.readouterr().out.splitlines()
+    aside = glob.glob(os.path.join(workdir, checkpoint.UNREADABLE_DIR, "12-*"))
+    assert len(aside) == 1 and os.path.isdir(aside[0])  # kept, not deleted
+    assert out[0].startswith("The checkpoint at step 12 cannot be read (")
+    assert out[0].endswith(f"); moved it to {aside[0]}, resuming from step 8."), out
+    assert out[1].startswith("Resuming from the checkpoint at step 8 of 12")
+    train_and_evaluate(Counter(config), config, str(tmp_path / "full"))
+    assert _rows(workdir) == _rows(tmp_path / "full")
