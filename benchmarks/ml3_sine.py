@@ -15,9 +15,12 @@ Our runs are `experiments.run`'s own `main` in a process that also times its pha
 start-up (interpreter, imports, backend), tracing and lowering, XLA compilation of the
 programs the cache did not have, reading the ones it had, then the run time of
 meta-training, evaluation (the loop's and the final meta-test's), figures, checkpoints
-(orbax saves in background threads: what is shown is the time the loop waited) and the
-rest (the loop, metrics and artifact files, exit). The reference's own split is its
-setup, meta-train and meta-test times. CPU is user + sys of the whole process.
+(orbax saves in background threads: what is shown is the time the loop waited), metrics
+(`metrics.jsonl` and TensorBoard, every step), the learned-loss files of every seed, and
+the rest (flags and config, the loop, `summary.json`, the interpreter's exit). The
+reference's own split is its setup, meta-train and meta-test times; its start-up is the
+rest of its wall time (the interpreter, importing torch). CPU is user + sys of the whole
+process; with `--repeats`, each row is its fastest run.
 """
 
 import functools
@@ -70,6 +73,8 @@ COLUMNS = (
     "evaluation",
     "figures",
     "checkpoints",
+    "metrics",
+    "learned-loss files",
     "other",
 )
 
@@ -153,7 +158,7 @@ def timed_run(out_path: str, spawned: float) -> None:
     import metalearn
     from experiments import ml3_sine, run
     from metalearn import plots
-    from metalearn.runtime import checkpoint
+    from metalearn.runtime import checkpoint, metrics
 
     del experiments, metalearn  # imported for the start-up time
     jax.devices()  # the backend, which any run starts first
@@ -168,8 +173,11 @@ def timed_run(out_path: str, spawned: float) -> None:
     phases.wrap(cls, "_meta_test", "evaluation", block=True)
     phases.wrap(plots, "meta_train_curve", "figures")
     phases.wrap(plots, "meta_test_curve", "figures")
+    phases.wrap(cls, "save_learned_losses", "learned-loss files")
     for attr in ("__init__", "save", "close"):
         phases.wrap(checkpoint.Checkpointer, attr, "checkpoints")
+    for attr in ("__init__", "write", "flush", "close"):
+        phases.wrap(metrics.MetricWriter, attr, "metrics")
     start = time.perf_counter()
     try:
         app.run(run.main, flags_parser=run.parse_flags)

@@ -11,8 +11,8 @@ A ~ U[0.2, 5], phase ~ U[−π, π], x ~ U[−5, 5], 100 SGD steps from PyTorch'
 Published (public code, seeds 0-4): final meta-test MSE 2.26 ± 0.54 (learned) vs
 3.59 ± 0.85 (MSE).
 
-Runtime: about 24 s on a 2-core CPU (half of it compilation); see
-`python -m benchmarks.ml3_sine`.
+Runtime on an idle 2-core CPU: about 17 s cold (5 s of it compilation), 13 s with the
+compilation cache warm (`experiments.run` keeps one); see `python -m benchmarks.ml3_sine`.
 """
 
 import math
