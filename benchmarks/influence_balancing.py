@@ -74,15 +74,6 @@ def outer_loss(params, model_state, batch, key):
 PROBLEM = bilevel.Problem(inner_loss, outer_loss, _dynamics())
 
 
-def _estimator(name: str, pairs: int, sigma: float, window: int = 1) -> bilevel.Estimator:
-    return {
-        "unrolled": lambda: bilevel.Unrolled(),
-        "truncated": lambda: bilevel.Truncated(window=window),
-        "es": lambda: bilevel.ES(sigma=sigma, pairs=pairs, window=window),
-        "pes": lambda: bilevel.PES(window=window, sigma=sigma, pairs=pairs),
-    }[name]()
-
-
 @functools.partial(jax.jit, static_argnames=("estimator", "lr"))
 def _windows(meta, state, keys, *, estimator, lr):
     """`len(keys) // W` meta updates of one task (W the estimator's window, None: all the
@@ -137,7 +128,15 @@ def run(
     if estimator == "unrolled":  # every meta update a fresh unroll of FULL_STEPS from s_0
         meta, g = _full_unrolls(meta, states, keys, lr=lr)
         return float(meta.params["theta"][0]), np.asarray(g)
-    est = _estimator(estimator, _PAIRS.value, _SIGMA.value)
+    est = bilevel.estimator_from_config(  # windows of one step of the never-reset state
+        estimator,
+        window=1,
+        episode_length=windows,
+        # --sigma and --pairs are the ES estimators' (the others refuse a non-default one).
+        options={"sigma": _SIGMA.value, "pairs": _PAIRS.value}
+        if estimator != "truncated"
+        else None,
+    )
     state = est.init_tasks(meta.params, states)
     estimates, per = [], windows // calls
     for c in range(calls):

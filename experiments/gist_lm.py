@@ -183,10 +183,9 @@ class GistLM(TextSelfTraining):
                 functools.partial(self_loss.true_loss, model=self.model),
                 self.self_opt,
             )
-            if c.meta.method not in ("jvp", "backprop"):
-                raise ValueError(f"meta.method must be 'jvp' or 'backprop'; got {c.meta.method!r}.")
-            estimator = bilevel.OneStep() if c.meta.method == "jvp" else bilevel.Unrolled()
-            learner = adalfl.OnlineLearner(problem, self.meta_opt, estimator)
+            learner = adalfl.OnlineLearner(
+                problem, self.meta_opt, adalfl.online_estimator(c.meta.method)
+            )
             inner, meta, aux = learner.step(
                 MetaState(state.encoder, state.meta_opt, jnp.zeros((), jnp.int32)),
                 InnerState(state.params, state.inner_opt, {}, jnp.zeros((), jnp.int32)),

@@ -65,9 +65,6 @@ from metalearn.tasks import images
 from metalearn.types import Array, Batch, PRNGKey
 
 ALGORITHMS = ("baseline", "ml3", "adalfl")
-# Two exact ways to differentiate AdaLFL's one inner step (`meta.method`): a
-# forward-mode JVP of the inner loss (`bilevel.OneStep`) or backpropagation (`Unrolled`).
-METHODS = ("jvp", "backprop")
 CURVE_POINTS = 21  # predicted probabilities at which the learned loss's shape is logged
 NO_ERROR_YET = 2.0  # the best selection error before any (above every error rate; finite)
 # The device path's data streams, each a stream of the run's key.
@@ -185,12 +182,11 @@ class ImageClassification(Experiment):
         self.init_inner_steps = c.meta.get("init_inner_steps", 1)
         self.init_estimator = c.meta.get("init_estimator", "unrolled")
         if self.learned:
-            if c.meta.method not in METHODS:
-                raise ValueError(f"Unknown meta.method {c.meta.method!r}; choose one of {METHODS}.")
             # The online step's estimator: `meta.estimator` of one step ('unrolled'), by a
             # JVP (`OneStep`) or backpropagation (`Unrolled`) as `meta.method` says.
             online = bilevel.estimator_from_config(c.meta.estimator, window=1, episode_length=1)
             adalfl.check_online_estimator(online)
+            adalfl.online_estimator(c.meta.method)  # an unknown method fails here, early
             self.offline_estimator = bilevel.estimator_from_config(
                 self.init_estimator,
                 window=self.init_inner_steps,
@@ -260,15 +256,10 @@ class ImageClassification(Experiment):
         )
         self.problem = bilevel.Problem(self.learned_inner, self.outer, self.optimizer)
         if self.learned:
-            if self.lookahead is not None and c.meta.method != "jvp":
-                raise ValueError(
-                    "meta.lookahead is taken by meta.method='jvp' only: set that, or "
-                    "meta.lookahead='none'."
-                )
             self.learner = adalfl.OnlineLearner(
                 self.problem,
                 self.meta_optimizer,
-                bilevel.OneStep(self.lookahead) if c.meta.method == "jvp" else online,
+                adalfl.online_estimator(c.meta.method, self.lookahead),
             )
         self.key = jax.random.key(c.seed)
         self._streams: dict[str, tuple[int, Any]] = {}

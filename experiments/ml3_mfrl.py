@@ -144,6 +144,12 @@ def samples_to_fraction(samples, curve, target=None, fraction: float = THRESHOLD
 class ModelFreeRL(ML3Experiment):
     """ML³ for model-free RL on `config.env` over `config.seeds`; PPO in `finalize`."""
 
+    @property
+    def forward_only(self) -> bool:
+        """ES or PES (any window), which score the return itself; otherwise
+        Truncated(window=1) or FirstOrder(window=1), one meta-gradient per inner step."""
+        return isinstance(self.estimator, (bilevel.ES, bilevel.PES))
+
     def __init__(self, config: ml_collections.ConfigDict, *, mesh=None):
         c = config
         self.estimator = self.config_estimator(c, c.inner.episode_length)
@@ -166,9 +172,6 @@ class ModelFreeRL(ML3Experiment):
                 "the updated policy and never differentiate. Got "
                 f"{c.meta.estimator!r}, window {c.meta.window}."
             )
-        # "es"/"pes": forward only, any window; otherwise Truncated(window=1) (exact through
-        # each inner step) or FirstOrder(window=1), one meta-gradient per step.
-        self.forward_only = c.meta.estimator in ("es", "pes")
         super().__init__(config, mesh=mesh)
         self.env = goal_envs.make_env(c.env)
         self.obs_dim, self.action_dim = self.env.observation_size, self.env.action_size

@@ -36,6 +36,8 @@ from metalearn.types import Array, Batch, MetaParams, Metrics, PRNGKey
 # Two exact ways to differentiate the one inner step: a forward-mode JVP of the inner
 # loss (`bilevel.OneStep`) or backpropagating through the backward pass (`Unrolled`).
 ONLINE_ESTIMATORS = (bilevel.OneStep, bilevel.Unrolled)
+# Their names in configs (`meta.method`).
+METHODS = ("jvp", "backprop")
 # The estimators of one S_inner-step unroll from a fresh θ (`offline_unroll_step`):
 # `Truncated` and `PES` need windows of a longer unroll, `LastWindow` a window size.
 OFFLINE_ESTIMATORS = (bilevel.Unrolled, bilevel.FirstOrder, bilevel.ES, bilevel.Implicit)
@@ -62,6 +64,24 @@ def check_online_estimator(estimator: bilevel.Estimator) -> None:
             f"bilevel.OneStep() (JVP) or bilevel.Unrolled() (config: meta.estimator="
             f"'unrolled', meta.method 'jvp' or 'backprop'); got {estimator!r}{hint}."
         )
+
+
+def online_estimator(method: str, lookahead=None) -> bilevel.Estimator:
+    """The online step's estimator a config's `meta.method` names: "jvp" `OneStep`
+    (with its optional `lookahead`), "backprop" `Unrolled`.
+
+    Raises:
+      ValueError: for an unknown method, or a lookahead with "backprop".
+    """
+    if method not in METHODS:
+        raise ValueError(f"Unknown meta.method {method!r}; choose one of {METHODS}.")
+    if method == "jvp":
+        return bilevel.OneStep(lookahead)
+    if lookahead is not None:
+        raise ValueError(
+            "meta.lookahead is taken by meta.method='jvp' only: set that, or meta.lookahead='none'."
+        )
+    return bilevel.Unrolled()
 
 
 def check_offline_estimator(estimator: bilevel.Estimator, inner_steps: int) -> None:

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import optax
 
 from metalearn import bilevel, estimators
+from metalearn.bilevel.forward import es_diagnostics
 from metalearn.models.mlp import smooth_leaky_relu
 from metalearn.models.transformer import Transformer, param_groups
 from metalearn.state import init_inner_state
@@ -474,11 +475,10 @@ def meta_grad(
     grads, losses, stderr = estimators.antithetic_es(
         forward, theta, noise_key, sigma=estimator.sigma, pairs=estimator.pairs
     )
-    extra = {"es_loss_spread": jnp.std(losses)}
-    if stderr is not None:
-        extra["es_stderr"] = stderr
-        extra["es_rel_stderr"] = stderr / jnp.maximum(optax.global_norm(grads), 1e-30)
-    extra = {k: jnp.broadcast_to(v, (tokens.shape[0],)) for k, v in extra.items()}
+    extra = {
+        k.removeprefix("meta/"): jnp.broadcast_to(v, (tokens.shape[0],))
+        for k, v in es_diagnostics(losses, stderr, grads).items()
+    }
     return loss, grads, (theta_prime, {**metrics, **extra})
 
 
