@@ -203,6 +203,21 @@ class Launch:
         for p in self._procs:
             p.wait()
 
+    def output_so_far(self, process_id: int) -> str:
+        """What process `process_id` has written so far, stdout then stderr (read without
+        moving the offset it writes at)."""
+        texts = []
+        for f in self._files[process_id]:
+            f.flush()
+            texts.append(
+                os.pread(f.fileno(), os.fstat(f.fileno()).st_size, 0).decode(errors="replace")
+            )
+        return "".join(texts)
+
+    def send_signal(self, process_id: int, signum: int) -> None:
+        """Sends `signum` to process `process_id` alone (not to what it started)."""
+        self._procs[process_id].send_signal(signum)
+
     def wait(self, check: bool = True) -> list[ProcessResult]:
         """Waits for every process (see `run_processes`): their results."""
         try:

@@ -14,7 +14,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-from tensorboardX import SummaryWriter
+from tensorboardX import FileWriter
+from tensorboardX.proto.summary_pb2 import Summary
 
 from metalearn.runtime.sharding import is_main_process
 
@@ -67,28 +68,39 @@ def truncate_metrics(workdir: str, last_step: int) -> None:
 
 
 class MetricWriter:
-    """Appends metrics to `metrics.jsonl` and to TensorBoard event files."""
+    """Appends metrics to `metrics.jsonl` and to TensorBoard event files.
+
+    Each `write` is one row of `metrics.jsonl` and one TensorBoard event holding every
+    scalar of the row (a vector's mean and its entries): TensorBoard reads each as its own
+    series, as it reads one event a scalar, which `SummaryWriter.add_scalar` writes at
+    many times the cost (an event, a lock and a queue entry per value).
+    """
 
     def __init__(self, workdir: str):
         self._active = is_main_process()
         if not self._active:
             return
         self._jsonl = open(os.path.join(workdir, METRICS_FILE), "a")  # noqa: SIM115
-        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        self._tb = FileWriter(os.path.join(workdir, "tensorboard"))
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> None:
         if not self._active or not metrics:
             return
         row = {"step": int(step), **{k: to_python(v) for k, v in metrics.items()}}
         self._jsonl.write(json.dumps(row) + "\n")
+        values = []
         for name, value in metrics.items():
             if name.startswith("curve/"):
                 continue
             arr = np.asarray(value, dtype=np.float64)
-            self._tb.add_scalar(name, float(arr.mean()), step)
+            values.append(Summary.Value(tag=name, simple_value=float(arr.mean())))
             if arr.ndim == 1 and arr.size > 1:
-                for i, v in enumerate(arr):
-                    self._tb.add_scalar(f"{name}/seed_{i}", float(v), step)
+                values += [
+                    Summary.Value(tag=f"{name}/seed_{i}", simple_value=float(v))
+                    for i, v in enumerate(arr)
+                ]
+        if values:
+            self._tb.add_summary(Summary(value=values), int(step))
 
     def flush(self) -> None:
         if self._active:

@@ -8,7 +8,10 @@ together resumes exactly, on the same number of processes or on one.
 
 import json
 import os
+import re
 import shutil
+import signal
+import time
 
 import jax
 import numpy as np
@@ -17,7 +20,7 @@ import pytest
 from metalearn.losses.learned import load_learned_loss
 from metalearn.tasks import images
 from tests.experiments._multiprocess_child import RESULT_PREFIX
-from tests.multiprocess import ROOT, run_processes, start_processes
+from tests.multiprocess import ROOT, failure_message, run_processes, start_processes
 
 # Where the MNIST smoke reads the data: $TFDS_DATA_DIR, else ../shared/data/tfds.
 TFDS = os.environ.get("TFDS_DATA_DIR") or os.path.join(ROOT, "..", "shared", "data", "tfds")
@@ -300,3 +303,54 @@ def test_a_checkpoint_of_2_processes_resumes_exactly_on_2_and_on_1(sine_runs, tm
     # ends where the uninterrupted one does, to float tolerance (other programs).
     check_same_run(root / "one", one, 1e-5, 1e-5, metrics_atol=1e-7, launches=2)
     assert_close(read_json(one / "summary.json"), read_json(root / "two" / "summary.json"), 1e-5)
+
+
+@pytest.mark.slow  # two more 2-process sine runs through the CLI (~30 s), after `sine_runs`
+def test_sigterm_to_one_process_stops_both_at_one_step_and_a_rerun_resumes_exactly(
+    sine_runs, tmp_path
+):
+    """A preemption notice reaches one host: every process stops after the same step
+    (the stop is agreed between them), writes its part of that step's checkpoint, exits
+    with 75; the same command then resumes to the uninterrupted run bit for bit."""
+    from experiments.run import PREEMPTED_STATUS
+
+    root, _ = sine_runs
+    workdir = tmp_path / "run"
+    # SINE through `experiments.run`, checkpoints every 10 steps: a stop after step 5
+    # comes between two of them.
+    cli = [
+        "-m",
+        "experiments.run",
+        "--config=configs/ml3_sine.py:smoke",
+        "--config.seeds=(0,1,2,3)",
+        "--config.meta.steps=10",
+        "--config.eval.every=5",
+        "--config.checkpoint_every=10",
+        f"--workdir={workdir}",
+    ]
+    with start_processes(cli, 2, DEVICES // 2, TIMEOUT_S) as first:
+        # Signalled while the first chunk of steps compiles (seconds): after the loop's
+        # first poll, before its second.
+        deadline = time.monotonic() + TIMEOUT_S
+        while "compiling and running the first" not in first.output_so_far(0):
+            assert time.monotonic() < deadline, first.output_so_far(0)
+            time.sleep(0.02)
+        first.send_signal(1, signal.SIGTERM)
+        stopped = first.wait(check=False)
+    for r in stopped:
+        assert r.returncode == PREEMPTED_STATUS, failure_message("not preempted", stopped)
+        assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    steps = [re.search(r"Stopped at step (\d+) of 10 on request", r.stderr) for r in stopped]
+    assert all(steps), failure_message("no stop message", stopped)
+    (at, *others) = {int(m[1]) for m in steps}
+    assert not others and at in (5, 10), steps  # one step for both; 5 unless the run was fast
+    assert "SIGTERM: stopping" in stopped[1].stderr
+    assert "SIGTERM" not in stopped[0].stderr  # process 0 stopped because process 1 did
+    assert sorted(os.listdir(workdir / "checkpoints")) == [str(at)]
+
+    with start_processes(cli, 2, DEVICES // 2, TIMEOUT_S) as second:
+        resumed = second.wait()
+    assert all(f"Resuming from the checkpoint at step {at}" in r.stdout for r in resumed)
+    assert read_json(workdir / "summary.json") == read_json(root / "two" / "summary.json")
+    assert metric_rows(workdir) == metric_rows(root / "two")
+    check_written_once(workdir, launches=2)
