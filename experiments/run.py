@@ -93,20 +93,15 @@ def _unraisable(info) -> None:
         sys.__unraisablehook__(info)
 
 
-def _handle_signals() -> None:
-    """`_on_signal` on SIGTERM, and on SIGINT unless it is ignored (a background job)."""
-    signal.signal(signal.SIGTERM, _on_signal)
-    if signal.getsignal(signal.SIGINT) in (signal.default_int_handler, _on_signal):
-        signal.signal(signal.SIGINT, _on_signal)
-
-
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         _fail(f"Unexpected arguments: {' '.join(argv[1:])}", 2)
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax is chatty at INFO
+    signal.signal(signal.SIGTERM, _on_signal)  # kept by `initialize_distributed`
     sys.unraisablehook = _unraisable
-    _handle_signals()
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not ignored
+        signal.signal(signal.SIGINT, _on_signal)
     workdir = _WORKDIR.value or default_workdir(_CONFIG_ARG)
     try:
         _train(_CONFIG.value, workdir)
@@ -131,10 +126,6 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> None:
     enable_compilation_cache(_COMPILATION_CACHE.value)  # before anything compiles
     try:
         initialize_distributed()  # on a multi-host launch; a no-op on one machine
-        # Again: `jax.distributed.initialize` puts JAX's own preemption notifier on
-        # SIGTERM, which only notes the signal (nothing here polls it), so the run
-        # would go on to its end.
-        _handle_signals()
         summary = train_and_evaluate(
             experiments.make(config), config, workdir, should_stop=lambda: bool(_SIGNALS)
         )

@@ -208,7 +208,6 @@ class Launch:
         moving the offset it writes at)."""
         texts = []
         for f in self._files[process_id]:
-            f.flush()
             texts.append(
                 os.pread(f.fileno(), os.fstat(f.fileno()).st_size, 0).decode(errors="replace")
             )

@@ -17,6 +17,8 @@ alone writes files into the workdir they share (`is_main_process`).
 """
 
 import os
+import signal
+import threading
 
 import jax
 import numpy as np
@@ -46,6 +48,9 @@ def initialize_distributed(force: bool = False) -> bool:
     Args:
       force: initialize even without such an environment (JAX's auto-detection then
         has to find the cluster).
+
+    A Python SIGTERM handler installed before the call stays in place (JAX's
+    initialization would otherwise replace it with its own preemption notifier).
 
     Returns:
       Whether this call initialized JAX's distributed runtime (False where it was
@@ -80,7 +85,14 @@ def initialize_distributed(force: bool = False) -> bool:
         # Without CPU collectives a program over several processes' CPU devices fails
         # (older jax had none by default; this one defaults to gloo).
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # `jax.distributed.initialize` puts JAX's preemption notifier on SIGTERM, which only
+    # records the signal for `multihost_utils.reached_preemption_sync_point`: a handler
+    # of the caller's (e.g. `experiments.run`'s checkpoint-and-stop) would never run.
+    # Keep the caller's; with none, JAX's stays.
+    before = signal.getsignal(signal.SIGTERM)
     jax.distributed.initialize(coordinator_address=address, **kwargs)
+    if callable(before) and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, before)
     return True
 
 

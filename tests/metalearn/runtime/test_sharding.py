@@ -1,6 +1,8 @@
 """The single-process side of the multi-process helpers (tests/experiments/
 test_multiprocess.py runs the other side: several processes)."""
 
+import signal
+
 import chex
 import jax
 import numpy as np
@@ -46,6 +48,30 @@ def test_a_half_described_launch_is_refused_before_jax_starts(no_cluster, env, m
     with pytest.raises(ValueError, match=match):
         sharding.initialize_distributed()
     assert not jax.distributed.is_initialized()
+
+
+@pytest.mark.parametrize("ours", [True, False])
+def test_a_sigterm_handler_installed_before_initialize_stays(no_cluster, ours):
+    """`jax.distributed.initialize` replaces SIGTERM's handler with JAX's preemption
+    notifier (here a stand-in that does the same): the caller's is put back; with none,
+    JAX's stays."""
+    jax_notifier = lambda signum, frame: None  # noqa: E731
+    mine = lambda signum, frame: None  # noqa: E731
+    calls = []
+
+    def fake_initialize(**kwargs):
+        calls.append(kwargs)
+        signal.signal(signal.SIGTERM, jax_notifier)
+
+    previous = signal.signal(signal.SIGTERM, mine if ours else signal.SIG_DFL)
+    try:
+        no_cluster.setattr(jax.distributed, "initialize", fake_initialize)
+        no_cluster.setenv(sharding.COORDINATOR_ENV, "localhost:1")
+        assert sharding.initialize_distributed() is True
+        assert calls == [{"coordinator_address": "localhost:1"}]
+        assert signal.getsignal(signal.SIGTERM) is (mine if ours else jax_notifier)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def test_put_and_host_get_are_device_put_and_device_get_on_one_process():
