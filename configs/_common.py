@@ -22,6 +22,7 @@ def loss_net(**overrides) -> ml_collections.ConfigDict:
             "output_wise": True,
             "ce_term": False,  # classification: cross-entropy + the learned term (NPBML)
             "anchor": "none",  # or "weighted_squared_error", "target_distance"
+            "kind": "mlp",  # or "scaled_ce": exp(s)·cross-entropy, one parameter
         }
     )
     c.update(overrides)

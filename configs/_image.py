@@ -133,6 +133,9 @@ def image_config(algorithm: str, dataset: str, arg: str | None) -> ml_collection
         ce_term=True,
     )
     c.loss_net.max_grad_ratio = d["max_grad_ratio"]
+    # True: the learned loss's logit gradient always has cross-entropy's norm (the
+    # shape-only AdaLFL of docs/adalfl.md; max_grad_ratio must then be 0).
+    c.loss_net.normalise_grad = False
     c.inner = ml_collections.ConfigDict(
         {
             "steps": d["steps"],

@@ -25,7 +25,11 @@ jitted step at a time. The two paths order the batches differently; the summary'
 
 The learned loss ℓ_φ is fed output-wise: the one-hot label y_c and the softmax
 probability ŷ_c of every class c (`make_losses`), by default added to cross-entropy
-(`loss_net.ce_term`); it is saved at the end as `<workdir>/learned_loss`.
+(`loss_net.ce_term`); it is saved at the end as `<workdir>/learned_loss`. Two
+restricted families take it apart (docs/adalfl.md, "Schedule or shape"):
+`loss_net.kind="scaled_ce"`, exp(s)·cross-entropy, learns the step size alone (a
+learning-rate multiplier: hypergradient descent), and `loss_net.normalise_grad` gives the
+learned loss cross-entropy's gradient norm at every step, so it learns the shape alone.
 
 What decides divergence is logged every step: `train/grad_ratio`, the learned loss's
 gradient at the logits relative to cross-entropy's (its implied learning-rate
@@ -108,7 +112,24 @@ def forward(
     return logits.astype(jnp.float32), model_state
 
 
-def make_losses(model, info, augment: str, meta_augment: str, loss_fn, max_grad_ratio=0.0):
+def grad_scale_mode(loss_net: ml_collections.ConfigDict) -> str:
+    """`adalfl.scale_to_cross_entropy`'s mode for a loss_net group: "normalised" with
+    `normalise_grad`, "bounded" with `max_grad_ratio` > 0, else "free".
+
+    Raises:
+      ValueError: for both at once (a normalised loss's ratio is 1: no bound applies).
+    """
+    normalise, bound = loss_net.get("normalise_grad", False), loss_net.max_grad_ratio
+    if normalise and bound:
+        raise ValueError(
+            f"loss_net.normalise_grad fixes the learned loss's gradient ratio at 1, so "
+            f"loss_net.max_grad_ratio={bound:g} bounds nothing: set one of them "
+            "(--config.loss_net.max_grad_ratio=0 with normalise_grad)."
+        )
+    return "normalised" if normalise else "bounded" if bound > 0 else "free"
+
+
+def make_losses(model, info, augment: str, meta_augment: str, loss_fn, scale=("free", 0.0)):
     """The inner objectives (learned, cross-entropy) and the outer task loss.
 
     Args:
@@ -116,9 +137,10 @@ def make_losses(model, info, augment: str, meta_augment: str, loss_fn, max_grad_
       augment: augmentation of inner (training) batches.
       meta_augment: augmentation of the meta-objective batches.
       loss_fn: `loss(φ, y_onehot, probs) -> scalar`, the learned loss.
-      max_grad_ratio: if > 0, the learned loss is scaled down wherever its gradient in
-        the logits is more than this many times cross-entropy's
-        (`adalfl.bound_gradient_ratio`); 0 leaves it as it is.
+      scale: `(mode, max_ratio)` of `adalfl.scale_to_cross_entropy`: "free" leaves the
+        learned loss as it is, "bounded" scales it down wherever its gradient in the
+        logits is more than `max_ratio` times cross-entropy's, "normalised" gives it
+        cross-entropy's gradient norm always (shape only).
 
     Returns:
       `(learned_inner, ce_inner, outer)` with the signatures of `metalearn.types`. The
@@ -137,11 +159,10 @@ def make_losses(model, info, augment: str, meta_augment: str, loss_fn, max_grad_
         if not use_learned:
             return ce, (model_state, metrics)
         y = jax.nn.one_hot(batch["label"], logits.shape[-1])
-        loss = loss_fn(phi, y, jax.nn.softmax(logits))
-        ratio = adalfl.logit_gradient_ratio(loss_fn, phi, y, logits)
-        if max_grad_ratio:
-            scale = jnp.minimum(1.0, max_grad_ratio / ratio)
-            loss, ratio = scale * loss, scale * ratio
+        mode, max_ratio = scale
+        loss, ratio = adalfl.scale_to_cross_entropy(
+            loss_fn, phi, y, logits, mode=mode, max_ratio=max_ratio or 1.0
+        )
         metrics.update(
             {"train/learned_loss": loss, "train/grad_ratio": jax.lax.stop_gradient(ratio)}
         )
@@ -252,7 +273,12 @@ class ImageClassification(Experiment):
         self.loss_net = learned_losses.make_loss_network(c.loss_net)
         loss_fn = learned_losses.learned_loss_fn(c.loss_net)
         self.learned_inner, self.ce_inner, self.outer = make_losses(
-            self.model, self.info, augment, meta_augment, loss_fn, c.loss_net.max_grad_ratio
+            self.model,
+            self.info,
+            augment,
+            meta_augment,
+            loss_fn,
+            (grad_scale_mode(c.loss_net), c.loss_net.max_grad_ratio),
         )
         self.problem = bilevel.Problem(self.learned_inner, self.outer, self.optimizer)
         if self.learned:

@@ -257,6 +257,63 @@ def gradient_ratios(histories: Mapping[str, Sequence[Mapping]], init_steps: int,
     _save(fig, path)
 
 
+def implied_step_sizes(
+    curves: Mapping[str, tuple[Sequence[float], Sequence[Sequence[float]]]], path: str
+) -> None:
+    """The step size each variant took: the base learning rate times the learned loss's
+    gradient ratio (1 for cross-entropy), against the model step, log scale.
+
+    curves: label -> (model steps, one row of step sizes per seed at those steps); the
+      line is the mean over seeds with a ±1 std band. Labels sharing their first word
+      (the base optimizer) share a line style.
+    """
+    fig, ax = pyplot().subplots(figsize=(7, 4))
+    styles = {}
+    colors = iter(COLORS * 4)
+    for label, (x, rows) in curves.items():
+        base = label.split()[0]
+        style = styles.setdefault(base, ("-", "--", ":", "-.")[len(styles) % 4])
+        rows = np.atleast_2d(np.asarray(rows, dtype=np.float64))
+        color = next(colors)
+        ax.plot(x, rows.mean(0), ls=style, lw=1.2, color=color, label=label)
+        if rows.shape[0] > 1:
+            lo, hi = rows.mean(0) - rows.std(0), rows.mean(0) + rows.std(0)
+            ax.fill_between(x, np.maximum(lo, 1e-8), hi, color=color, alpha=0.15)
+    ax.set(xlabel="model step", ylabel="learning rate × ‖∇_z L‖ / ‖∇_z CE‖", yscale="log")
+    ax.legend(fontsize=7, ncol=2)
+    _save(fig, path)
+
+
+def learned_loss_shapes_compared(
+    curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], path: str
+) -> None:
+    """Several learned losses at the end of training, side by side with cross-entropy.
+
+    curves: label -> (ℓ(y=1, p), ℓ(y=0, p)) on an even grid of p in [0, 1]. Each curve is
+    shifted to 0 at its minimum over the grid and divided by its range over p ∈ [0.05, 1]
+    (true class) or [0, 0.95] (wrong class), so that shapes compare whatever their scale
+    (the step sizes are in `implied_step_sizes`).
+    """
+    fig, axes = pyplot().subplots(1, 2, figsize=(9, 3.5))
+    for label, pair in [("cross-entropy", None), *curves.items()]:
+        for j, ax in enumerate(axes):
+            if pair is None:
+                p = np.linspace(0.0, 1.0, 101)
+                y = -np.log(np.maximum(p, 1e-30)) if j == 0 else np.zeros_like(p)
+            else:
+                y = np.asarray(pair[j], dtype=np.float64)
+                p = np.linspace(0.0, 1.0, len(y))
+            keep = p >= 0.05 if j == 0 else p <= 0.95
+            span = np.ptp(y[keep])
+            y = (y - y[keep].min()) / (span if span > 0 else 1.0)
+            style = dict(color="black", ls="--", lw=1) if pair is None else dict(lw=1.2)
+            ax.plot(p[keep], y[keep], label=label, **style)
+    axes[0].set(xlabel="predicted probability of the true class", ylabel="ℓ(y=1, p), rescaled")
+    axes[1].set(xlabel="predicted probability of a wrong class", ylabel="ℓ(y=0, p), rescaled")
+    axes[0].legend(fontsize=7)
+    _save(fig, path)
+
+
 def _panels(n: int):
     """A grid of n panels, at most 4 a row: `(fig, axes)`, axes [rows, cols]."""
     cols = min(n, 4)

@@ -133,6 +133,51 @@ def logit_gradient_ratio(loss_fn, meta_params, y: Array, logits: Array) -> Array
     return jnp.linalg.norm(g) / (jnp.linalg.norm(g_ce) + 1e-12)
 
 
+# How a learned loss's step is sized against cross-entropy's (`scale_to_cross_entropy`).
+GRAD_SCALES = ("free", "bounded", "normalised")
+
+
+def scale_to_cross_entropy(
+    loss_fn, meta_params, y: Array, logits: Array, *, mode: str = "free", max_ratio: float = 1.0
+) -> tuple[Array, Array]:
+    """The learned loss at `logits`, its step sized against cross-entropy's: (loss, ratio).
+
+    With r = `logit_gradient_ratio` (‖∇_z L_φ‖ / ‖∇_z CE‖ over the batch's logits z):
+
+    - "free": L_φ itself; ratio r.
+    - "bounded": min(1, max_ratio / r)·L_φ, scaled down only where its step would be more
+      than `max_ratio` times cross-entropy's; ratio min(r, max_ratio).
+    - "normalised": L_φ / r, whose logit gradient has exactly cross-entropy's norm and
+      L_φ's direction (the shape-only learned loss: φ decides how the step is spread over
+      examples and classes, never how large it is); ratio 1.
+
+    The scale is a function of φ and of the logits held constant: it changes no direction
+    in θ (∇_θ is scaled as a whole), and the meta-gradient sees it (a φ that inflates its
+    gradient is normalised back, so the meta-objective cannot reward inflating it).
+
+    Args:
+      loss_fn: `loss(φ, y, probabilities) -> scalar`, the learned loss.
+      meta_params: φ.
+      y: one-hot labels [B, C].
+      logits: the model's logits [B, C] (the loss sees their softmax).
+      mode: one of `GRAD_SCALES`.
+      max_ratio: the bound of "bounded" (> 0).
+
+    Raises:
+      ValueError: for an unknown mode, or a bound that is not positive.
+    """
+    if mode not in GRAD_SCALES:
+        raise ValueError(f"Unknown gradient scale {mode!r}; choose one of {GRAD_SCALES}.")
+    if mode == "bounded" and not max_ratio > 0:
+        raise ValueError(f"The bound of mode='bounded' must be > 0; got max_ratio={max_ratio!r}.")
+    loss = loss_fn(meta_params, y, jax.nn.softmax(logits))
+    ratio = logit_gradient_ratio(loss_fn, meta_params, y, logits)
+    if mode == "free":
+        return loss, ratio
+    scale = jnp.minimum(1.0, max_ratio / ratio) if mode == "bounded" else 1.0 / ratio
+    return scale * loss, scale * ratio
+
+
 def keep_best(best_params, best_error: Array, params, error: Array):
     """Best-φ selection: `(params, error)` if `error < best_error`, else the best so far.
 

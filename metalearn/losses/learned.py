@@ -8,6 +8,11 @@ where ℓ_φ is a small MLP (default 2×40) and `extra` are optional per-sample 
 available at meta-train time (e.g. x). Applied output-wise the network is invariant to
 the number of outputs; with `output_wise=False` it sees the whole vectors at once.
 
+`kind="scaled_ce"` is the one-parameter family exp(s)·cross-entropy (φ = {s}): a
+learned loss that can change only the size of cross-entropy's step, never its shape, so
+adapted online (AdaLFL's `OnlineLearner`) it is a learning-rate multiplier meta-learned
+by the one-step meta-gradient, hypergradient descent (Baydin et al. 2018) in log space.
+
 For classification (y one-hot, ŷ probabilities) `ce_term=True` makes the loss
 cross-entropy plus the learned term, as in the same authors' NPBML:
 
@@ -27,6 +32,7 @@ import json
 import os
 from collections.abc import Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -55,12 +61,13 @@ def default_loss_net_config() -> ml_collections.ConfigDict:
             "output_wise": True,
             "ce_term": False,  # classification: cross-entropy + the learned term (NPBML)
             "anchor": "none",  # or one of ANCHORS below
+            "kind": "mlp",  # or "scaled_ce": exp(s)·cross-entropy, one parameter (KINDS)
         }
     )
 
 
 # Keys a loss_net group may hold that experiments read and the library ignores.
-EXPERIMENT_KEYS = ("max_grad_ratio",)  # experiments/image_classification.py
+EXPERIMENT_KEYS = ("max_grad_ratio", "normalise_grad")  # experiments/image_classification.py
 
 
 def check_loss_net_config(config: ml_collections.ConfigDict) -> None:
@@ -74,10 +81,23 @@ def check_loss_net_config(config: ml_collections.ConfigDict) -> None:
             raise ValueError(f"Unknown loss_net key {key!r}.{hint} Known keys: {sorted(known)}.")
 
 
+# The families of learned losses (`loss_net.kind`).
+KINDS = ("mlp", "scaled_ce")
+
+
 def _with_defaults(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     check_loss_net_config(config)
     full = default_loss_net_config()
     full.update(dict(config.items()))
+    if full.kind not in KINDS:
+        raise ValueError(f"Unknown loss_net.kind {full.kind!r}; choose one of {KINDS}.")
+    if full.kind == "scaled_ce" and (not full.output_wise or full.ce_term or full.anchor != "none"):
+        raise ValueError(
+            "loss_net.kind='scaled_ce' is exp(s)·cross-entropy of one-hot y and probabilities "
+            "ŷ, output-wise, with nothing added: set output_wise=True, ce_term=False and "
+            f"anchor='none' (got output_wise={full.output_wise}, ce_term={full.ce_term}, "
+            f"anchor={full.anchor!r})."
+        )
     return full
 
 
@@ -99,13 +119,30 @@ def cross_entropy_of_probabilities(y: Array, y_hat: Array) -> Array:
     return -jnp.mean(jnp.sum(y * jnp.log(jnp.maximum(y_hat, PROBABILITY_FLOOR)), axis=-1))
 
 
-def make_loss_network(config: ml_collections.ConfigDict) -> MLP:
-    """The MLP ℓ_φ described by a `loss_net` config group (scalar output).
+class ScaledCrossEntropy(nn.Module):
+    """ℓ_s(y_c, ŷ_c) = −exp(s)·y_c·log ŷ_c on output-wise features [..., 2] (y, ŷ):
+    summed over the outputs, exp(s) times cross-entropy. One parameter, `log_scale` s,
+    0 at initialisation (cross-entropy itself)."""
+
+    @nn.compact
+    def __call__(self, features: Array) -> Array:
+        log_scale = self.param("log_scale", nn.initializers.zeros, ())
+        y, y_hat = features[..., 0], features[..., 1]
+        term = -y * jnp.log(jnp.maximum(y_hat, PROBABILITY_FLOOR))
+        return (jnp.exp(log_scale) * term)[..., None]
+
+
+def make_loss_network(config: ml_collections.ConfigDict) -> MLP | ScaledCrossEntropy:
+    """The network ℓ_φ described by a `loss_net` config group (scalar output): an MLP,
+    or for `kind="scaled_ce"` the one-parameter `ScaledCrossEntropy`.
 
     Raises:
-      ValueError: for a key the library does not know (`check_loss_net_config`).
+      ValueError: for a key the library does not know (`check_loss_net_config`), an
+        unknown kind, or a scaled_ce with settings it cannot take.
     """
     config = _with_defaults(config)
+    if config.kind == "scaled_ce":
+        return ScaledCrossEntropy()
     return MLP(
         features=(*config.hidden, 1),
         activation=config.activation,
@@ -168,7 +205,14 @@ def apply_learned_loss(
     "weighted_squared_error" the term is (ŷ − y)²·g_φ(y, ŷ, extra) (g_φ ≥ 0 with a
     softplus output), with "target_distance" it is (g_φ(y, ŷ, extra) − g_φ(y, y, extra))².
     """
+    if isinstance(network, ScaledCrossEntropy) and extra is not None:
+        raise ValueError(
+            "A scaled_ce learned loss (exp(s)·cross-entropy) takes no extra inputs; got extra "
+            f"of shape {extra.shape}. Use kind='mlp' to meta-train with extra information."
+        )
     out = network.apply(params, loss_features(y, y_hat, extra, output_wise))
+    if isinstance(network, ScaledCrossEntropy):  # exp(s)·CE: summed over the outputs
+        return jnp.mean(jnp.sum(out[..., 0], axis=-1))
     if anchor == "weighted_squared_error":
         squared = (y_hat - y) ** 2
         out = out * (squared[..., None] if output_wise else jnp.mean(squared, -1, keepdims=True))
@@ -309,7 +353,9 @@ def save_learned_loss(
 
 
 def _fan_in(params: MetaParams) -> int:
-    """The input width of ℓ_φ's first layer."""
+    """The input width of ℓ_φ's first layer (2, y and ŷ, for a `ScaledCrossEntropy`)."""
+    if "log_scale" in params["params"]:
+        return 2
     return int(params["params"]["Dense_0"]["kernel"].shape[0])
 
 

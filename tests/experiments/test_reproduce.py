@@ -63,3 +63,45 @@ def test_ce_search_runs_every_seed_at_the_rate_of_the_lowest_validation_error(
     assert sorted(calls[:3]) == [("0.01", 3), ("0.03", 3), ("0.1", 3)]
     assert sorted(calls[3:]) == [("0.03", 3), ("0.03", 4), ("0.03", 5)]
     assert [r["workdir"].rsplit("_seed", 1)[1] for r in results] == ["3", "4", "5"]
+
+
+def test_the_decomposition_jobs_differ_from_their_base_only_in_the_loss():
+    from experiments import decompose_adalfl as d
+
+    ce = d.job("tuned", "ce", "0.03", 1.0)
+    assert ce[0] == "baseline" and ce[2] == "tuned_ce_lr0.03"
+    assert "--config.inner.optimizer.schedule.name=cosine" in ce[1]
+    for variant, bound in (("schedule", "1"), ("shape", "0"), ("full", "1")):
+        algorithm, extra, name = d.job("tuned", variant, "0.03", 1.0)
+        assert (algorithm, name) == ("adalfl", f"tuned_{variant}")
+        assert extra[: len(ce[1])] == ce[1]  # the same optimizer and schedule
+        assert extra[-1] == f"--config.loss_net.max_grad_ratio={bound}"
+    paper = d.job("paper", "full", "0.03", 1.0)[1]
+    assert "--config.inner.optimizer.lr=0.01" in paper
+    assert paper[-1] == "--config.loss_net.max_grad_ratio=0"  # the paper's protocol: no bound
+    assert "--config.loss_net.kind=scaled_ce" in d.job("paper", "schedule", "", 1.0)[1]
+
+
+def test_the_decomposition_step_sizes_are_the_schedule_times_the_ratio(tmp_path):
+    from experiments import decompose_adalfl as d
+
+    config = {
+        "algorithm": "adalfl",
+        "meta": {"init_steps": 20},
+        "inner": {
+            "optimizer": {
+                "name": "nesterov",
+                "lr": 0.1,
+                "schedule": {"name": "cosine", "steps": 200, "boundaries": [], "factor": 1.0},
+            }
+        },
+    }
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    rows = [{"step": s, "train/ce": 1.0, "train/grad_ratio": 0.5} for s in range(10, 230, 10)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    steps, sizes = d.step_sizes(str(tmp_path), every=100)
+    assert list(steps) == [100, 200]  # model steps, after the 20 offline ones
+    import math
+
+    cosine = [0.1 * 0.5 * (1 + math.cos(math.pi * (s - 1) / 200)) for s in steps]
+    assert sizes == pytest.approx([0.5 * c for c in cosine], rel=1e-5, abs=1e-8)
