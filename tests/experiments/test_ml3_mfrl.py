@@ -396,25 +396,6 @@ def test_reacher_goal_puts_the_target_at_the_goal(fast_compile):
     )
 
 
-# The PPO-and-ML³ same-goals-and-budget check reads the CLI smoke run of
-# configs/ml3_mfrl_reacher.py (test_run.py), instead of a second run of it.
-
-
-@pytest.mark.slow
-def test_es_smoke_run_on_the_reacher_scores_the_return_of_the_whole_inner_episode():
-    """ES's meta-training on the reacher, driven chunk by chunk. What follows it (the
-    evaluation and meta-test of φ, the same programs whatever trained φ) is the CLI smoke
-    run's (`test_run.py`), so it is not compiled again here."""
-    config = mfrl_config("reacher", "smoke")
-    config.meta.estimator, config.meta.window = "es", config.inner.episode_length
-    config.meta.estimator_options.pairs = 2
-    config.eval.ppo = False
-    experiment = experiments.make(config)
-    state = experiment.init()
-    state, metrics = experiment.train_chunk(state, 0, config.meta.steps)
-    metrics = jax.device_get(metrics)
-    assert len(metrics["meta/loss"]) == config.meta.steps
-    assert np.all(np.asarray(metrics["meta/es_loss_spread"]) > 0)
-    # one window of the whole episode: its loss is −(return) at θ_K
-    np.testing.assert_allclose(metrics["meta/loss"], -np.asarray(metrics["train/final_return"]))
-    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state))  # φ and its optimizer
+# The PPO-and-ML³ same-goals-and-budget check and ES's meta-training on the whole inner
+# episode read the CLI smoke run of configs/ml3_mfrl_reacher.py (test_run.py), instead
+# of runs of their own.

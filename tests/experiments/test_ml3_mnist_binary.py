@@ -62,11 +62,13 @@ def test_class_selections_and_traces_that_do_not_divide_the_steps_are_rejected()
 @pytest.mark.slow
 def test_resume_gives_the_same_summary_as_an_uninterrupted_run(tmp_path):
     # The smoke config (real MNIST): the cross-entropy traces cached by the first process
-    # and the task samples must come out the same after a restart.
+    # and the task samples must come out the same after a restart, in a fresh experiment
+    # (the stopped run shares the uninterrupted one's programs: no restart between them).
     config = ml3_mnist_binary.get_config("smoke")
-    full = train_and_evaluate(experiments.make(config), config, str(tmp_path / "full"))
+    first = experiments.make(config)
+    full = train_and_evaluate(first, config, str(tmp_path / "full"))
     cut = str(tmp_path / "cut")
     stop = config.checkpoint_every
-    assert train_and_evaluate(experiments.make(config), config, cut, stop_at=stop) is None
+    assert train_and_evaluate(first, config, cut, stop_at=stop) is None
     assert train_and_evaluate(experiments.make(config), config, cut) == full
     assert full["task_pairs"] == [task_pairs(s).tolist() for s in config.seeds]

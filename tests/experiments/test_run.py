@@ -196,11 +196,16 @@ def test_smoke_variant_runs_through_the_cli(config, tmp_path):
     # brax's PPO trainer jits its own programs, out of reach of the experiment's
     # fast_compile: over 40 % of this smoke run (a third less with optimisations off).
     env = {"JAX_DISABLE_MOST_OPTIMIZATIONS": "true"} if config == "ml3_mfrl_reacher" else {}
-    proc = run_cli(f"--config=configs/{config}.py:smoke", f"--workdir={workdir}", env=env)
+    # The reacher meta-trains by ES on the return of the whole inner episode (the
+    # truncated estimator's programs are traced in the ant's smoke test and its gradient
+    # checked against finite differences in test_ml3_mfrl.py): one run for both.
+    extra = REACHER_ES if config == "ml3_mfrl_reacher" else ()
+    proc = run_cli(f"--config=configs/{config}.py:smoke", f"--workdir={workdir}", *extra, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary, rows = check_run_directory(workdir)
     if config == "ml3_mfrl_reacher":
         check_ppo_and_ml3_had_the_same_goals_and_budget(config, workdir, summary)
+        check_es_scored_the_return_of_the_whole_inner_episode(config, rows)
     if config == "ml3_sine":
         assert "final_mse.learned_loss" in proc.stdout and "Resuming" not in proc.stdout
         assert rows[-1]["step"] == ml3_sine.get_config("smoke").meta.steps
@@ -212,6 +217,23 @@ def test_smoke_variant_runs_in_process(config, tmp_path):
     smoke = _smoke(config)
     summary = train_and_evaluate(experiments.make(smoke), smoke, str(tmp_path / "run"))
     assert check_run_directory(tmp_path / "run")[0] == summary
+
+
+REACHER_ES = (
+    "--config.meta.estimator=es",
+    f"--config.meta.window={_smoke('ml3_mfrl_reacher').inner.episode_length}",
+    "--config.meta.estimator_options.pairs=2",
+)
+
+
+def check_es_scored_the_return_of_the_whole_inner_episode(name, rows):
+    """ES meta-training of the model-free RL run, one window over the whole inner
+    episode: each step's meta-loss is −(return) at θ_K, and the ES spread is positive."""
+    steps = [r for r in rows if "meta/loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, _smoke(name).meta.steps + 1))
+    for r in steps:
+        assert np.all(np.asarray(r["meta/es_loss_spread"]) > 0), r
+        np.testing.assert_allclose(r["meta/loss"], -np.asarray(r["train/final_return"]), rtol=1e-6)
 
 
 def check_ppo_and_ml3_had_the_same_goals_and_budget(name, workdir, summary):
