@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Schedule or shape (docs/adalfl.md), for a machine with a GPU: every row of
-# experiments/decompose_adalfl.py at the paper's full budget (S_init = 2,500, 10,000
+# experiments/reproduce_decomposition.py at the paper's full budget (S_init = 2,500, 10,000
 # model steps), seeds 0-4, on
 #   1. Fashion-MNIST and MNIST, LeNet-5;
 #   2. the CIFAR-10 subset (real images, 4,000 train / 1,000 test) with VGG-16 and
@@ -13,9 +13,9 @@ cd "$(dirname "$0")/.."
 jobs=${1:-8}
 root=runs/gpu_decompose
 mkdir -p runs
-python -m experiments.decompose_adalfl --datasets=fashion_mnist,mnist \
+python -m experiments.reproduce_decomposition --datasets=fashion_mnist,mnist \
   --data_dir=../shared/data/tfds --jobs="$jobs" --root="$root/lenet5" | tee "$root-lenet5.txt"
 for model in vgg16 resnet20; do
-  python -m experiments.decompose_adalfl --datasets=cifar10 --variant=subset --model="$model" \
+  python -m experiments.reproduce_decomposition --datasets=cifar10 --variant=subset --model="$model" \
     --jobs="$jobs" --root="$root/$model" | tee "$root-$model.txt"
 done

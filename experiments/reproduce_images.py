@@ -152,10 +152,15 @@ def ce_search(args, dataset: str, seeds: list[int], pool) -> tuple[str, list[dic
 def row(dataset: str, label: str, results: list[dict]) -> str:
     errors = [final(r["workdir"], "test_error") for r in results]
     kept = 100 * np.asarray([e for e in errors if e is not None])
-    per_seed = ", ".join(
-        f"{100 * e:.2f}" if e is not None else f"div@{r['diverged']}" if r["diverged"] else "fail"
-        for e, r in zip(errors, results, strict=True)
-    )
+
+    def cell(e, r):
+        if e is not None:
+            return f"{100 * e:.2f}"
+        if r["diverged"]:
+            return f"div@{r['diverged']}"
+        return {"not finished": "running", "not started": "—"}.get(r["error"], "fail")
+
+    per_seed = ", ".join(cell(e, r) for e, r in zip(errors, results, strict=True))
     diverged = sum(r["diverged"] is not None for r in results)
     mean = f"{kept.mean():.2f} ± {kept.std():.2f} %" if kept.size else "—"
     wall = sum(r["wall"] for r in results)

@@ -66,7 +66,7 @@ def test_ce_search_runs_every_seed_at_the_rate_of_the_lowest_validation_error(
 
 
 def test_the_decomposition_jobs_differ_from_their_base_only_in_the_loss():
-    from experiments import decompose_adalfl as d
+    from experiments import reproduce_decomposition as d
 
     ce = d.job("tuned", "ce", "0.03", 1.0)
     assert ce[0] == "baseline" and ce[2] == "tuned_ce_lr0.03"
@@ -82,7 +82,7 @@ def test_the_decomposition_jobs_differ_from_their_base_only_in_the_loss():
 
 
 def test_the_decomposition_step_sizes_are_the_schedule_times_the_ratio(tmp_path):
-    from experiments import decompose_adalfl as d
+    from experiments import reproduce_decomposition as d
 
     config = {
         "algorithm": "adalfl",
@@ -104,3 +104,27 @@ def test_the_decomposition_step_sizes_are_the_schedule_times_the_ratio(tmp_path)
 
     cosine = [0.1 * 0.5 * (1 + math.cos(math.pi * (s - 1) / 200)) for s in steps]
     assert sizes == pytest.approx([0.5 * c for c in cosine], rel=1e-5, abs=1e-8)
+
+
+def test_the_decomposition_report_reads_jobs_as_they_stand(tmp_path):
+    import argparse
+
+    from experiments import reproduce_decomposition as d
+    from experiments import reproduce_images
+
+    args = argparse.Namespace(root=str(tmp_path))
+    done = tmp_path / "fashion_mnist" / "tuned_full_seed0"
+    done.mkdir(parents=True)
+    (done / "config.json").write_text("{}")
+    (done / "summary.json").write_text(json.dumps({"test_error": {"mean": 0.1, "std": 0.0}}))
+    stopped = tmp_path / "fashion_mnist" / "tuned_full_seed1"
+    stopped.mkdir()
+    (stopped / "metrics.jsonl").write_text("{}\n")
+    diverged = tmp_path / "fashion_mnist" / "tuned_full_seed2"
+    diverged.mkdir()
+    (diverged / "diverged.json").write_text(json.dumps({"step": 700, "message": "boom"}))
+    results = [d.existing(args, "fashion_mnist", "adalfl", s, (), "tuned_full") for s in range(4)]
+    assert [r["error"] for r in results] == ["", "not finished", "", "not started"]
+    assert results[2]["diverged"] == 700
+    line = reproduce_images.row("fashion_mnist", "tuned, full", results)
+    assert "| 10.00, running, div@700, — | 1 |" in line

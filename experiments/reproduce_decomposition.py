@@ -1,7 +1,7 @@
 """Schedule or shape: AdaLFL taken apart, on the paper's optimizer and on a tuned one.
 
-    python -m experiments.decompose_adalfl --data_dir=../shared/data/tfds
-    python -m experiments.decompose_adalfl --datasets=mnist --variants=ce,full --bases=tuned
+    python -m experiments.reproduce_decomposition --data_dir=../shared/data/tfds
+    python -m experiments.reproduce_decomposition --datasets=mnist --variants=ce,full --bases=tuned
 
 Two base optimizers, each with four ways to make the model's step:
 
@@ -109,6 +109,23 @@ def final_curves(workdir: str) -> tuple[list, list] | None:
     return (rows[-1]["curve/true_class"], rows[-1]["curve/wrong_class"]) if rows else None
 
 
+def existing(args, dataset: str, algorithm: str, seed: int, extra=(), name=None) -> dict:
+    """`reproduce_images.run_one`'s result for a job as it stands, running nothing
+    (`--report_only`): its wall time from its files (first written to last)."""
+    del algorithm, extra
+    workdir = os.path.join(args.root, dataset, f"{name}_seed{seed}")
+    info = _runs.diverged(workdir)
+    files = [os.path.join(workdir, f) for f in ("config.json", "summary.json", "metrics.jsonl")]
+    times = [os.path.getmtime(f) for f in files if os.path.exists(f)]
+    done = os.path.exists(files[1]) or info is not None
+    return {
+        "workdir": workdir,
+        "error": "" if done else "not finished" if times else "not started",
+        "diverged": None if info is None else info.get("step"),
+        "wall": max(times) - min(times) if times else 0.0,
+    }
+
+
 def search(args, dataset: str, pool) -> str:
     """The tuned base's peak rate: `--tuned_lr`, else the rate of `--lrs` whose
     cross-entropy run on the first seed has the lowest validation error."""
@@ -119,7 +136,7 @@ def search(args, dataset: str, pool) -> str:
 
     def run_at(lr):
         algorithm, extra, name = job("tuned", "ce", lr, args.tuned_bound)
-        return reproduce_images.run_one(args, dataset, algorithm, seed, extra, name)
+        return args.runner(args, dataset, algorithm, seed, extra, name)
 
     scores = {}
     for lr, r in zip(rates, pool.map(run_at, rates), strict=True):
@@ -144,11 +161,15 @@ def main() -> None:
     p.add_argument("--init_steps", type=int, default=2500, help="offline ML³ steps (S_init)")
     p.add_argument("--eval_every", type=int, default=500)
     p.add_argument("--data_dir", default="", help="prepared tfds folder (else the config's)")
-    p.add_argument("--root", default="runs/decompose_adalfl")
+    p.add_argument("--root", default="runs/reproduce_decomposition")
     p.add_argument("--jobs", type=int, default=2, help="jobs at once")
     p.add_argument("--override", action="append", default=[], help="--config.x=y, repeatable")
+    p.add_argument(
+        "--report_only", action="store_true", help="run nothing: the table of the jobs so far"
+    )
     args = p.parse_args()
     args.share_offline = False  # every variant has an offline phase of its own
+    args.runner = existing if args.report_only else reproduce_images.run_one
     bases, variants = args.bases.split(","), args.variants.split(",")
     for name, given, known in (("base", bases, BASES), ("variant", variants, VARIANTS)):
         if unknown := sorted(set(given) - set(known)):
@@ -166,8 +187,9 @@ def main() -> None:
             def run(key, dataset=dataset):
                 base, variant, seed = key
                 algorithm, extra, name = job(base, variant, lrs[dataset], args.tuned_bound)
-                r = reproduce_images.run_one(args, dataset, algorithm, seed, extra, name)
-                print(f"{dataset} {name} seed {seed}: {reproduce_images.status(r)}", flush=True)
+                r = args.runner(args, dataset, algorithm, seed, extra, name)
+                if not args.report_only:
+                    print(f"{dataset} {name} seed {seed}: {reproduce_images.status(r)}", flush=True)
                 return r
 
             for key, r in zip(keys, pool.map(run, keys), strict=True):
