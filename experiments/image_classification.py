@@ -117,9 +117,12 @@ def grad_scale_mode(loss_net: ml_collections.ConfigDict) -> str:
     `normalise_grad`, "bounded" with `max_grad_ratio` > 0, else "free".
 
     Raises:
-      ValueError: for both at once (a normalised loss's ratio is 1: no bound applies).
+      ValueError: for both at once (a normalised loss's ratio is 1: no bound applies),
+        or a negative bound.
     """
     normalise, bound = loss_net.get("normalise_grad", False), loss_net.max_grad_ratio
+    if bound < 0:
+        raise ValueError(f"loss_net.max_grad_ratio must be ≥ 0 (0: no bound); got {bound:g}.")
     if normalise and bound:
         raise ValueError(
             f"loss_net.normalise_grad fixes the learned loss's gradient ratio at 1, so "

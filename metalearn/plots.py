@@ -269,12 +269,12 @@ def implied_step_sizes(
     """
     fig, ax = pyplot().subplots(figsize=(7, 4))
     styles = {}
-    colors = iter(COLORS * 4)
-    for label, (x, rows) in curves.items():
+    cmap = pyplot().get_cmap("tab10")
+    for i, (label, (x, rows)) in enumerate(curves.items()):
         base = label.split()[0]
         style = styles.setdefault(base, ("-", "--", ":", "-.")[len(styles) % 4])
         rows = np.atleast_2d(np.asarray(rows, dtype=np.float64))
-        color = next(colors)
+        color = cmap(i % 10)
         ax.plot(x, rows.mean(0), ls=style, lw=1.2, color=color, label=label)
         if rows.shape[0] > 1:
             lo, hi = rows.mean(0) - rows.std(0), rows.mean(0) + rows.std(0)

@@ -39,3 +39,32 @@ def fast_compile():
     jax.config.update("jax_disable_most_optimizations", True)
     yield
     jax.config.update("jax_disable_most_optimizations", False)
+
+
+# The slow tier's files, longest first (seconds in CI's cold run on 2 cores, roughly:
+# docs/testing.md). pytest-xdist hands out whole files (--dist loadfile), by default the
+# ones with the most tests first; .ci/run gives the slow tier --no-loadscope-reorder, so
+# files are handed out in this order instead, the longest first (a short file last
+# cannot leave one worker running a 90-second test alone at the end). Files not listed
+# follow, in their usual order.
+LONGEST_FIRST = (
+    "tests/experiments/test_run.py",  # ~500: the CLI smoke runs, the reacher's 200
+    "tests/experiments/test_self_loss_lm.py",  # ~230
+    "tests/experiments/test_gist_lm.py",  # ~220
+    "tests/experiments/test_image_classification.py",  # ~150
+    "tests/experiments/test_multiprocess.py",  # ~130
+    "tests/experiments/test_ml3_mfrl.py",  # ~100
+    "tests/metalearn/algorithms/test_self_loss.py",  # ~100
+    "tests/benchmarks/test_ml3_sine_scaling.py",  # ~85, one test
+    "tests/benchmarks/test_gpu_script.py",  # ~85, one test
+    "tests/experiments/test_self_loss_lm_es.py",  # ~75
+    "tests/experiments/test_ml3_reacher_demos.py",  # ~55
+    "tests/experiments/test_ml3_mnist_binary.py",  # ~50
+    "tests/experiments/test_ml3_devices.py",  # ~45
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {path: i for i, path in enumerate(LONGEST_FIRST)}
+    root = config.rootpath
+    items.sort(key=lambda item: rank.get(item.path.relative_to(root).as_posix(), len(rank)))

@@ -218,9 +218,17 @@ class Launch:
         self._procs[process_id].send_signal(signum)
 
     def wait(self, check: bool = True) -> list[ProcessResult]:
-        """Waits for every process (see `run_processes`): their results."""
+        """Waits for every process (see `run_processes`): their results.
+
+        With `check`, a process that exits with a nonzero status ends the wait (the rest
+        are killed, and `ProcessesFailed` says why); without, every process is waited
+        for until the deadline, whatever its status (a preempted run exits with 75, and
+        one process may exit before the others have written their part).
+        """
         try:
-            reason = _wait(self._procs, self._deadline, self._timeout_s, self._t0)
+            reason = _wait(
+                self._procs, self._deadline, self._timeout_s, self._t0, stop_at_failure=check
+            )
         finally:
             self.kill()
         results = []
@@ -236,17 +244,28 @@ class Launch:
         return results
 
 
-def _wait(procs: list[subprocess.Popen], deadline: float, timeout_s: float, t0: float):
-    """Waits for every process until `deadline` (monotonic); None when all exited with 0,
-    else why it stopped waiting (the caller kills the rest)."""
+def _wait(
+    procs: list[subprocess.Popen],
+    deadline: float,
+    timeout_s: float,
+    t0: float,
+    *,
+    stop_at_failure: bool = True,
+):
+    """Waits for every process until `deadline` (monotonic), or (`stop_at_failure`)
+    until one exits with a nonzero status; None when all exited with 0, else why it
+    stopped waiting (the caller kills the rest)."""
     running = set(range(len(procs)))
+    failed = None
     while running:
         for i in sorted(running):
             code = procs[i].poll()
             if code is None:
                 continue
             running.discard(i)
-            if code != 0:
+            if code != 0 and failed is None:
+                failed = f"Process {i} of {len(procs)} exited with status {code}"
+            if code != 0 and stop_at_failure:
                 left = f"; killed processes {sorted(running)}" if running else ""
                 return (
                     f"Process {i} of {len(procs)} exited with status {code} after "
@@ -258,7 +277,7 @@ def _wait(procs: list[subprocess.Popen], deadline: float, timeout_s: float, t0: 
                 "were still running and were killed."
             )
         time.sleep(0.05)
-    return None
+    return None if failed is None else f"{failed}."
 
 
 def _kill(proc: subprocess.Popen) -> None:

@@ -231,6 +231,11 @@ def init_learned_loss(
     y = jnp.zeros((1, num_outputs))
     extra = jnp.zeros((1, num_extra)) if num_extra else None
     config = _with_defaults(config)
+    if config.kind == "scaled_ce" and num_extra:
+        raise ValueError(
+            f"A scaled_ce learned loss (exp(s)·cross-entropy) takes no extra inputs; got "
+            f"num_extra={num_extra}. Use kind='mlp' to meta-train with extra information."
+        )
     feats = loss_features(y, y, extra, config.output_wise)
     return make_loss_network(config).init(key, feats)
 

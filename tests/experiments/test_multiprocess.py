@@ -167,6 +167,29 @@ def check_same_run(one, two, rtol, metrics_rtol, metrics_atol=0.0, launches=1):
     check_written_once(two, launches)
 
 
+def test_waiting_without_check_lets_every_process_finish():
+    """A process that exits with a nonzero status (75: preempted) ends a checked wait;
+    an unchecked one waits for the others, which may still be writing their part."""
+    import subprocess
+    import sys
+
+    from tests.multiprocess import _wait
+
+    def launch_two():
+        quick = subprocess.Popen([sys.executable, "-c", "raise SystemExit(75)"])
+        slow = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1.5)"])
+        return [quick, slow]
+
+    for stop_at_failure, slow_code in ((False, 0), (True, None)):
+        procs = launch_two()
+        t0 = time.monotonic()
+        reason = _wait(procs, t0 + 60, 60, t0, stop_at_failure=stop_at_failure)
+        assert reason.startswith("Process 0 of 2 exited with status 75"), reason
+        assert [p.poll() for p in procs] == [75, slow_code]
+        procs[1].kill()
+        procs[1].wait()
+
+
 @pytest.fixture(scope="module")
 def sine_runs(tmp_path_factory):
     """Workdirs of the sine run on 1 process of 8 devices and on 2 processes of 4."""

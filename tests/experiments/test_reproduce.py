@@ -128,3 +128,20 @@ def test_the_decomposition_report_reads_jobs_as_they_stand(tmp_path):
     assert results[2]["diverged"] == 700
     line = reproduce_images.row("fashion_mnist", "tuned, full", results)
     assert "| 10.00, running, div@700, — | 1 |" in line
+
+
+def test_the_decomposition_figures_are_drawn(tmp_path):
+    from metalearn import plots
+
+    x = [100, 200, 300]
+    plots.implied_step_sizes(
+        {"tuned ce": (x, [[0.1, 0.05, 0.0]]), "paper full": (x, [[0.2, 0.1, 0.05]] * 2)},
+        str(tmp_path / "steps.png"),
+    )
+    p = [i / 10 for i in range(11)]
+    plots.learned_loss_shapes_compared(
+        {"paper full": ([1 - q for q in p], p), "flat": ([0.0] * 11, [0.0] * 11)},
+        str(tmp_path / "shapes.png"),
+    )
+    assert (tmp_path / "steps.png").stat().st_size > 0
+    assert (tmp_path / "shapes.png").stat().st_size > 0

@@ -83,6 +83,8 @@ def test_an_unknown_kind_and_extra_inputs_to_a_scaled_cross_entropy_are_refused(
     y = jnp.eye(3)
     with pytest.raises(ValueError, match="takes no extra inputs"):
         loss_fn({"params": {"log_scale": 0.0}}, y, y, jnp.ones((3, 2)))
+    with pytest.raises(ValueError, match="num_extra=2"):
+        learned.init_learned_loss(c, jax.random.key(0), num_outputs=3, num_extra=2)
 
 
 def test_a_scaled_cross_entropy_artifact_loads_and_gives_the_same_loss(tmp_path):
@@ -248,3 +250,6 @@ def test_normalise_grad_with_a_bound_is_refused():
     assert grad_scale_mode(c) == "free"
     c.max_grad_ratio = 2.0
     assert grad_scale_mode(c) == "bounded"
+    c.max_grad_ratio = -1.0
+    with pytest.raises(ValueError, match="must be ≥ 0"):
+        grad_scale_mode(c)
