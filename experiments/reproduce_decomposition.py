@@ -16,10 +16,14 @@ Two base optimizers, each with four ways to make the model's step:
   `shape` (the learned loss with its gradient normalised to cross-entropy's norm at every
   step: it learns the shape alone) and `full` (AdaLFL). The three learned ones run
   AdaLFL's protocol: the ML³ initialisation (`--init_steps`), then one meta step per model
-  step. On the tuned base the learned step sizes are bounded at `--tuned_bound` times
+  step. On the tuned base AdaLFL's step is bounded at `--tuned_bound` times
   cross-entropy's (`loss_net.max_grad_ratio`: unbounded, momentum makes the offline
-  phase's one-step objective tune them too large, docs/adalfl.md); on the paper's as its
-  config says; the shape variant's ratio is 1 anyway.
+  phase's one-step objective tune it too large, docs/adalfl.md); on the paper's as its
+  config says; the shape variant's ratio is 1 anyway. The schedule variant on the tuned
+  base is hypergradient descent as its authors run it: no offline phase (the multiplier
+  starts at 1, the tuned rate) and no bound. Under the bound the offline phase would
+  push the multiplier past 1 at once, where the bound makes the loss cross-entropy
+  itself and the multiplier's meta-gradient 0 (it could never come back).
 
 Every job is an ordinary `experiments.run` job in `<root>/<dataset>/<base>_<variant>_seed<s>`
 (finished jobs are reused, unfinished ones resume, diverged ones are reported), so the
@@ -72,11 +76,19 @@ def job(base: str, variant: str, lr: str, bound: float) -> tuple[str, list[str],
     if variant == "ce":
         return "baseline", extra, f"{base}_ce" + (f"_lr{lr}" if base == "tuned" else "")
     extra += LEARNED[variant]
-    if variant == "shape":
+    if variant == "shape" or (base, variant) == ("tuned", "schedule"):
         extra.append("--config.loss_net.max_grad_ratio=0")
     elif base == "tuned":
         extra.append(f"--config.loss_net.max_grad_ratio={bound:g}")
     return "adalfl", extra, f"{base}_{variant}"
+
+
+def job_namespace(args, base: str, variant: str):
+    """The options `reproduce_images.run_one` reads for one job: `args`, with no offline
+    phase for hypergradient descent on the tuned base (see the module docstring)."""
+    if (base, variant) != ("tuned", "schedule"):
+        return args
+    return argparse.Namespace(**{**vars(args), "init_steps": 0})
 
 
 def step_sizes(workdir: str, every: int = 100) -> tuple[np.ndarray, np.ndarray] | None:
@@ -187,7 +199,9 @@ def main() -> None:
             def run(key, dataset=dataset):
                 base, variant, seed = key
                 algorithm, extra, name = job(base, variant, lrs[dataset], args.tuned_bound)
-                r = args.runner(args, dataset, algorithm, seed, extra, name)
+                r = args.runner(
+                    job_namespace(args, base, variant), dataset, algorithm, seed, extra, name
+                )
                 if not args.report_only:
                     print(f"{dataset} {name} seed {seed}: {reproduce_images.status(r)}", flush=True)
                 return r

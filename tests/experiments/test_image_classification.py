@@ -554,9 +554,6 @@ def test_offline_phase_with_s_inner_steps_by_implicit_differentiation(tmp_path):
     config.meta.init_inner_steps = 3
     config.meta.init_estimator = "implicit"
     config.meta.estimator_options.damping = 0.1
-    # Nothing here is compared bit for bit: XLA:CPU's older emitters, which compile the
-    # CG solve faster (tiny() keeps the default ones for runs compared across programs).
-    config.fast_compile = True
     workdir = str(tmp_path / "implicit")
     experiment = experiments.make(config)
     phi0 = jax.device_get(experiment.init().meta.params)

@@ -66,16 +66,23 @@ def test_ce_search_runs_every_seed_at_the_rate_of_the_lowest_validation_error(
 
 
 def test_the_decomposition_jobs_differ_from_their_base_only_in_the_loss():
+    import argparse
+
     from experiments import reproduce_decomposition as d
 
     ce = d.job("tuned", "ce", "0.03", 1.0)
     assert ce[0] == "baseline" and ce[2] == "tuned_ce_lr0.03"
     assert "--config.inner.optimizer.schedule.name=cosine" in ce[1]
-    for variant, bound in (("schedule", "1"), ("shape", "0"), ("full", "1")):
+    for variant, bound in (("schedule", "0"), ("shape", "0"), ("full", "1")):
         algorithm, extra, name = d.job("tuned", variant, "0.03", 1.0)
         assert (algorithm, name) == ("adalfl", f"tuned_{variant}")
         assert extra[: len(ce[1])] == ce[1]  # the same optimizer and schedule
         assert extra[-1] == f"--config.loss_net.max_grad_ratio={bound}"
+    # Hypergradient descent on the tuned base: no bound, no offline phase.
+    args = argparse.Namespace(init_steps=2500, steps=10)
+    assert d.job_namespace(args, "tuned", "schedule").init_steps == 0
+    assert d.job_namespace(args, "tuned", "full") is args
+    assert d.job_namespace(args, "paper", "schedule") is args
     assert d.job("paper", "full", "0.03", 1.0)[1] == []  # the config's own protocol
     assert d.job("paper", "shape", "", 1.0)[1][-1] == "--config.loss_net.max_grad_ratio=0"
     assert "--config.loss_net.kind=scaled_ce" in d.job("paper", "schedule", "", 1.0)[1]
