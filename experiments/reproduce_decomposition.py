@@ -246,14 +246,17 @@ def figures(dataset, bases, variants, seeds, results, root) -> None:
     steps, shapes = {}, {}
     for base in bases:
         for variant in variants:
-            workdirs = [results[(dataset, base, variant, s)]["workdir"] for s in seeds]
+            group = [results[(dataset, base, variant, s)] for s in seeds]
+            workdirs = [r["workdir"] for r in group if not r["error"]]  # finished jobs only
+            if not workdirs:
+                continue
             runs = [c for c in map(step_sizes, workdirs) if c is not None]
             if runs:
                 n = min(len(x) for x, _ in runs)
                 steps[f"{base} {variant}"] = (runs[0][0][:n], [y[:n] for _, y in runs])
             last = final_curves(workdirs[0])
             if variant != "ce" and last is not None:
-                shapes[f"{base} {variant} (seed {seeds[0]})"] = last
+                shapes[f"{base} {variant}"] = last
     if steps:
         plots.implied_step_sizes(steps, os.path.join(root, f"{dataset}_steps.png"))
     if shapes:
